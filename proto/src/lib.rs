@@ -1,0 +1,44 @@
+//! meshflow's gRPC contracts: messages, client and server stubs for every `meshflow.<domain>.v1`
+//! package, with proto3 JSON (serde) impls, and the encoded descriptor set served by reflection.
+
+#![allow(clippy::all, clippy::unwrap_used, missing_docs)]
+
+pub use pbjson_types;
+
+/// Encoded `FileDescriptorSet` of every meshflow proto file (for tonic-reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
+pub mod meshflow {
+    pub mod workflow {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/meshflow.workflow.v1.rs"));
+            include!(concat!(env!("OUT_DIR"), "/meshflow.workflow.v1.serde.rs"));
+        }
+    }
+    pub mod execution {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/meshflow.execution.v1.rs"));
+            include!(concat!(env!("OUT_DIR"), "/meshflow.execution.v1.serde.rs"));
+        }
+    }
+    pub mod orchestrator {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/meshflow.orchestrator.v1.rs"));
+            include!(concat!(env!("OUT_DIR"), "/meshflow.orchestrator.v1.serde.rs"));
+        }
+    }
+    pub mod circuitbreaker {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/meshflow.circuitbreaker.v1.rs"));
+            include!(concat!(env!("OUT_DIR"), "/meshflow.circuitbreaker.v1.serde.rs"));
+        }
+    }
+    pub mod webhook {
+        pub mod v1 {
+            include!(concat!(env!("OUT_DIR"), "/meshflow.webhook.v1.rs"));
+            include!(concat!(env!("OUT_DIR"), "/meshflow.webhook.v1.serde.rs"));
+        }
+    }
+}
+
+pub use meshflow::{circuitbreaker, execution, orchestrator, webhook, workflow};
