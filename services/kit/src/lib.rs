@@ -1,1 +1,20 @@
+//! The chassis every meshflow server stands on.
+//!
+//! - [`config`]: one typed configuration (defaults, then `MESHFLOW_*` environment, then flags);
+//! - [`db`]: connect to SQLite or PostgreSQL and migrate at start;
+//! - [`telemetry`]: logs (pretty or JSON) and OTLP traces when `OTEL_EXPORTER_OTLP_ENDPOINT` is set;
+//! - [`server`]: the tonic server with health, reflection, tower layers and graceful shutdown;
+//! - [`error`]: the one way a service error becomes a `tonic::Status` with `google.rpc` details;
+//! - [`convert`], [`page`], [`id`]: small shared helpers for the gRPC adapters.
 
+pub mod config;
+pub mod convert;
+pub mod db;
+pub mod error;
+pub mod id;
+pub mod page;
+pub mod server;
+pub mod telemetry;
+
+pub use config::{Limits, ServerConfig};
+pub use error::{FieldPath, Violation, Violations};
