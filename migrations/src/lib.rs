@@ -28,7 +28,11 @@ impl MigratorTrait for Migrator {
 }
 
 /// A named index on `table(columns)`.
-pub(crate) fn index<T, C>(name: &str, table: T, columns: impl IntoIterator<Item = C>) -> IndexCreateStatement
+pub(crate) fn index<T, C>(
+    name: &str,
+    table: T,
+    columns: impl IntoIterator<Item = C>,
+) -> IndexCreateStatement
 where
     T: IntoIden,
     C: IntoIden,

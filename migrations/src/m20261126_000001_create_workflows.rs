@@ -90,7 +90,11 @@ impl MigrationTrait for Migration {
             )
             .await?;
         manager
-            .create_index(index("idx_workflows_status", Workflows::Table, [Workflows::Status]))
+            .create_index(index(
+                "idx_workflows_status",
+                Workflows::Table,
+                [Workflows::Status],
+            ))
             .await?;
 
         manager
@@ -99,7 +103,11 @@ impl MigrationTrait for Migration {
                     .table(WorkflowTags::Table)
                     .col(string(WorkflowTags::WorkflowId))
                     .col(string(WorkflowTags::Tag))
-                    .primary_key(Index::create().col(WorkflowTags::WorkflowId).col(WorkflowTags::Tag))
+                    .primary_key(
+                        Index::create()
+                            .col(WorkflowTags::WorkflowId)
+                            .col(WorkflowTags::Tag),
+                    )
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_workflow_tags_workflow")
@@ -111,7 +119,11 @@ impl MigrationTrait for Migration {
             )
             .await?;
         manager
-            .create_index(index("idx_workflow_tags_tag", WorkflowTags::Table, [WorkflowTags::Tag]))
+            .create_index(index(
+                "idx_workflow_tags_tag",
+                WorkflowTags::Table,
+                [WorkflowTags::Tag],
+            ))
             .await?;
 
         manager
@@ -167,7 +179,10 @@ impl MigrationTrait for Migration {
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_workflow_template_tags_template")
-                            .from(WorkflowTemplateTags::Table, WorkflowTemplateTags::TemplateId)
+                            .from(
+                                WorkflowTemplateTags::Table,
+                                WorkflowTemplateTags::TemplateId,
+                            )
                             .to(WorkflowTemplates::Table, WorkflowTemplates::Id)
                             .on_delete(ForeignKeyAction::Cascade),
                     )
@@ -201,12 +216,24 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.drop_table(Table::drop().table(TransformationRules::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(WorkflowTemplateTags::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(WorkflowTemplates::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(WorkflowVersions::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(WorkflowTags::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(Workflows::Table).to_owned()).await?;
+        manager
+            .drop_table(Table::drop().table(TransformationRules::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(WorkflowTemplateTags::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(WorkflowTemplates::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(WorkflowVersions::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(WorkflowTags::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(Workflows::Table).to_owned())
+            .await?;
         Ok(())
     }
 }

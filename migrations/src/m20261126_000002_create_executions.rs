@@ -130,9 +130,13 @@ impl MigrationTrait for Migration {
                     .col(string_null(WorkflowExecutions::RequestId).unique_key())
                     .col(big_integer(WorkflowExecutions::LastSequence))
                     .col(string_null(WorkflowExecutions::LeaseOwner))
-                    .col(timestamp_with_time_zone_null(WorkflowExecutions::LeaseExpiresAt))
+                    .col(timestamp_with_time_zone_null(
+                        WorkflowExecutions::LeaseExpiresAt,
+                    ))
                     .col(timestamp_with_time_zone_null(WorkflowExecutions::WakeAt))
-                    .col(timestamp_with_time_zone_null(WorkflowExecutions::DeadlineAt))
+                    .col(timestamp_with_time_zone_null(
+                        WorkflowExecutions::DeadlineAt,
+                    ))
                     .col(timestamp_with_time_zone(WorkflowExecutions::CreateTime))
                     .col(timestamp_with_time_zone_null(WorkflowExecutions::StartTime))
                     .col(timestamp_with_time_zone_null(WorkflowExecutions::EndTime))
@@ -140,21 +144,50 @@ impl MigrationTrait for Migration {
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_workflow_executions_version")
-                            .from(WorkflowExecutions::Table, (WorkflowExecutions::WorkflowId, WorkflowExecutions::WorkflowVersion))
-                            .to(WorkflowVersions::Table, (WorkflowVersions::WorkflowId, WorkflowVersions::Version))
+                            .from(
+                                WorkflowExecutions::Table,
+                                (
+                                    WorkflowExecutions::WorkflowId,
+                                    WorkflowExecutions::WorkflowVersion,
+                                ),
+                            )
+                            .to(
+                                WorkflowVersions::Table,
+                                (WorkflowVersions::WorkflowId, WorkflowVersions::Version),
+                            )
                             .on_delete(ForeignKeyAction::Cascade),
                     )
                     .to_owned(),
             )
             .await?;
         for (name, columns) in [
-            ("idx_workflow_executions_workflow_id", vec![WorkflowExecutions::WorkflowId, WorkflowExecutions::CreateTime]),
-            ("idx_workflow_executions_status", vec![WorkflowExecutions::Status]),
-            ("idx_workflow_executions_create_time", vec![WorkflowExecutions::CreateTime]),
-            ("idx_workflow_executions_wake_at", vec![WorkflowExecutions::WakeAt]),
-            ("idx_workflow_executions_lease", vec![WorkflowExecutions::LeaseExpiresAt]),
+            (
+                "idx_workflow_executions_workflow_id",
+                vec![
+                    WorkflowExecutions::WorkflowId,
+                    WorkflowExecutions::CreateTime,
+                ],
+            ),
+            (
+                "idx_workflow_executions_status",
+                vec![WorkflowExecutions::Status],
+            ),
+            (
+                "idx_workflow_executions_create_time",
+                vec![WorkflowExecutions::CreateTime],
+            ),
+            (
+                "idx_workflow_executions_wake_at",
+                vec![WorkflowExecutions::WakeAt],
+            ),
+            (
+                "idx_workflow_executions_lease",
+                vec![WorkflowExecutions::LeaseExpiresAt],
+            ),
         ] {
-            manager.create_index(index(name, WorkflowExecutions::Table, columns)).await?;
+            manager
+                .create_index(index(name, WorkflowExecutions::Table, columns))
+                .await?;
         }
 
         manager
@@ -176,7 +209,10 @@ impl MigrationTrait for Migration {
                     .col(timestamp_with_time_zone_null(StepExecutions::EndTime))
                     .col(big_integer_null(StepExecutions::DurationMs))
                     .col(timestamp_with_time_zone_null(StepExecutions::NextAttemptAt))
-                    .foreign_key(&mut cascade_to_execution("fk_step_executions_execution", StepExecutions::Table))
+                    .foreign_key(&mut cascade_to_execution(
+                        "fk_step_executions_execution",
+                        StepExecutions::Table,
+                    ))
                     .to_owned(),
             )
             .await?;
@@ -185,17 +221,29 @@ impl MigrationTrait for Migration {
                 index(
                     "uq_step_executions_attempt",
                     StepExecutions::Table,
-                    [StepExecutions::ExecutionId, StepExecutions::StepPath, StepExecutions::Attempt],
+                    [
+                        StepExecutions::ExecutionId,
+                        StepExecutions::StepPath,
+                        StepExecutions::Attempt,
+                    ],
                 )
                 .unique()
                 .to_owned(),
             )
             .await?;
         manager
-            .create_index(index("idx_step_executions_status", StepExecutions::Table, [StepExecutions::Status]))
+            .create_index(index(
+                "idx_step_executions_status",
+                StepExecutions::Table,
+                [StepExecutions::Status],
+            ))
             .await?;
         manager
-            .create_index(index("idx_step_executions_step_id", StepExecutions::Table, [StepExecutions::StepId]))
+            .create_index(index(
+                "idx_step_executions_step_id",
+                StepExecutions::Table,
+                [StepExecutions::StepId],
+            ))
             .await?;
 
         manager
@@ -208,8 +256,15 @@ impl MigrationTrait for Migration {
                     .col(string(ExecutionEvents::EventType))
                     .col(string_null(ExecutionEvents::StepPath))
                     .col(json_binary(ExecutionEvents::Payload))
-                    .primary_key(Index::create().col(ExecutionEvents::ExecutionId).col(ExecutionEvents::Sequence))
-                    .foreign_key(&mut cascade_to_execution("fk_execution_events_execution", ExecutionEvents::Table))
+                    .primary_key(
+                        Index::create()
+                            .col(ExecutionEvents::ExecutionId)
+                            .col(ExecutionEvents::Sequence),
+                    )
+                    .foreign_key(&mut cascade_to_execution(
+                        "fk_execution_events_execution",
+                        ExecutionEvents::Table,
+                    ))
                     .to_owned(),
             )
             .await?;
@@ -225,7 +280,10 @@ impl MigrationTrait for Migration {
                     .col(string_null(ExecutionSignals::RequestId))
                     .col(timestamp_with_time_zone(ExecutionSignals::ReceiveTime))
                     .col(string_null(ExecutionSignals::ConsumedBy))
-                    .foreign_key(&mut cascade_to_execution("fk_execution_signals_execution", ExecutionSignals::Table))
+                    .foreign_key(&mut cascade_to_execution(
+                        "fk_execution_signals_execution",
+                        ExecutionSignals::Table,
+                    ))
                     .to_owned(),
             )
             .await?;
@@ -272,7 +330,10 @@ impl MigrationTrait for Migration {
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_orchestration_metrics_workflow")
-                            .from(OrchestrationMetrics::Table, OrchestrationMetrics::WorkflowId)
+                            .from(
+                                OrchestrationMetrics::Table,
+                                OrchestrationMetrics::WorkflowId,
+                            )
                             .to(Workflows::Table, Workflows::Id)
                             .on_delete(ForeignKeyAction::Cascade),
                     )
@@ -283,11 +344,21 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.drop_table(Table::drop().table(OrchestrationMetrics::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(ExecutionSignals::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(ExecutionEvents::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(StepExecutions::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(WorkflowExecutions::Table).to_owned()).await?;
+        manager
+            .drop_table(Table::drop().table(OrchestrationMetrics::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(ExecutionSignals::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(ExecutionEvents::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(StepExecutions::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(WorkflowExecutions::Table).to_owned())
+            .await?;
         Ok(())
     }
 }

@@ -50,11 +50,17 @@ impl MigrationTrait for Migration {
             )
             .await?;
         manager
-            .create_index(index("idx_circuit_breakers_state", CircuitBreakers::Table, [CircuitBreakers::State]))
+            .create_index(index(
+                "idx_circuit_breakers_state",
+                CircuitBreakers::Table,
+                [CircuitBreakers::State],
+            ))
             .await
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.drop_table(Table::drop().table(CircuitBreakers::Table).to_owned()).await
+        manager
+            .drop_table(Table::drop().table(CircuitBreakers::Table).to_owned())
+            .await
     }
 }

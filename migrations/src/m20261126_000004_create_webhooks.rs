@@ -75,7 +75,11 @@ impl MigrationTrait for Migration {
             )
             .await?;
         manager
-            .create_index(index("idx_webhooks_status", Webhooks::Table, [Webhooks::Status]))
+            .create_index(index(
+                "idx_webhooks_status",
+                Webhooks::Table,
+                [Webhooks::Status],
+            ))
             .await?;
 
         manager
@@ -102,11 +106,22 @@ impl MigrationTrait for Migration {
             )
             .await?;
         for (name, columns) in [
-            ("idx_webhook_events_webhook_id", vec![WebhookEvents::WebhookId, WebhookEvents::CreateTime]),
-            ("idx_webhook_events_due", vec![WebhookEvents::Status, WebhookEvents::NextAttemptAt]),
-            ("idx_webhook_events_event_type", vec![WebhookEvents::EventType]),
+            (
+                "idx_webhook_events_webhook_id",
+                vec![WebhookEvents::WebhookId, WebhookEvents::CreateTime],
+            ),
+            (
+                "idx_webhook_events_due",
+                vec![WebhookEvents::Status, WebhookEvents::NextAttemptAt],
+            ),
+            (
+                "idx_webhook_events_event_type",
+                vec![WebhookEvents::EventType],
+            ),
         ] {
-            manager.create_index(index(name, WebhookEvents::Table, columns)).await?;
+            manager
+                .create_index(index(name, WebhookEvents::Table, columns))
+                .await?;
         }
 
         manager
@@ -127,7 +142,10 @@ impl MigrationTrait for Migration {
                     .foreign_key(
                         ForeignKey::create()
                             .name("fk_webhook_delivery_attempts_event")
-                            .from(WebhookDeliveryAttempts::Table, WebhookDeliveryAttempts::WebhookEventId)
+                            .from(
+                                WebhookDeliveryAttempts::Table,
+                                WebhookDeliveryAttempts::WebhookEventId,
+                            )
                             .to(WebhookEvents::Table, WebhookEvents::Id)
                             .on_delete(ForeignKeyAction::Cascade),
                     )
@@ -137,8 +155,18 @@ impl MigrationTrait for Migration {
     }
 
     async fn down(&self, manager: &SchemaManager) -> Result<(), DbErr> {
-        manager.drop_table(Table::drop().table(WebhookDeliveryAttempts::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(WebhookEvents::Table).to_owned()).await?;
-        manager.drop_table(Table::drop().table(Webhooks::Table).to_owned()).await
+        manager
+            .drop_table(
+                Table::drop()
+                    .table(WebhookDeliveryAttempts::Table)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .drop_table(Table::drop().table(WebhookEvents::Table).to_owned())
+            .await?;
+        manager
+            .drop_table(Table::drop().table(Webhooks::Table).to_owned())
+            .await
     }
 }

@@ -24,13 +24,19 @@ pub mod meshflow {
     pub mod orchestrator {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/meshflow.orchestrator.v1.rs"));
-            include!(concat!(env!("OUT_DIR"), "/meshflow.orchestrator.v1.serde.rs"));
+            include!(concat!(
+                env!("OUT_DIR"),
+                "/meshflow.orchestrator.v1.serde.rs"
+            ));
         }
     }
     pub mod circuitbreaker {
         pub mod v1 {
             include!(concat!(env!("OUT_DIR"), "/meshflow.circuitbreaker.v1.rs"));
-            include!(concat!(env!("OUT_DIR"), "/meshflow.circuitbreaker.v1.serde.rs"));
+            include!(concat!(
+                env!("OUT_DIR"),
+                "/meshflow.circuitbreaker.v1.serde.rs"
+            ));
         }
     }
     pub mod webhook {

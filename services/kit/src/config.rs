@@ -35,11 +35,20 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
 
     /// Database: `sqlite://PATH?mode=rwc` (embedded) or `postgres://USER@HOST:PORT/DB`.
-    #[arg(long, env = "MESHFLOW_DATABASE_URL", default_value = "sqlite://meshflow.db?mode=rwc")]
+    #[arg(
+        long,
+        env = "MESHFLOW_DATABASE_URL",
+        default_value = "sqlite://meshflow.db?mode=rwc"
+    )]
     pub database_url: String,
 
     /// SQLite durability: `normal` (survives kill -9) or `full` (survives power loss).
-    #[arg(long, env = "MESHFLOW_SQLITE_SYNCHRONOUS", value_enum, default_value = "normal")]
+    #[arg(
+        long,
+        env = "MESHFLOW_SQLITE_SYNCHRONOUS",
+        value_enum,
+        default_value = "normal"
+    )]
     pub sqlite_synchronous: SqliteSynchronous,
 
     /// Largest PostgreSQL connection pool.
@@ -83,7 +92,11 @@ pub struct Limits {
     pub max_steps: usize,
 
     /// Nesting depth of composite steps (CONDITIONAL, PARALLEL, FOR_EACH).
-    #[arg(long = "max-nesting-depth", env = "MESHFLOW_MAX_NESTING_DEPTH", default_value_t = 8)]
+    #[arg(
+        long = "max-nesting-depth",
+        env = "MESHFLOW_MAX_NESTING_DEPTH",
+        default_value_t = 8
+    )]
     pub max_nesting_depth: usize,
 
     /// Encoded size of one workflow definition, in bytes.
@@ -91,11 +104,19 @@ pub struct Limits {
     pub max_definition_bytes: usize,
 
     /// Length of one CEL expression, in bytes.
-    #[arg(long = "max-expression-bytes", env = "MESHFLOW_MAX_EXPRESSION_BYTES", default_value_t = 4096)]
+    #[arg(
+        long = "max-expression-bytes",
+        env = "MESHFLOW_MAX_EXPRESSION_BYTES",
+        default_value_t = 4096
+    )]
     pub max_expression_bytes: usize,
 
     /// Items one FOR_EACH step may iterate.
-    #[arg(long = "max-for-each-items", env = "MESHFLOW_MAX_FOR_EACH_ITEMS", default_value_t = 10_000)]
+    #[arg(
+        long = "max-for-each-items",
+        env = "MESHFLOW_MAX_FOR_EACH_ITEMS",
+        default_value_t = 10_000
+    )]
     pub max_for_each_items: usize,
 
     /// JSON size of one step's output, in bytes.
@@ -107,7 +128,11 @@ pub struct Limits {
     pub max_execution_duration: Duration,
 
     /// Executions running or waiting at once.
-    #[arg(long = "max-concurrent-executions", env = "MESHFLOW_MAX_CONCURRENT_EXECUTIONS", default_value_t = 100_000)]
+    #[arg(
+        long = "max-concurrent-executions",
+        env = "MESHFLOW_MAX_CONCURRENT_EXECUTIONS",
+        default_value_t = 100_000
+    )]
     pub max_concurrent_executions: usize,
 }
 
@@ -147,9 +172,13 @@ impl Default for Limits {
 /// Parses `250ms`, `30s`, `5m`, `2h`, `30d` (an integer and a unit).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| format!("`{text}` is not a duration like 30s, 250ms, 5m, 2h or 1d"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 30s, 250ms, 5m, 2h or 1d"))?;
     let secs = |k: u64| n.checked_mul(k).map(Duration::from_secs);
     match unit {
         "ms" => Some(Duration::from_millis(n)),
@@ -181,7 +210,9 @@ mod tests {
 
     #[test]
     fn flags_override_defaults() {
-        let d = Defaults::try_parse_from(["meshflow", "--listen", "127.0.0.1:0", "--max-steps", "7"]).expect("parse");
+        let d =
+            Defaults::try_parse_from(["meshflow", "--listen", "127.0.0.1:0", "--max-steps", "7"])
+                .expect("parse");
         assert_eq!(d.config.listen.port(), 0);
         assert_eq!(d.config.limits.max_steps, 7);
         assert_eq!(d.config.request_timeout, Duration::from_secs(30));

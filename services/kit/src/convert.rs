@@ -4,10 +4,12 @@ use chrono::{DateTime, Utc};
 use meshflow_proto::pbjson_types::{self, ListValue, Struct, Timestamp, Value, value::Kind};
 use std::time::Duration;
 
-
 /// A chrono instant as a protobuf Timestamp.
 pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
-    Timestamp { seconds: t.timestamp(), nanos: t.timestamp_subsec_nanos() as i32 }
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
+    }
 }
 
 /// A protobuf Timestamp as a chrono instant, if it is in range.
@@ -41,14 +43,21 @@ pub fn to_json(value: &Value) -> serde_json::Value {
         Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
         Some(Kind::NumberValue(n)) => number(*n),
         Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
-        Some(Kind::ListValue(list)) => serde_json::Value::Array(list.values.iter().map(to_json).collect()),
+        Some(Kind::ListValue(list)) => {
+            serde_json::Value::Array(list.values.iter().map(to_json).collect())
+        }
         Some(Kind::StructValue(s)) => struct_to_json(s),
     }
 }
 
 /// A protobuf Struct as a JSON object.
 pub fn struct_to_json(s: &Struct) -> serde_json::Value {
-    serde_json::Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), to_json(v))).collect())
+    serde_json::Value::Object(
+        s.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), to_json(v)))
+            .collect(),
+    )
 }
 
 fn number(n: f64) -> serde_json::Value {
@@ -67,9 +76,9 @@ pub fn from_json(value: &serde_json::Value) -> Value {
         serde_json::Value::Bool(b) => Kind::BoolValue(*b),
         serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
         serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-        serde_json::Value::Array(items) => {
-            Kind::ListValue(ListValue { values: items.iter().map(from_json).collect() })
-        }
+        serde_json::Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.iter().map(from_json).collect(),
+        }),
         serde_json::Value::Object(_) => Kind::StructValue(struct_from_json(value)),
     };
     Value { kind: Some(kind) }
@@ -78,9 +87,9 @@ pub fn from_json(value: &serde_json::Value) -> Value {
 /// A JSON object as a protobuf Struct (anything else gives an empty Struct).
 pub fn struct_from_json(value: &serde_json::Value) -> Struct {
     match value {
-        serde_json::Value::Object(map) => {
-            Struct { fields: map.iter().map(|(k, v)| (k.clone(), from_json(v))).collect() }
-        }
+        serde_json::Value::Object(map) => Struct {
+            fields: map.iter().map(|(k, v)| (k.clone(), from_json(v))).collect(),
+        },
         _ => Struct::default(),
     }
 }
@@ -98,18 +107,35 @@ mod tests {
 
     #[test]
     fn non_finite_numbers_become_null() {
-        let v = Value { kind: Some(Kind::NumberValue(f64::NAN)) };
+        let v = Value {
+            kind: Some(Kind::NumberValue(f64::NAN)),
+        };
         assert_eq!(to_json(&v), serde_json::Value::Null);
     }
 
     #[test]
     fn durations_and_timestamps_reject_malformed() {
-        assert_eq!(from_duration(&pbjson_types::Duration { seconds: -1, nanos: 0 }), None);
         assert_eq!(
-            from_duration(&pbjson_types::Duration { seconds: 2, nanos: 5 }),
+            from_duration(&pbjson_types::Duration {
+                seconds: -1,
+                nanos: 0
+            }),
+            None
+        );
+        assert_eq!(
+            from_duration(&pbjson_types::Duration {
+                seconds: 2,
+                nanos: 5
+            }),
             Some(Duration::new(2, 5))
         );
-        assert_eq!(from_timestamp(&Timestamp { seconds: 0, nanos: -1 }), None);
+        assert_eq!(
+            from_timestamp(&Timestamp {
+                seconds: 0,
+                nanos: -1
+            }),
+            None
+        );
         let now = DateTime::from_timestamp(1_700_000_000, 123).expect("in range");
         assert_eq!(from_timestamp(&timestamp(now)), Some(now));
     }

@@ -10,7 +10,12 @@ use crate::config::{ServerConfig, SqliteSynchronous};
 
 /// Connects to `config.database_url` and applies every pending migration.
 pub async fn connect(config: &ServerConfig) -> Result<DatabaseConnection, DbErr> {
-    connect_url(&config.database_url, config.sqlite_synchronous, config.database_max_connections).await
+    connect_url(
+        &config.database_url,
+        config.sqlite_synchronous,
+        config.database_max_connections,
+    )
+    .await
 }
 
 /// Connects to a URL and migrates.
@@ -20,7 +25,9 @@ pub async fn connect_url(
     max_connections: u32,
 ) -> Result<DatabaseConnection, DbErr> {
     let mut opts = ConnectOptions::new(url.to_string());
-    opts.sqlx_logging(false).connect_timeout(Duration::from_secs(10)).acquire_timeout(Duration::from_secs(10));
+    opts.sqlx_logging(false)
+        .connect_timeout(Duration::from_secs(10))
+        .acquire_timeout(Duration::from_secs(10));
     if url.starts_with("sqlite:") {
         let memory = url.contains(":memory:") || url.contains("mode=memory");
         let sync = match synchronous {
@@ -28,12 +35,21 @@ pub async fn connect_url(
             SqliteSynchronous::Full => Sync::Full,
         };
         opts.map_sqlx_sqlite_opts(move |o| {
-            let o = o.foreign_keys(true).busy_timeout(Duration::from_secs(10)).synchronous(sync);
-            if memory { o } else { o.journal_mode(SqliteJournalMode::Wal) }
+            let o = o
+                .foreign_keys(true)
+                .busy_timeout(Duration::from_secs(10))
+                .synchronous(sync);
+            if memory {
+                o
+            } else {
+                o.journal_mode(SqliteJournalMode::Wal)
+            }
         });
         if memory {
             // A new connection to `:memory:` is a new, empty database: never recycle the one we have.
-            opts.min_connections(1).max_lifetime(None).idle_timeout(None);
+            opts.min_connections(1)
+                .max_lifetime(None)
+                .idle_timeout(None);
         }
     } else {
         opts.max_connections(max_connections);

@@ -27,7 +27,10 @@ pub struct Violation {
 impl Violation {
     /// A violation of `field`.
     pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
-        Self { field: field.into(), description: description.into() }
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
     }
 
     /// The same violation under a parent path (`workflow` + `steps[0].id`).
@@ -83,7 +86,11 @@ impl Violations {
 
     /// `Ok(value)` when empty, the violations otherwise.
     pub fn into_result<T>(self, value: T) -> Result<T, Vec<Violation>> {
-        if self.0.is_empty() { Ok(value) } else { Err(self.0) }
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(self.0)
+        }
     }
 
     /// The violations.
@@ -115,7 +122,11 @@ impl FieldPath {
 
     /// A child field.
     pub fn field(&self, name: &str) -> Self {
-        if self.0.is_empty() { Self(name.to_string()) } else { Self(format!("{}.{name}", self.0)) }
+        if self.0.is_empty() {
+            Self(name.to_string())
+        } else {
+            Self(format!("{}.{name}", self.0))
+        }
     }
 
     /// An element of a repeated field.
@@ -140,7 +151,13 @@ impl fmt::Display for FieldPath {
     }
 }
 
-fn status(code: Code, message: String, reason: &str, metadata: HashMap<String, String>, details: ErrorDetails) -> Status {
+fn status(
+    code: Code,
+    message: String,
+    reason: &str,
+    metadata: HashMap<String, String>,
+    details: ErrorDetails,
+) -> Status {
     let mut details = details;
     details.set_error_info(reason, DOMAIN, metadata);
     Status::with_error_details(code, message, details)
@@ -157,37 +174,80 @@ pub fn invalid_argument(reason: &str, violations: &[Violation]) -> Status {
         [one] => format!("invalid request: {one}"),
         [first, rest @ ..] => format!("invalid request: {first} (and {} more)", rest.len()),
     };
-    status(Code::InvalidArgument, message, reason, HashMap::new(), details)
+    status(
+        Code::InvalidArgument,
+        message,
+        reason,
+        HashMap::new(),
+        details,
+    )
 }
 
 /// NOT_FOUND for a resource kind and id.
 pub fn not_found(reason: &str, resource: &str, id: &str) -> Status {
-    let metadata = HashMap::from([("resource".to_string(), resource.to_string()), ("id".to_string(), id.to_string())]);
-    status(Code::NotFound, format!("{resource} {id} not found"), reason, metadata, ErrorDetails::new())
+    let metadata = HashMap::from([
+        ("resource".to_string(), resource.to_string()),
+        ("id".to_string(), id.to_string()),
+    ]);
+    status(
+        Code::NotFound,
+        format!("{resource} {id} not found"),
+        reason,
+        metadata,
+        ErrorDetails::new(),
+    )
 }
 
 /// ALREADY_EXISTS, e.g. a unique name taken.
 pub fn already_exists(reason: &str, message: impl Into<String>) -> Status {
-    status(Code::AlreadyExists, message.into(), reason, HashMap::new(), ErrorDetails::new())
+    status(
+        Code::AlreadyExists,
+        message.into(),
+        reason,
+        HashMap::new(),
+        ErrorDetails::new(),
+    )
 }
 
 /// ABORTED, e.g. a stale etag: read again and retry.
 pub fn aborted(reason: &str, message: impl Into<String>) -> Status {
-    status(Code::Aborted, message.into(), reason, HashMap::new(), ErrorDetails::new())
+    status(
+        Code::Aborted,
+        message.into(),
+        reason,
+        HashMap::new(),
+        ErrorDetails::new(),
+    )
 }
 
 /// FAILED_PRECONDITION: the request is valid but the system is not in a state that allows it.
 pub fn failed_precondition(reason: &str, message: impl Into<String>) -> Status {
-    status(Code::FailedPrecondition, message.into(), reason, HashMap::new(), ErrorDetails::new())
+    status(
+        Code::FailedPrecondition,
+        message.into(),
+        reason,
+        HashMap::new(),
+        ErrorDetails::new(),
+    )
 }
 
 /// RESOURCE_EXHAUSTED: a configured limit is reached; `retry_after` when waiting helps.
-pub fn resource_exhausted(reason: &str, message: impl Into<String>, retry_after: Option<Duration>) -> Status {
+pub fn resource_exhausted(
+    reason: &str,
+    message: impl Into<String>,
+    retry_after: Option<Duration>,
+) -> Status {
     let mut details = ErrorDetails::new();
     if retry_after.is_some() {
         details.set_retry_info(retry_after);
     }
-    status(Code::ResourceExhausted, message.into(), reason, HashMap::new(), details)
+    status(
+        Code::ResourceExhausted,
+        message.into(),
+        reason,
+        HashMap::new(),
+        details,
+    )
 }
 
 /// UNAVAILABLE for a storage failure: transient from the client's point of view, so worth a retry.
@@ -196,13 +256,25 @@ pub fn storage(err: &dyn std::error::Error) -> Status {
     tracing::error!(error = %err, "storage error");
     let mut details = ErrorDetails::new();
     details.set_retry_info(Some(Duration::from_secs(1)));
-    status(Code::Unavailable, "storage unavailable".to_string(), "STORAGE_UNAVAILABLE", HashMap::new(), details)
+    status(
+        Code::Unavailable,
+        "storage unavailable".to_string(),
+        "STORAGE_UNAVAILABLE",
+        HashMap::new(),
+        details,
+    )
 }
 
 /// INTERNAL for a broken invariant (a bug). The cause is logged, not sent.
 pub fn internal(err: &dyn fmt::Display) -> Status {
     tracing::error!(error = %err, "internal error");
-    status(Code::Internal, "internal error".to_string(), "INTERNAL", HashMap::new(), ErrorDetails::new())
+    status(
+        Code::Internal,
+        "internal error".to_string(),
+        "INTERNAL",
+        HashMap::new(),
+        ErrorDetails::new(),
+    )
 }
 
 #[cfg(test)]
@@ -211,10 +283,17 @@ mod tests {
 
     #[test]
     fn paths_compose() {
-        let p = FieldPath::root("workflow").field("steps").index(2).field("http").field("url");
+        let p = FieldPath::root("workflow")
+            .field("steps")
+            .index(2)
+            .field("http")
+            .field("url");
         assert_eq!(p.as_str(), "workflow.steps[2].http.url");
         assert_eq!(FieldPath::root("").field("x").key("a").as_str(), "x[\"a\"]");
-        assert_eq!(Violation::new("steps[0].id", "d").under("workflow").field, "workflow.steps[0].id");
+        assert_eq!(
+            Violation::new("steps[0].id", "d").under("workflow").field,
+            "workflow.steps[0].id"
+        );
         assert_eq!(Violation::new("[3]", "d").under("items").field, "items[3]");
     }
 
@@ -222,7 +301,10 @@ mod tests {
     fn invalid_argument_carries_every_violation_and_reason() {
         let status = invalid_argument(
             "INVALID_WORKFLOW",
-            &[Violation::new("workflow.name", "is required"), Violation::new("workflow.steps", "is empty")],
+            &[
+                Violation::new("workflow.name", "is required"),
+                Violation::new("workflow.steps", "is empty"),
+            ],
         );
         assert_eq!(status.code(), Code::InvalidArgument);
         let details = status.get_error_details();
@@ -230,6 +312,9 @@ mod tests {
         assert_eq!(bad.field_violations.len(), 2);
         assert_eq!(bad.field_violations[0].field, "workflow.name");
         let info = details.error_info().expect("error info");
-        assert_eq!((info.reason.as_str(), info.domain.as_str()), ("INVALID_WORKFLOW", DOMAIN));
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("INVALID_WORKFLOW", DOMAIN)
+        );
     }
 }

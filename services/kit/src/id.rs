@@ -19,7 +19,10 @@ mod tests {
         let a = new_id();
         let b = new_id();
         assert!(is_valid(&a));
-        assert_eq!(uuid::Uuid::parse_str(&a).map(|u| u.get_version_num()).ok(), Some(7));
+        assert_eq!(
+            uuid::Uuid::parse_str(&a).map(|u| u.get_version_num()).ok(),
+            Some(7)
+        );
         assert!(a < b, "{a} then {b}");
         assert!(!is_valid("nope"));
         assert!(!is_valid(""));

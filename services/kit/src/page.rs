@@ -32,7 +32,9 @@ pub fn decode<T: DeserializeOwned>(token: &str) -> Result<Option<T>, Violation> 
     }
     let invalid = || Violation::new("page_token", "is not a token returned by this list");
     let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| invalid())?;
-    serde_json::from_slice(&bytes).map(Some).map_err(|_| invalid())
+    serde_json::from_slice(&bytes)
+        .map(Some)
+        .map_err(|_| invalid())
 }
 
 #[cfg(test)]
@@ -44,13 +46,19 @@ mod tests {
         assert_eq!(size(0, 50, 500), Ok(50));
         assert_eq!(size(7, 50, 500), Ok(7));
         assert_eq!(size(10_000, 50, 500), Ok(500));
-        assert_eq!(size(-1, 50, 500).map_err(|v| v.field), Err("page_size".to_string()));
+        assert_eq!(
+            size(-1, 50, 500).map_err(|v| v.field),
+            Err("page_size".to_string())
+        );
     }
 
     #[test]
     fn tokens_round_trip_and_garbage_is_rejected() {
         let token = encode(&("b".to_string(), 3_i64));
-        assert_eq!(decode::<(String, i64)>(&token), Ok(Some(("b".to_string(), 3))));
+        assert_eq!(
+            decode::<(String, i64)>(&token),
+            Ok(Some(("b".to_string(), 3)))
+        );
         assert_eq!(decode::<(String, i64)>(""), Ok(None));
         assert!(decode::<(String, i64)>("%%%").is_err());
         assert!(decode::<(String, i64)>(&encode(&"x")).is_err());

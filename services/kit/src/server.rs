@@ -65,7 +65,11 @@ fn reflection(names: &[&'static str]) -> tonic_reflection::server::Builder<'stat
     let mut builder = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(meshflow_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET);
-    for name in names.iter().copied().chain([HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA]) {
+    for name in names
+        .iter()
+        .copied()
+        .chain([HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA])
+    {
         builder = builder.with_service_name(name);
     }
     builder
@@ -75,8 +79,11 @@ fn reflection(names: &[&'static str]) -> tonic_reflection::server::Builder<'stat
 /// to the caller's W3C trace context.
 fn rpc_span(request: &http::Request<()>) -> tracing::Span {
     let rpc = request.uri().path().trim_start_matches('/');
-    let span = tracing::info_span!("rpc", otel.name = %rpc, otel.kind = "server", rpc.system = "grpc");
-    let parent = opentelemetry::global::get_text_map_propagator(|p| p.extract(&HeaderExtractor(request.headers())));
+    let span =
+        tracing::info_span!("rpc", otel.name = %rpc, otel.kind = "server", rpc.system = "grpc");
+    let parent = opentelemetry::global::get_text_map_propagator(|p| {
+        p.extract(&HeaderExtractor(request.headers()))
+    });
     // Without an OpenTelemetry layer there is nothing to join; that is not an error.
     let _ = span.set_parent(parent);
     span
@@ -93,7 +100,9 @@ pub async fn serve(
     let Mounts { mut routes, names } = mounts;
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in names.iter().copied().chain([""]) {
-        reporter.set_service_status(name, ServingStatus::Serving).await;
+        reporter
+            .set_service_status(name, ServingStatus::Serving)
+            .await;
     }
     routes
         .add_service(health)
@@ -107,7 +116,9 @@ pub async fn serve(
             shutdown.await;
             tracing::info!("shutting down: not serving, draining in-flight rpcs");
             for name in names.iter().copied().chain([""]) {
-                reporter.set_service_status(name, ServingStatus::NotServing).await;
+                reporter
+                    .set_service_status(name, ServingStatus::NotServing)
+                    .await;
             }
             let _ = draining_tx.send(true);
         }
@@ -118,7 +129,9 @@ pub async fn serve(
     let server = tonic::transport::Server::builder()
         .timeout(config.request_timeout)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(config.concurrency_limit))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+            config.concurrency_limit,
+        ))
         .trace_fn(rpc_span)
         .add_routes(routes.routes())
         .serve_with_incoming_shutdown(incoming, signal);

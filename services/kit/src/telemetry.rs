@@ -39,20 +39,38 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<Guard> {
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
     let fmt = if json {
-        tracing_subscriber::fmt::layer().json().with_current_span(true).with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_current_span(true)
+            .with_writer(std::io::stderr)
+            .boxed()
     } else {
-        tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed()
+        tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed()
     };
 
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok().filter(|e| !e.is_empty());
+    let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .ok()
+        .filter(|e| !e.is_empty());
     let provider = match endpoint {
         Some(endpoint) => {
-            let exporter =
-                opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build()?;
-            let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "meshflow".to_string());
-            let resource = opentelemetry_sdk::Resource::builder().with_service_name(name).build();
-            Some(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()?;
+            let name =
+                std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "meshflow".to_string());
+            let resource = opentelemetry_sdk::Resource::builder()
+                .with_service_name(name)
+                .build();
+            Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource)
+                    .build(),
+            )
         }
         None => None,
     };
@@ -60,7 +78,11 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<Guard> {
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("meshflow")));
 
-    tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()?;
     Ok(Guard { provider })
 }
 

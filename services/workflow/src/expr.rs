@@ -1,0 +1,416 @@
+//! Expressions: CEL programs and `${ <cel> }` string templates.
+//!
+//! CEL is safe, side-effect free and always terminates. The `cel` crate has no type checker, so
+//! definitions are checked statically here: an expression must parse, may only read variables that are
+//! in scope where it is written, and every `steps.<id>` it reads is reported so validation can tell
+//! whether that step is guaranteed to have run.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, OnceLock};
+
+use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
+use cel::{Context, Env, Program};
+
+/// The CEL environment: the standard library plus the strings, lists and math extensions.
+pub fn env() -> Arc<Env> {
+    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Env::stdlib();
+        // The extensions are part of the crate; failing to add them is a build defect.
+        for ext in [
+            cel::extensions::strings,
+            cel::extensions::lists,
+            cel::extensions::math,
+        ] {
+            if let Err(err) = env.add_extension(ext) {
+                tracing::error!(error = ?err, "cel extension unavailable");
+            }
+        }
+        Arc::new(env)
+    })
+    .clone()
+}
+
+/// A compiled CEL expression with what it reads.
+#[derive(Debug)]
+pub struct Compiled {
+    /// The program, executable any number of times.
+    pub program: Program,
+    /// Root variables read (`input`, `steps`, ...), comprehension variables excluded.
+    pub roots: BTreeSet<String>,
+    /// Step ids read as `steps.<id>` or `steps["<id>"]`.
+    pub steps: BTreeSet<String>,
+    /// Whether `steps` is read in a way that names no particular step (`steps[x]`, `steps` alone).
+    pub steps_dynamic: bool,
+}
+
+/// Parses a CEL expression and collects its references.
+pub fn compile(source: &str) -> Result<Compiled, String> {
+    if source.trim().is_empty() {
+        return Err("is empty".to_string());
+    }
+    let program = env()
+        .compile(source)
+        .map_err(|e| one_line(&e.to_string()))?;
+    let mut refs = Refs::default();
+    refs.walk(program.expression(), &mut Vec::new());
+    Ok(Compiled {
+        program,
+        roots: refs.roots,
+        steps: refs.steps,
+        steps_dynamic: refs.steps_dynamic,
+    })
+}
+
+fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim_end)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
+#[derive(Default)]
+struct Refs {
+    roots: BTreeSet<String>,
+    steps: BTreeSet<String>,
+    steps_dynamic: bool,
+}
+
+impl Refs {
+    fn walk(&mut self, e: &IdedExpr, bound: &mut Vec<String>) {
+        match &e.expr {
+            Expr::Unspecified | Expr::Literal(_) => {}
+            Expr::Ident(name) => {
+                if !bound.iter().any(|b| b == name) {
+                    if name == "steps" {
+                        self.steps_dynamic = true;
+                    }
+                    self.roots.insert(name.clone());
+                }
+            }
+            Expr::Select(sel) => {
+                if let Expr::Ident(root) = &sel.operand.expr
+                    && root == "steps"
+                    && !bound.iter().any(|b| b == "steps")
+                {
+                    self.roots.insert(root.clone());
+                    self.steps.insert(sel.field.clone());
+                } else {
+                    self.walk(&sel.operand, bound);
+                }
+            }
+            Expr::Call(call) => {
+                let indexed_step = call.func_name == "_[_]"
+                    && call.args.len() == 2
+                    && matches!(&call.args[0].expr, Expr::Ident(r) if r == "steps" && !bound.iter().any(|b| b == "steps"));
+                if indexed_step {
+                    self.roots.insert("steps".to_string());
+                    match &call.args[1].expr {
+                        Expr::Literal(LiteralValue::String(id)) => {
+                            self.steps.insert(id.to_string());
+                        }
+                        _ => {
+                            self.steps_dynamic = true;
+                            self.walk(&call.args[1], bound);
+                        }
+                    }
+                    return;
+                }
+                if let Some(target) = &call.target {
+                    self.walk(target, bound);
+                }
+                for arg in &call.args {
+                    self.walk(arg, bound);
+                }
+            }
+            Expr::Comprehension(c) => {
+                self.walk(&c.iter_range, bound);
+                self.walk(&c.accu_init, bound);
+                let depth = bound.len();
+                bound.push(c.iter_var.clone());
+                if let Some(v2) = &c.iter_var2 {
+                    bound.push(v2.clone());
+                }
+                bound.push(c.accu_var.clone());
+                self.walk(&c.loop_cond, bound);
+                self.walk(&c.loop_step, bound);
+                self.walk(&c.result, bound);
+                bound.truncate(depth);
+            }
+            Expr::List(list) => {
+                for el in &list.elements {
+                    self.walk(el, bound);
+                }
+            }
+            Expr::Map(map) => {
+                for entry in &map.entries {
+                    self.walk_entry(&entry.expr, bound);
+                }
+            }
+            Expr::Struct(s) => {
+                for entry in &s.entries {
+                    self.walk_entry(&entry.expr, bound);
+                }
+            }
+        }
+    }
+
+    fn walk_entry(&mut self, entry: &EntryExpr, bound: &mut Vec<String>) {
+        match entry {
+            EntryExpr::StructField(f) => self.walk(&f.value, bound),
+            EntryExpr::MapEntry(m) => {
+                self.walk(&m.key, bound);
+                self.walk(&m.value, bound);
+            }
+        }
+    }
+}
+
+/// Identifiers CEL itself defines (type names), always in scope.
+pub const BUILTIN_IDENTS: &[&str] = &[
+    "int",
+    "uint",
+    "double",
+    "bool",
+    "string",
+    "bytes",
+    "list",
+    "map",
+    "null_type",
+    "type",
+    "dyn",
+];
+
+/// Why evaluating an expression failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EvalError {
+    /// The expression does not parse.
+    #[error("does not compile: {0}")]
+    Compile(String),
+    /// Evaluation failed (missing key, wrong type, ...).
+    #[error("{0}")]
+    Runtime(String),
+    /// The result has no JSON form (e.g. a function value).
+    #[error("result is not JSON: {0}")]
+    NotJson(String),
+}
+
+/// Evaluates a compiled program against variables given as JSON.
+pub fn eval(
+    program: &Program,
+    vars: &[(&str, &serde_json::Value)],
+) -> Result<serde_json::Value, EvalError> {
+    let mut ctx = Context::with_env(env());
+    for (name, value) in vars {
+        ctx.add_variable_from_value(*name, to_cel(value));
+    }
+    let out = program
+        .execute(&ctx)
+        .map_err(|e| EvalError::Runtime(e.to_string()))?;
+    out.json().map_err(|e| EvalError::NotJson(e.to_string()))
+}
+
+/// JSON as a CEL value: integers are `int` (or `double` beyond i64), as CEL users expect of JSON.
+pub fn to_cel(value: &serde_json::Value) -> cel::Value {
+    match value {
+        serde_json::Value::Null => cel::Value::Null,
+        serde_json::Value::Bool(b) => cel::Value::Bool(*b),
+        serde_json::Value::Number(n) => match n.as_i64() {
+            Some(i) => cel::Value::Int(i),
+            None => cel::Value::Float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        serde_json::Value::String(s) => cel::Value::String(Arc::new(s.clone())),
+        serde_json::Value::Array(items) => {
+            cel::Value::List(Arc::new(items.iter().map(to_cel).collect()))
+        }
+        serde_json::Value::Object(map) => {
+            let map: std::collections::HashMap<cel::objects::Key, cel::Value> = map
+                .iter()
+                .map(|(k, v)| (cel::objects::Key::String(Arc::new(k.clone())), to_cel(v)))
+                .collect();
+            cel::Value::Map(cel::objects::Map { map: Arc::new(map) })
+        }
+    }
+}
+
+/// Compiles and evaluates in one go.
+pub fn eval_str(
+    source: &str,
+    vars: &[(&str, &serde_json::Value)],
+) -> Result<serde_json::Value, EvalError> {
+    let compiled = compile(source).map_err(EvalError::Compile)?;
+    eval(&compiled.program, vars)
+}
+
+/// One piece of a template string.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Segment {
+    /// Literal text (`$${` already unescaped to `${`).
+    Text(String),
+    /// The CEL source inside `${ }`.
+    Expr(String),
+}
+
+/// Splits a string into literal text and `${ <cel> }` expressions. `$${` writes a literal `${`.
+/// Braces and string literals inside an expression are matched, so `${ {"a": "}"}.a }` is one expression.
+pub fn parse_template(text: &str) -> Result<Vec<Segment>, String> {
+    let mut segments = Vec::new();
+    let mut literal = String::new();
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if text[i..].starts_with("$${") {
+            literal.push_str("${");
+            i += 3;
+        } else if text[i..].starts_with("${") {
+            let start = i + 2;
+            let end = expression_end(text, start)
+                .ok_or_else(|| format!("`${{` at byte {i} is never closed"))?;
+            if !literal.is_empty() {
+                segments.push(Segment::Text(std::mem::take(&mut literal)));
+            }
+            let source = text[start..end].trim();
+            if source.is_empty() {
+                return Err(format!("empty `${{}}` at byte {i}"));
+            }
+            segments.push(Segment::Expr(source.to_string()));
+            i = end + 1;
+        } else {
+            let ch = text[i..].chars().next().unwrap_or_default();
+            literal.push(ch);
+            i += ch.len_utf8().max(1);
+        }
+    }
+    if !literal.is_empty() {
+        segments.push(Segment::Text(literal));
+    }
+    Ok(segments)
+}
+
+/// Byte offset of the `}` closing an expression that starts at `start`.
+fn expression_end(text: &str, start: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for (offset, ch) in text[start..].char_indices() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if ch == '\\' {
+                escaped = true;
+            } else if ch == q {
+                quote = None;
+            }
+            continue;
+        }
+        match ch {
+            '"' | '\'' => quote = Some(ch),
+            '{' => depth += 1,
+            '}' if depth == 0 => return Some(start + offset),
+            '}' => depth -= 1,
+            _ => {}
+        }
+    }
+    None
+}
+
+/// Whether a string holds any `${ }` expression.
+pub fn is_template(text: &str) -> bool {
+    text.contains("${")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn compiles_and_collects_step_references() {
+        let c =
+            compile("steps.score.output.body.score >= 70 && has(steps.lead.output) && input.x > 1")
+                .expect("compiles");
+        assert_eq!(
+            c.steps.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["lead", "score"]
+        );
+        assert_eq!(
+            c.roots.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["input", "steps"]
+        );
+        assert!(!c.steps_dynamic);
+
+        let c = compile(r#"steps["my-step"].output.n + size(steps)"#).expect("compiles");
+        assert!(c.steps.contains("my-step"));
+        assert!(c.steps_dynamic);
+    }
+
+    #[test]
+    fn comprehension_variables_are_not_roots() {
+        let c =
+            compile("input.items.map(x, x.price * 2).exists(y, y > vars.limit)").expect("compiles");
+        assert_eq!(
+            c.roots.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["input", "vars"]
+        );
+    }
+
+    #[test]
+    fn parse_errors_are_reported_on_one_line() {
+        let err = compile("1 +").expect_err("does not compile");
+        assert!(!err.contains('\n'), "{err}");
+        assert_eq!(compile("  ").expect_err("empty"), "is empty");
+    }
+
+    #[test]
+    fn evaluates_over_json() {
+        let input = json!({"price": 2, "items": [1, 2, 3]});
+        assert_eq!(
+            eval_str("input.price * 2", &[("input", &input)]),
+            Ok(json!(4))
+        );
+        assert_eq!(
+            eval_str("input.items.map(i, i * 10)", &[("input", &input)]),
+            Ok(json!([10, 20, 30]))
+        );
+        assert_eq!(
+            eval_str("{'a': input.price}", &[("input", &input)]),
+            Ok(json!({"a": 2}))
+        );
+        assert_eq!(eval_str("'x'.upperAscii()", &[]), Ok(json!("X")));
+        assert!(matches!(
+            eval_str("input.nope", &[("input", &input)]),
+            Err(EvalError::Runtime(_))
+        ));
+    }
+
+    #[test]
+    fn templates_split_text_and_expressions() {
+        assert_eq!(
+            parse_template("${vars.url}/leads/${ input.id }").expect("parses"),
+            vec![
+                Segment::Expr("vars.url".into()),
+                Segment::Text("/leads/".into()),
+                Segment::Expr("input.id".into())
+            ]
+        );
+        assert_eq!(
+            parse_template(r#"a ${ {"k": "}"}.k } b"#).expect("parses"),
+            vec![
+                Segment::Text("a ".into()),
+                Segment::Expr(r#"{"k": "}"}.k"#.into()),
+                Segment::Text(" b".into())
+            ]
+        );
+        assert_eq!(
+            parse_template("cost: $${x}").expect("parses"),
+            vec![Segment::Text("cost: ${x}".into())]
+        );
+        assert_eq!(
+            parse_template("héllo").expect("parses"),
+            vec![Segment::Text("héllo".into())]
+        );
+        assert!(parse_template("${ input.x").is_err());
+        assert!(parse_template("${}").is_err());
+    }
+}
