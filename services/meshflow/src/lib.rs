@@ -1,1 +1,96 @@
+//! The meshflow server: every implemented service in one process, or a chosen subset, over one
+//! database. `main.rs` is the command line; tests start the same server in-process with [`start`].
 
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use meshflow_kit::ServerConfig;
+use meshflow_kit::server::{self, Mounts};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A group of services `meshflow serve <name>` can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ServiceName {
+    /// WorkflowService, WorkflowTemplateService, TransformationRuleService.
+    Workflow,
+}
+
+impl ServiceName {
+    /// Every service group that is built.
+    pub const ALL: &[ServiceName] = &[ServiceName::Workflow];
+}
+
+/// Connects the database, mounts `services` and binds the listener.
+pub async fn prepare(
+    config: &ServerConfig,
+    services: &[ServiceName],
+) -> anyhow::Result<(TcpListener, Mounts)> {
+    let db = meshflow_kit::db::connect(config)
+        .await
+        .context("connecting to the database")?;
+    let mut mounts = Mounts::new();
+    let services = if services.is_empty() {
+        ServiceName::ALL
+    } else {
+        services
+    };
+    for service in services {
+        match service {
+            ServiceName::Workflow => meshflow_workflow::mount(
+                &mut mounts,
+                meshflow_workflow::store::Store::new(db.clone()),
+                config,
+            ),
+        }
+    }
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    Ok((listener, mounts))
+}
+
+/// A server running in this process.
+pub struct Running {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Starts draining and waits for the server to stop.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await?
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts a server in the background (for tests and the benchmark).
+pub async fn start(config: ServerConfig, services: &[ServiceName]) -> anyhow::Result<Running> {
+    let (listener, mounts) = prepare(&config, services).await?;
+    let addr = listener.local_addr()?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        server::serve(listener, mounts, &config, async move {
+            let _ = stopped.await;
+        })
+        .await
+    });
+    Ok(Running {
+        addr,
+        stop: Some(stop),
+        task,
+    })
+}

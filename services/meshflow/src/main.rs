@@ -1,1 +1,48 @@
-fn main() {}
+//! `meshflow`: the command line of the meshflow server.
+
+use clap::{Parser, Subcommand};
+use meshflow::ServiceName;
+use meshflow_kit::ServerConfig;
+
+/// meshflow: durable workflow orchestration over gRPC.
+#[derive(Parser)]
+#[command(name = "meshflow", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the gRPC server: every service, or only those named.
+    Serve {
+        /// Service groups to run (default: all).
+        #[arg(value_enum)]
+        services: Vec<ServiceName>,
+        #[command(flatten)]
+        config: ServerConfig,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { services, config } => {
+            let _telemetry = meshflow_kit::telemetry::init(config.log_format, &config.log)?;
+            let (listener, mounts) =
+                meshflow::prepare(&config, &services)
+                    .await
+                    .inspect_err(|err| {
+                        tracing::error!(error = format!("{err:#}"), "cannot start");
+                    })?;
+            meshflow_kit::server::serve(
+                listener,
+                mounts,
+                &config,
+                meshflow_kit::server::shutdown_signal(),
+            )
+            .await
+        }
+    }
+}

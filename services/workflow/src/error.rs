@@ -1,0 +1,91 @@
+//! What can go wrong in the workflow services, and how each maps to a gRPC status.
+
+use meshflow_kit::Violation;
+use meshflow_kit::error as status;
+use tonic::Status;
+
+/// An error of the workflow, template or transformation-rule services.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request or the definition it carries is invalid.
+    #[error("invalid request: {0:?}")]
+    Invalid(Vec<Violation>),
+    /// No workflow has this id.
+    #[error("workflow {0} not found")]
+    WorkflowNotFound(String),
+    /// The workflow has no such version.
+    #[error("workflow {id} has no version {version}")]
+    VersionNotFound {
+        /// Workflow id.
+        id: String,
+        /// Requested version.
+        version: i64,
+    },
+    /// No template has this id.
+    #[error("template {0} not found")]
+    TemplateNotFound(String),
+    /// No transformation rule has this id.
+    #[error("transformation rule {0} not found")]
+    RuleNotFound(String),
+    /// A unique name is taken.
+    #[error("a {kind} named {name} already exists")]
+    NameTaken {
+        /// Resource kind.
+        kind: &'static str,
+        /// The name.
+        name: String,
+    },
+    /// The etag sent does not match: someone else changed the resource.
+    #[error("{kind} {id} changed since it was read")]
+    StaleEtag {
+        /// Resource kind.
+        kind: &'static str,
+        /// Resource id.
+        id: String,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Storage(#[from] sea_orm::DbErr),
+    /// A broken invariant.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// One violation.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::Invalid(vec![Violation::new(field, description)])
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Invalid(violations) => status::invalid_argument("INVALID_ARGUMENT", &violations),
+            Error::WorkflowNotFound(id) => status::not_found("WORKFLOW_NOT_FOUND", "workflow", &id),
+            Error::VersionNotFound { id, version } => status::not_found(
+                "WORKFLOW_VERSION_NOT_FOUND",
+                "workflow version",
+                &format!("{id}@{version}"),
+            ),
+            Error::TemplateNotFound(id) => {
+                status::not_found("TEMPLATE_NOT_FOUND", "workflow template", &id)
+            }
+            Error::RuleNotFound(id) => {
+                status::not_found("TRANSFORMATION_RULE_NOT_FOUND", "transformation rule", &id)
+            }
+            Error::NameTaken { kind, name } => status::already_exists(
+                "NAME_TAKEN",
+                format!("a {kind} named `{name}` already exists"),
+            ),
+            Error::StaleEtag { kind, id } => status::aborted(
+                "STALE_ETAG",
+                format!(
+                    "{kind} {id} changed since it was read; read it again and retry with the new etag"
+                ),
+            ),
+            Error::Storage(err) => status::storage(&err),
+            Error::Internal(msg) => status::internal(&msg),
+        }
+    }
+}
