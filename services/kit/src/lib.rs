@@ -15,6 +15,7 @@ pub mod id;
 pub mod page;
 pub mod server;
 pub mod telemetry;
+pub mod testing;
 
 pub use config::{Limits, ServerConfig};
 pub use error::{FieldPath, Violation, Violations};

@@ -428,10 +428,9 @@ impl Service {
                 }
             }
         }
-        match &t.workflow {
+        match t.workflow.as_ref().map(struct_to_json) {
             None => v.add(&root.field("workflow"), "is required"),
-            Some(w) => {
-                let doc = serde_json::to_value(w).map_err(|e| Error::Internal(e.to_string()))?;
+            Some(doc) => {
                 for name in param_refs(&doc) {
                     if !names.contains(name.as_str()) {
                         v.add(
@@ -440,7 +439,10 @@ impl Service {
                         );
                     }
                 }
-                if w.steps.is_empty() {
+                let has_steps = doc
+                    .get("steps")
+                    .is_some_and(|s| s.as_array().is_some_and(|a| !a.is_empty()) || s.is_string());
+                if !has_steps {
                     v.add(
                         &root.field("workflow").field("steps"),
                         "a workflow needs at least one step",
@@ -552,8 +554,11 @@ impl Service {
         if !v.is_empty() {
             return Err(Error::Invalid(v.into_vec()));
         }
-        let body = template.workflow.unwrap_or_default();
-        let doc = serde_json::to_value(&body).map_err(|e| Error::Internal(e.to_string()))?;
+        let doc = template
+            .workflow
+            .as_ref()
+            .map(struct_to_json)
+            .unwrap_or_default();
         let substituted = substitute(doc, &values);
         let mut w: pb::Workflow = serde_json::from_value(substituted).map_err(|e| {
             Error::invalid(

@@ -134,18 +134,21 @@ pub fn workflow(w: &pb::Workflow, limits: &Limits, root: &FieldPath) -> Violatio
         v: Violations::new(),
         ids: HashMap::new(),
         total_steps: 0,
+        step_refs: true,
     };
     c.workflow(w, root);
     c.v
 }
 
-/// Checks a list of transform assignments (inline or of a TransformationRule).
+/// Checks the assignments of a TransformationRule. A rule is used by many workflows, so the steps it
+/// reads cannot be checked here; they are checked where a workflow uses it, and at run time.
 pub fn assignments(list: &[pb::Assignment], limits: &Limits, path: &FieldPath) -> Violations {
     let mut c = Checker {
         limits,
         v: Violations::new(),
         ids: HashMap::new(),
         total_steps: 0,
+        step_refs: false,
     };
     let scope = Scope {
         visible: BTreeSet::new(),
@@ -162,6 +165,8 @@ struct Checker<'a> {
     /// Every step id in the definition and where it is first defined.
     ids: HashMap<String, FieldPath>,
     total_steps: usize,
+    /// Whether `steps.<id>` references are checked against the definition.
+    step_refs: bool,
 }
 
 /// What an expression at some point of the definition may read.
@@ -1020,7 +1025,7 @@ impl Checker<'_> {
                 );
             }
         }
-        for id in &compiled.steps {
+        for id in compiled.steps.iter().filter(|_| self.step_refs) {
             if scope.visible.contains(id) {
                 continue;
             }
