@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole meshflow test suite, runnable on a fresh machine. It sets up what it needs:
+#   - the buf CLI (npm, pinned in package-lock.json) for contract lint and format checks;
+#   - a throwaway PostgreSQL cluster in a temporary directory (installed with apt-get if missing);
+#   - a Python virtualenv (.venv) with the pinned gRPC client packages.
+# Then: rustfmt, buf lint + format, clippy -D warnings, the Rust tests on SQLite, the same tests on
+# PostgreSQL, and the Python client tests against the real binary. CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+if cargo nextest --version >/dev/null 2>&1; then
+  run_tests() { cargo nextest run --workspace --locked --no-fail-fast "$@"; }
+else
+  echo "cargo-nextest not found; using cargo test" >&2
+  run_tests() { cargo test --workspace --locked --no-fail-fast "$@"; }
+fi
+
+step "rustfmt"
+cargo fmt --all -- --check
+
+step "contracts: buf lint and format"
+if [ ! -x node_modules/.bin/buf ]; then
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+node_modules/.bin/buf lint
+node_modules/.bin/buf format --diff --exit-code
+
+step "clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "tests on SQLite"
+run_tests
+
+step "PostgreSQL: throwaway cluster"
+pgdir=$(mktemp -d /tmp/meshflow-pg.XXXXXX)
+cleanup() { scripts/postgres.sh stop "$pgdir"; rm -rf "$pgdir"; }
+trap cleanup EXIT
+pg_url=$(scripts/postgres.sh start "$pgdir")
+echo "$pg_url"
+
+step "tests on PostgreSQL"
+MESHFLOW_TEST_POSTGRES_URL="$pg_url" run_tests
+
+step "Python client tests"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+cargo build --locked -p meshflow
+MESHFLOW_BIN="$(pwd)/target/debug/meshflow" .venv/bin/python -m pytest -q tests/python
+
+step "all checks passed"

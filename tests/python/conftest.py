@@ -1,0 +1,55 @@
+"""Starts a meshflow server for the client tests: the real binary on 127.0.0.1:0, a fresh SQLite file."""
+
+import json
+import os
+import subprocess
+import tempfile
+
+import grpc
+import pytest
+
+
+def _binary():
+    path = os.environ.get("MESHFLOW_BIN")
+    if not path:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(root, "target")), "debug", "meshflow")
+    if not os.path.exists(path):
+        pytest.fail(f"meshflow binary not found at {path}; build it with `cargo build -p meshflow`")
+    return path
+
+
+@pytest.fixture(scope="session")
+def server_address():
+    data = tempfile.mkdtemp(prefix="meshflow-py-")
+    args = [
+        _binary(), "serve",
+        "--listen", "127.0.0.1:0",
+        "--database-url", f"sqlite://{data}/meshflow.db?mode=rwc",
+        "--log-format", "json",
+    ]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    address = None
+    # The server logs one JSON object per line; the `serving` line carries the bound address.
+    for line in proc.stderr:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        fields = record.get("fields", {})
+        if fields.get("message") == "serving":
+            address = fields["addr"]
+            break
+    if address is None:
+        proc.kill()
+        pytest.fail("meshflow exited before serving")
+    yield address
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture()
+def channel(server_address):
+    with grpc.insecure_channel(server_address) as ch:
+        grpc.channel_ready_future(ch).result(timeout=30)
+        yield ch

@@ -1,0 +1,123 @@
+"""A Python client that knows nothing of meshflow but its address: it discovers the services by
+server reflection, as grpcurl does, builds messages from plain JSON, and drives WorkflowService."""
+
+import json
+import uuid
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pool, json_format, message_factory
+from google.rpc import error_details_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from grpc_status import rpc_status
+
+WORKFLOW = "meshflow.workflow.v1.WorkflowService"
+
+
+class Reflected:
+    """Calls any method of a reflected service with JSON in and JSON out."""
+
+    def __init__(self, channel):
+        self.channel = channel
+        self.db = ProtoReflectionDescriptorDatabase(channel)
+        self.pool = descriptor_pool.DescriptorPool(self.db)
+
+    def services(self):
+        return set(self.db.get_services())
+
+    def call(self, service, method, request_json):
+        desc = self.pool.FindServiceByName(service).FindMethodByName(method)
+        request_cls = message_factory.GetMessageClass(desc.input_type)
+        response_cls = message_factory.GetMessageClass(desc.output_type)
+        text = request_json if isinstance(request_json, str) else json.dumps(request_json)
+        request = json_format.Parse(text, request_cls())
+        rpc = self.channel.unary_unary(
+            f"/{service}/{method}",
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
+        return json_format.MessageToDict(rpc(request, timeout=30), preserving_proto_field_name=False)
+
+
+@pytest.fixture()
+def api(channel):
+    return Reflected(channel)
+
+
+def test_reflection_lists_the_workflow_services_and_health(api):
+    assert api.services() == {
+        "meshflow.workflow.v1.WorkflowService",
+        "meshflow.workflow.v1.WorkflowTemplateService",
+        "meshflow.workflow.v1.TransformationRuleService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    assert api.call("grpc.health.v1.Health", "Check", {}) == {"status": "SERVING"}
+
+
+def test_create_read_list_update_delete_from_plain_json(api):
+    name = f"py-{uuid.uuid4().hex[:8]}"
+    created = api.call(WORKFLOW, "CreateWorkflow", {
+        "requestId": name,
+        "workflow": {
+            "name": name,
+            "tags": ["python"],
+            "steps": [
+                {"id": "fetch", "http": {"method": "GET", "url": "http://127.0.0.1:9/item/${input.id}"}},
+                {"id": "double", "dependsOn": ["fetch"],
+                 "transform": {"assignments": [{"target": "price", "expression": "steps.fetch.output.body.price * 2"}]}},
+            ],
+        },
+    })["workflow"]
+    workflow_id = created["workflowId"]
+    assert created["version"] == "1"  # int64 is a string in proto3 JSON
+    assert created["status"] == "WORKFLOW_STATUS_DRAFT"
+
+    got = api.call(WORKFLOW, "GetWorkflow", {"workflowId": workflow_id})["workflow"]
+    assert got["steps"] == created["steps"]
+
+    listed = api.call(WORKFLOW, "ListWorkflows", {"tag": "python", "name": name})["workflows"]
+    assert [w["workflowId"] for w in listed] == [workflow_id]
+
+    updated = api.call(WORKFLOW, "UpdateWorkflow", {
+        "workflow": {"workflowId": workflow_id, "etag": got["etag"], "description": "from python",
+                     "steps": [{"id": "only", "functionCall": {"function": "uuid"}}]},
+        "updateMask": "description,steps",
+    })["workflow"]
+    assert updated["description"] == "from python"
+    assert updated["version"] == "2"
+
+    versions = api.call(WORKFLOW, "ListWorkflowVersions", {"workflowId": workflow_id})["versions"]
+    assert [v["version"] for v in versions] == ["2", "1"]
+
+    report = api.call(WORKFLOW, "ValidateWorkflow", {"workflow": {"name": "x", "steps": [
+        {"id": "a", "dependsOn": ["a"], "functionCall": {"function": "uuid"}}]}})
+    assert report.get("valid", False) is False
+    assert report["violations"][0]["field"] == "workflow.steps[0].depends_on[0]"
+
+    assert api.call(WORKFLOW, "DeleteWorkflow", {"workflowId": workflow_id, "etag": updated["etag"]}) == {}
+    with pytest.raises(grpc.RpcError) as missing:
+        api.call(WORKFLOW, "GetWorkflow", {"workflowId": workflow_id})
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_bad_input_carries_field_violations(api):
+    with pytest.raises(grpc.RpcError) as err:
+        api.call(WORKFLOW, "CreateWorkflow", {"workflow": {"name": "Bad Name", "steps": [
+            {"id": "a", "http": {"method": "GET", "url": "ftp://x"}}]}})
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(err.value)
+    fields = set()
+    reasons = set()
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields |= {v.field for v in bad.field_violations}
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reasons.add((info.reason, info.domain))
+    assert {"workflow.name", "workflow.steps[0].http.url"} <= fields
+    assert reasons == {("INVALID_ARGUMENT", "meshflow")}
