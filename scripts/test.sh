@@ -49,6 +49,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 cargo build --locked -p meshflow
-MESHFLOW_BIN="$(pwd)/target/debug/meshflow" .venv/bin/python -m pytest -q tests/python
+MESHFLOW_BIN="${CARGO_TARGET_DIR:-$(pwd)/target}/debug/meshflow" .venv/bin/python -m pytest -q tests/python
 
 step "all checks passed"
