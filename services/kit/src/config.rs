@@ -111,29 +111,9 @@ pub struct Limits {
     )]
     pub max_expression_bytes: usize,
 
-    /// Items one FOR_EACH step may iterate.
-    #[arg(
-        long = "max-for-each-items",
-        env = "MESHFLOW_MAX_FOR_EACH_ITEMS",
-        default_value_t = 10_000
-    )]
-    pub max_for_each_items: usize,
-
-    /// JSON size of one step's output, in bytes.
-    #[arg(long = "max-step-output-bytes", env = "MESHFLOW_MAX_STEP_OUTPUT_BYTES", default_value_t = 1024 * 1024)]
-    pub max_step_output_bytes: usize,
-
-    /// Longest execution; also the timeout of workflows that set none.
+    /// Longest execution: no workflow timeout, step timeout or wait may exceed it.
     #[arg(long = "max-execution-duration", env = "MESHFLOW_MAX_EXECUTION_DURATION", default_value = "30d", value_parser = parse_duration)]
     pub max_execution_duration: Duration,
-
-    /// Executions running or waiting at once.
-    #[arg(
-        long = "max-concurrent-executions",
-        env = "MESHFLOW_MAX_CONCURRENT_EXECUTIONS",
-        default_value_t = 100_000
-    )]
-    pub max_concurrent_executions: usize,
 }
 
 #[derive(Parser)]
@@ -161,10 +141,7 @@ impl Default for Limits {
             max_nesting_depth: 8,
             max_definition_bytes: 1024 * 1024,
             max_expression_bytes: 4096,
-            max_for_each_items: 10_000,
-            max_step_output_bytes: 1024 * 1024,
             max_execution_duration: Duration::from_secs(30 * 24 * 3600),
-            max_concurrent_executions: 100_000,
         }
     }
 }
