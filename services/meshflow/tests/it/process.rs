@@ -34,7 +34,10 @@ pub fn spawn(
     loop {
         line.clear();
         let n = stderr.read_line(&mut line).expect("read log");
-        assert!(n > 0, "meshflow exited before serving");
+        if n == 0 {
+            let status = child.wait();
+            panic!("meshflow exited before serving: {status:?}");
+        }
         let Ok(record) = serde_json::from_str::<serde_json::Value>(&line) else {
             continue;
         };
