@@ -8,7 +8,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 /// Starts `meshflow serve` on 127.0.0.1:0 and reads the bound address from its JSON log.
-#[allow(clippy::zombie_processes, reason = "the caller owns the child and waits for it")]
+#[allow(
+    clippy::zombie_processes,
+    reason = "the caller owns the child and waits for it"
+)]
 pub fn spawn(
     database_url: &str,
 ) -> (

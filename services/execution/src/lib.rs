@@ -1,0 +1,5 @@
+//! Execution records: executions, step attempts, the event log, signals and metrics; their storage
+//! (written by the orchestrator, read by everyone) and the read-side ExecutionService.
+
+pub mod state;
+pub mod store;

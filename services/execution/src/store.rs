@@ -1,0 +1,754 @@
+//! Storage of executions, step attempts, events, signals and metrics.
+//!
+//! The engine writes through [`Store::commit`]: a batch of [`Commit`]s (from many executions) in one
+//! transaction — group commit. Each commit is fenced by the execution's lease: if another replica took
+//! the execution over, that commit is refused and the rest of the batch still lands.
+
+use chrono::{DateTime, Utc};
+use meshflow_proto::execution::v1 as pb;
+use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr, Statement, TransactionTrait,
+};
+use serde_json::Value;
+
+pub mod entity;
+
+use entity::{event, execution, metrics, signal, step};
+
+/// A new execution to persist.
+#[derive(Debug, Clone)]
+pub struct NewExecution {
+    /// UUIDv7.
+    pub id: String,
+    /// The workflow.
+    pub workflow_id: String,
+    /// The pinned version.
+    pub workflow_version: i64,
+    /// The input.
+    pub input: Value,
+    /// Variables (defaults overlaid with overrides).
+    pub variables: Value,
+    /// Idempotency key.
+    pub request_id: Option<String>,
+    /// When it times out.
+    pub deadline_at: Option<DateTime<Utc>>,
+    /// Creation time.
+    pub now: DateTime<Utc>,
+}
+
+/// Changes to an execution row; `None` leaves a column as it is.
+#[derive(Debug, Clone, Default)]
+pub struct ExecutionPatch {
+    /// New status.
+    pub status: Option<pb::ExecutionStatus>,
+    /// Variables after the change.
+    pub variables: Option<Value>,
+    /// Output (on completion).
+    pub output: Option<Value>,
+    /// Error (on failure).
+    pub error: Option<Value>,
+    /// When the execution next needs attention (`Some(None)` clears it).
+    pub wake_at: Option<Option<DateTime<Utc>>>,
+    /// Start time.
+    pub start_time: Option<DateTime<Utc>>,
+    /// End time.
+    pub end_time: Option<DateTime<Utc>>,
+    /// Release the lease (terminal executions, parked executions).
+    pub release_lease: bool,
+}
+
+/// One step attempt as written (inserted or replaced by id).
+#[derive(Debug, Clone)]
+pub struct StepRow {
+    /// UUIDv7 of the attempt.
+    pub id: String,
+    /// Step id.
+    pub step_id: String,
+    /// Step path.
+    pub step_path: String,
+    /// Step type name (`STEP_TYPE_HTTP_REQUEST`, ...).
+    pub step_type: String,
+    /// Status.
+    pub status: pb::StepStatus,
+    /// Attempt from 1.
+    pub attempt: i32,
+    /// Resolved input.
+    pub input: Option<Value>,
+    /// Output.
+    pub output: Option<Value>,
+    /// Error.
+    pub error: Option<Value>,
+    /// Log lines.
+    pub logs: Value,
+    /// Start.
+    pub start_time: Option<DateTime<Utc>>,
+    /// End.
+    pub end_time: Option<DateTime<Utc>>,
+    /// When the next attempt is due.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    /// The event, with its sequence and time set.
+    pub event: pb::ExecutionEvent,
+}
+
+/// Atomic changes of one execution: the row, attempts, events, a consumed signal.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// The execution.
+    pub execution_id: String,
+    /// The workflow (for metrics).
+    pub workflow_id: String,
+    /// The lease holder writing; the commit is refused if it no longer holds the lease.
+    pub owner: String,
+    /// Changes to the execution row.
+    pub patch: ExecutionPatch,
+    /// Attempts to insert or replace.
+    pub steps: Vec<StepRow>,
+    /// Events to append, in sequence order.
+    pub events: Vec<pb::ExecutionEvent>,
+    /// A signal consumed by a step path.
+    pub consume_signal: Option<(String, String)>,
+    /// Metric increments.
+    pub metrics: Vec<MetricsDelta>,
+}
+
+/// Increments of one metrics row.
+#[derive(Debug, Clone, Default)]
+pub struct MetricsDelta {
+    /// `""` for the workflow, else a step id.
+    pub step_id: String,
+    /// Executions started.
+    pub total: i64,
+    /// Active executions (+1 on start, -1 on end).
+    pub active: i64,
+    /// Completed (executions) or succeeded (steps).
+    pub completed: i64,
+    /// Failed.
+    pub failed: i64,
+    /// Cancelled.
+    pub cancelled: i64,
+    /// Timed out.
+    pub timed_out: i64,
+    /// Skipped steps.
+    pub skipped: i64,
+    /// Step attempts.
+    pub attempts: i64,
+    /// A duration to record, in milliseconds.
+    pub duration_ms: Option<i64>,
+}
+
+/// Outcome of one commit of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// Written.
+    Done,
+    /// The writer no longer holds the lease; nothing was written for this execution.
+    LeaseLost,
+}
+
+/// Filters of [`Store::list_executions`].
+#[derive(Debug, Clone, Default)]
+pub struct ExecutionFilter {
+    /// Only this workflow.
+    pub workflow_id: Option<String>,
+    /// Only these statuses.
+    pub statuses: Vec<pb::ExecutionStatus>,
+    /// Created at or after.
+    pub from: Option<DateTime<Utc>>,
+    /// Created before.
+    pub to: Option<DateTime<Utc>>,
+    /// Oldest first (else newest first).
+    pub oldest_first: bool,
+}
+
+/// Storage errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbErr),
+    /// A stored value does not decode.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+}
+
+/// Histogram bucket upper bounds in milliseconds (log scale; the last bucket is open).
+pub const BUCKETS_MS: &[i64] = &[
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000,
+    1_800_000, 3_600_000, 86_400_000,
+];
+
+fn bucket_of(ms: i64) -> usize {
+    BUCKETS_MS
+        .iter()
+        .position(|b| ms <= *b)
+        .unwrap_or(BUCKETS_MS.len())
+}
+
+/// The `q` quantile (0..1) of a histogram, as the upper bound of its bucket, in milliseconds.
+pub fn quantile_ms(histogram: &[i64], q: f64) -> Option<i64> {
+    let total: i64 = histogram.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * q).ceil().max(1.0) as i64;
+    let mut seen = 0;
+    for (i, n) in histogram.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Some(
+                BUCKETS_MS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(*BUCKETS_MS.last().unwrap_or(&0) * 2),
+            );
+        }
+    }
+    None
+}
+
+/// The execution store.
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+impl Store {
+    /// A store over a migrated database.
+    pub fn new(db: DatabaseConnection) -> Self {
+        Self { db }
+    }
+
+    /// The connection.
+    pub fn db(&self) -> &DatabaseConnection {
+        &self.db
+    }
+
+    /// Inserts a PENDING execution with its EXECUTION_STARTED-free history (sequence 0). Returns the
+    /// existing execution when `request_id` was used before.
+    pub async fn insert_execution(
+        &self,
+        new: NewExecution,
+    ) -> Result<(execution::Model, bool), StoreError> {
+        if let Some(rid) = &new.request_id
+            && let Some(existing) = self.execution_by_request(rid).await?
+        {
+            return Ok((existing, false));
+        }
+        let model = execution::ActiveModel {
+            id: Set(new.id.clone()),
+            workflow_id: Set(new.workflow_id.clone()),
+            workflow_version: Set(new.workflow_version),
+            status: Set(pb::ExecutionStatus::Pending.as_str_name().to_string()),
+            input: Set(new.input),
+            variables: Set(new.variables),
+            output: Set(None),
+            error: Set(None),
+            request_id: Set(new.request_id.clone()),
+            last_sequence: Set(0),
+            lease_owner: Set(None),
+            lease_expires_at: Set(None),
+            wake_at: Set(Some(new.now)),
+            deadline_at: Set(new.deadline_at),
+            create_time: Set(new.now),
+            start_time: Set(None),
+            end_time: Set(None),
+            update_time: Set(new.now),
+        };
+        let txn = self.db.begin().await?;
+        match execution::Entity::insert(model)
+            .exec_without_returning(&txn)
+            .await
+        {
+            Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                drop(txn);
+                if let Some(rid) = &new.request_id
+                    && let Some(existing) = self.execution_by_request(rid).await?
+                {
+                    return Ok((existing, false));
+                }
+                return Err(err.into());
+            }
+            other => {
+                other?;
+            }
+        }
+        upsert_metrics(
+            &txn,
+            &new.workflow_id,
+            &MetricsDelta {
+                total: 1,
+                active: 1,
+                ..Default::default()
+            },
+            new.now,
+        )
+        .await?;
+        txn.commit().await?;
+        let row = self
+            .execution(&new.id)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt(new.id.clone()))?;
+        Ok((row, true))
+    }
+
+    async fn execution_by_request(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<execution::Model>, StoreError> {
+        Ok(execution::Entity::find()
+            .filter(execution::Column::RequestId.eq(request_id))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Reads an execution row.
+    pub async fn execution(&self, id: &str) -> Result<Option<execution::Model>, StoreError> {
+        Ok(execution::Entity::find_by_id(id.to_string())
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Lists executions by id (time order), after the cursor id, at most `limit`.
+    pub async fn list_executions(
+        &self,
+        filter: &ExecutionFilter,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<execution::Model>, StoreError> {
+        let mut query = execution::Entity::find().limit(limit);
+        query = if filter.oldest_first {
+            query.order_by_asc(execution::Column::Id)
+        } else {
+            query.order_by_desc(execution::Column::Id)
+        };
+        if let Some(after) = after {
+            query = if filter.oldest_first {
+                query.filter(execution::Column::Id.gt(after))
+            } else {
+                query.filter(execution::Column::Id.lt(after))
+            };
+        }
+        if let Some(w) = &filter.workflow_id {
+            query = query.filter(execution::Column::WorkflowId.eq(w.as_str()));
+        }
+        if !filter.statuses.is_empty() {
+            query = query.filter(
+                execution::Column::Status.is_in(filter.statuses.iter().map(|s| s.as_str_name())),
+            );
+        }
+        if let Some(from) = filter.from {
+            query = query.filter(execution::Column::CreateTime.gte(from));
+        }
+        if let Some(to) = filter.to {
+            query = query.filter(execution::Column::CreateTime.lt(to));
+        }
+        Ok(query.all(&self.db).await?)
+    }
+
+    /// Every attempt of an execution in start order, after the cursor id, at most `limit`.
+    pub async fn list_steps(
+        &self,
+        execution_id: &str,
+        step_id: Option<&str>,
+        after: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<step::Model>, StoreError> {
+        let mut query = step::Entity::find()
+            .filter(step::Column::ExecutionId.eq(execution_id))
+            .order_by_asc(step::Column::Id)
+            .limit(limit);
+        if let Some(after) = after {
+            query = query.filter(step::Column::Id.gt(after));
+        }
+        if let Some(step_id) = step_id {
+            query = query.filter(step::Column::StepId.eq(step_id));
+        }
+        Ok(query.all(&self.db).await?)
+    }
+
+    /// Events with a sequence above `after`, in order, at most `limit`.
+    pub async fn events_after(
+        &self,
+        execution_id: &str,
+        after: i64,
+        limit: u64,
+    ) -> Result<Vec<pb::ExecutionEvent>, StoreError> {
+        let rows = event::Entity::find()
+            .filter(event::Column::ExecutionId.eq(execution_id))
+            .filter(event::Column::Sequence.gt(after))
+            .order_by_asc(event::Column::Sequence)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        rows.into_iter()
+            .map(|r| {
+                serde_json::from_value(r.payload).map_err(|e| {
+                    StoreError::Corrupt(format!("event {}#{}: {e}", r.execution_id, r.sequence))
+                })
+            })
+            .collect()
+    }
+
+    /// Writes a batch of commits in one transaction; each is fenced by its lease.
+    pub async fn commit(&self, batch: &[Commit]) -> Result<Vec<CommitOutcome>, StoreError> {
+        let txn = self.db.begin().await?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for c in batch {
+            outcomes.push(apply(&txn, c).await?);
+        }
+        txn.commit().await?;
+        Ok(outcomes)
+    }
+
+    /// Claims up to `limit` executions that need work and whose lease is free or expired, for `owner`
+    /// until `until`. On PostgreSQL rows locked by another claimer are skipped (`FOR UPDATE SKIP LOCKED`).
+    pub async fn claim(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let active = [
+            pb::ExecutionStatus::Pending,
+            pb::ExecutionStatus::Running,
+            pb::ExecutionStatus::Waiting,
+        ];
+        let backend = self.db.get_database_backend();
+        let statuses: Vec<String> = active
+            .iter()
+            .map(|s| format!("'{}'", s.as_str_name()))
+            .collect();
+        let statuses = statuses.join(", ");
+        let (sql, values) = match backend {
+            DbBackend::Postgres => (
+                format!(
+                    "UPDATE workflow_executions SET lease_owner = $1, lease_expires_at = $2 WHERE id IN (\
+                       SELECT id FROM workflow_executions WHERE status IN ({statuses}) \
+                       AND (lease_owner IS NULL OR lease_expires_at < $3) AND wake_at IS NOT NULL AND wake_at <= $3 \
+                       ORDER BY wake_at LIMIT {limit} FOR UPDATE SKIP LOCKED) RETURNING id"
+                ),
+                vec![owner.into(), until.into(), now.into()],
+            ),
+            _ => (
+                format!(
+                    "UPDATE workflow_executions SET lease_owner = ?, lease_expires_at = ? WHERE id IN (\
+                       SELECT id FROM workflow_executions WHERE status IN ({statuses}) \
+                       AND (lease_owner IS NULL OR lease_expires_at < ?) AND wake_at IS NOT NULL AND wake_at <= ? \
+                       ORDER BY wake_at LIMIT {limit}) RETURNING id"
+                ),
+                vec![owner.into(), until.into(), now.into(), now.into()],
+            ),
+        };
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String>("", "id").map_err(StoreError::from))
+            .collect()
+    }
+
+    /// Extends every lease `owner` holds until `until`.
+    pub async fn renew(&self, owner: &str, until: DateTime<Utc>) -> Result<u64, StoreError> {
+        let result = execution::Entity::update_many()
+            .col_expr(execution::Column::LeaseExpiresAt, Expr::value(until))
+            .filter(execution::Column::LeaseOwner.eq(owner))
+            .exec(&self.db)
+            .await?;
+        Ok(result.rows_affected)
+    }
+
+    /// Records a signal for an execution; a repeated `request_id` records nothing. Wakes the execution.
+    pub async fn add_signal(
+        &self,
+        execution_id: &str,
+        name: &str,
+        payload: Value,
+        request_id: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        let txn = self.db.begin().await?;
+        let inserted = signal::Entity::insert(signal::ActiveModel {
+            id: Set(meshflow_kit::id::new_id()),
+            execution_id: Set(execution_id.to_string()),
+            name: Set(name.to_string()),
+            payload: Set(payload),
+            request_id: Set(request_id.map(str::to_string)),
+            receive_time: Set(now),
+            consumed_by: Set(None),
+        })
+        .exec_without_returning(&txn)
+        .await;
+        match inserted {
+            Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                return Ok(false);
+            }
+            other => {
+                other?;
+            }
+        }
+        execution::Entity::update_many()
+            .col_expr(execution::Column::WakeAt, Expr::value(now))
+            .filter(execution::Column::Id.eq(execution_id))
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(true)
+    }
+
+    /// The oldest unconsumed signal of a name.
+    pub async fn pending_signal(
+        &self,
+        execution_id: &str,
+        name: &str,
+    ) -> Result<Option<signal::Model>, StoreError> {
+        Ok(signal::Entity::find()
+            .filter(signal::Column::ExecutionId.eq(execution_id))
+            .filter(signal::Column::Name.eq(name))
+            .filter(signal::Column::ConsumedBy.is_null())
+            .order_by_asc(signal::Column::Id)
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Requests cancellation: wakes the execution so its driver sees it. The driver writes the outcome.
+    pub async fn wake(&self, execution_id: &str, now: DateTime<Utc>) -> Result<(), StoreError> {
+        execution::Entity::update_many()
+            .col_expr(execution::Column::WakeAt, Expr::value(now))
+            .filter(execution::Column::Id.eq(execution_id))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Metrics rows of a workflow (the workflow row has `step_id == ""`).
+    pub async fn metrics(&self, workflow_id: &str) -> Result<Vec<metrics::Model>, StoreError> {
+        Ok(metrics::Entity::find()
+            .filter(metrics::Column::WorkflowId.eq(workflow_id))
+            .order_by_asc(metrics::Column::StepId)
+            .all(&self.db)
+            .await?)
+    }
+}
+
+async fn apply<C: ConnectionTrait>(txn: &C, c: &Commit) -> Result<CommitOutcome, StoreError> {
+    let now = Utc::now();
+    let last_sequence = c.events.last().map(|e| e.sequence);
+    let mut update = execution::Entity::update_many()
+        .col_expr(execution::Column::UpdateTime, Expr::value(now))
+        .filter(execution::Column::Id.eq(c.execution_id.as_str()))
+        .filter(execution::Column::LeaseOwner.eq(c.owner.as_str()));
+    let p = &c.patch;
+    if let Some(status) = p.status {
+        update = update.col_expr(execution::Column::Status, Expr::value(status.as_str_name()));
+    }
+    if let Some(v) = &p.variables {
+        update = update.col_expr(execution::Column::Variables, Expr::value(v.clone()));
+    }
+    if let Some(v) = &p.output {
+        update = update.col_expr(execution::Column::Output, Expr::value(v.clone()));
+    }
+    if let Some(v) = &p.error {
+        update = update.col_expr(execution::Column::Error, Expr::value(v.clone()));
+    }
+    if let Some(wake) = p.wake_at {
+        update = update.col_expr(execution::Column::WakeAt, Expr::value(wake));
+    }
+    if let Some(t) = p.start_time {
+        update = update.col_expr(execution::Column::StartTime, Expr::value(t));
+    }
+    if let Some(t) = p.end_time {
+        update = update.col_expr(execution::Column::EndTime, Expr::value(t));
+    }
+    if let Some(seq) = last_sequence {
+        update = update.col_expr(execution::Column::LastSequence, Expr::value(seq));
+    }
+    if p.release_lease {
+        update = update
+            .col_expr(
+                execution::Column::LeaseOwner,
+                Expr::value(Option::<String>::None),
+            )
+            .col_expr(
+                execution::Column::LeaseExpiresAt,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            );
+    }
+    if update.exec(txn).await?.rows_affected == 0 {
+        return Ok(CommitOutcome::LeaseLost);
+    }
+    for s in &c.steps {
+        let model = step::ActiveModel {
+            id: Set(s.id.clone()),
+            execution_id: Set(c.execution_id.clone()),
+            step_id: Set(s.step_id.clone()),
+            step_path: Set(s.step_path.clone()),
+            step_type: Set(s.step_type.clone()),
+            status: Set(s.status.as_str_name().to_string()),
+            attempt: Set(s.attempt),
+            input: Set(s.input.clone()),
+            output: Set(s.output.clone()),
+            error: Set(s.error.clone()),
+            logs: Set(s.logs.clone()),
+            start_time: Set(s.start_time),
+            end_time: Set(s.end_time),
+            duration_ms: Set(match (s.start_time, s.end_time) {
+                (Some(a), Some(b)) => Some((b - a).num_milliseconds()),
+                _ => None,
+            }),
+            next_attempt_at: Set(s.next_attempt_at),
+        };
+        step::Entity::insert(model)
+            .on_conflict(
+                OnConflict::column(step::Column::Id)
+                    .update_columns([
+                        step::Column::Status,
+                        step::Column::Input,
+                        step::Column::Output,
+                        step::Column::Error,
+                        step::Column::Logs,
+                        step::Column::StartTime,
+                        step::Column::EndTime,
+                        step::Column::DurationMs,
+                        step::Column::NextAttemptAt,
+                    ])
+                    .to_owned(),
+            )
+            .exec_without_returning(txn)
+            .await?;
+    }
+    if !c.events.is_empty() {
+        let rows: Result<Vec<event::ActiveModel>, StoreError> = c
+            .events
+            .iter()
+            .map(|e| {
+                let time = e
+                    .time
+                    .as_ref()
+                    .and_then(meshflow_kit::convert::from_timestamp)
+                    .unwrap_or(now);
+                Ok(event::ActiveModel {
+                    execution_id: Set(c.execution_id.clone()),
+                    sequence: Set(e.sequence),
+                    time: Set(time),
+                    event_type: Set(pb::EventType::try_from(e.r#type)
+                        .unwrap_or_default()
+                        .as_str_name()
+                        .to_string()),
+                    step_path: Set(Some(e.step_path.clone()).filter(|p| !p.is_empty())),
+                    payload: Set(serde_json::to_value(e)
+                        .map_err(|err| StoreError::Corrupt(err.to_string()))?),
+                })
+            })
+            .collect();
+        event::Entity::insert_many(rows?)
+            .exec_without_returning(txn)
+            .await?;
+    }
+    if let Some((signal_id, consumer)) = &c.consume_signal {
+        signal::Entity::update_many()
+            .col_expr(signal::Column::ConsumedBy, Expr::value(consumer.clone()))
+            .filter(signal::Column::Id.eq(signal_id.as_str()))
+            .exec(txn)
+            .await?;
+    }
+    for delta in &c.metrics {
+        upsert_metrics(txn, &c.workflow_id, delta, now).await?;
+    }
+    Ok(CommitOutcome::Done)
+}
+
+async fn upsert_metrics<C: ConnectionTrait>(
+    txn: &C,
+    workflow_id: &str,
+    d: &MetricsDelta,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let current = metrics::Entity::find_by_id((workflow_id.to_string(), d.step_id.clone()))
+        .one(txn)
+        .await?;
+    let mut histogram: Vec<i64> = current
+        .as_ref()
+        .and_then(|m| serde_json::from_value(m.duration_histogram.clone()).ok())
+        .unwrap_or_else(|| vec![0; BUCKETS_MS.len() + 1]);
+    histogram.resize(BUCKETS_MS.len() + 1, 0);
+    if let Some(ms) = d.duration_ms {
+        histogram[bucket_of(ms)] += 1;
+    }
+    let histogram =
+        serde_json::to_value(&histogram).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let base = current.unwrap_or(metrics::Model {
+        workflow_id: workflow_id.to_string(),
+        step_id: d.step_id.clone(),
+        total: 0,
+        active: 0,
+        completed: 0,
+        failed: 0,
+        cancelled: 0,
+        timed_out: 0,
+        skipped: 0,
+        attempts: 0,
+        duration_histogram: Value::Null,
+        update_time: now,
+    });
+    let model = metrics::ActiveModel {
+        workflow_id: Set(base.workflow_id),
+        step_id: Set(base.step_id),
+        total: Set(base.total + d.total),
+        active: Set(base.active + d.active),
+        completed: Set(base.completed + d.completed),
+        failed: Set(base.failed + d.failed),
+        cancelled: Set(base.cancelled + d.cancelled),
+        timed_out: Set(base.timed_out + d.timed_out),
+        skipped: Set(base.skipped + d.skipped),
+        attempts: Set(base.attempts + d.attempts),
+        duration_histogram: Set(histogram),
+        update_time: Set(now),
+    };
+    metrics::Entity::insert(model)
+        .on_conflict(
+            OnConflict::columns([metrics::Column::WorkflowId, metrics::Column::StepId])
+                .update_columns([
+                    metrics::Column::Total,
+                    metrics::Column::Active,
+                    metrics::Column::Completed,
+                    metrics::Column::Failed,
+                    metrics::Column::Cancelled,
+                    metrics::Column::TimedOut,
+                    metrics::Column::Skipped,
+                    metrics::Column::Attempts,
+                    metrics::Column::DurationHistogram,
+                    metrics::Column::UpdateTime,
+                ])
+                .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_quantiles() {
+        let mut h = vec![0; BUCKETS_MS.len() + 1];
+        assert_eq!(quantile_ms(&h, 0.5), None);
+        for ms in [1, 3, 3, 3, 40, 40, 900, 900, 900, 2500] {
+            h[bucket_of(ms)] += 1;
+        }
+        assert_eq!(quantile_ms(&h, 0.5), Some(50));
+        assert_eq!(quantile_ms(&h, 0.95), Some(5_000));
+        assert_eq!(quantile_ms(&h, 0.1), Some(1));
+        assert_eq!(bucket_of(100_000_000), BUCKETS_MS.len());
+    }
+}
