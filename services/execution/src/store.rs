@@ -9,7 +9,8 @@ use meshflow_proto::execution::v1 as pb;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr, Statement, TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, SqlErr, Statement,
+    TransactionTrait,
 };
 use serde_json::Value;
 
@@ -36,6 +37,8 @@ pub struct NewExecution {
     pub deadline_at: Option<DateTime<Utc>>,
     /// Creation time.
     pub now: DateTime<Utc>,
+    /// The replica that will drive it at once, and until when it holds the lease.
+    pub lease: Option<(String, DateTime<Utc>)>,
 }
 
 /// Changes to an execution row; `None` leaves a column as it is.
@@ -230,8 +233,8 @@ impl Store {
         &self.db
     }
 
-    /// Inserts a PENDING execution with its EXECUTION_STARTED-free history (sequence 0). Returns the
-    /// existing execution when `request_id` was used before.
+    /// Inserts a PENDING execution (no events yet: sequence 0). Returns the existing execution, and
+    /// `false`, when `request_id` was used before.
     pub async fn insert_execution(
         &self,
         new: NewExecution,
@@ -252,8 +255,8 @@ impl Store {
             error: Set(None),
             request_id: Set(new.request_id.clone()),
             last_sequence: Set(0),
-            lease_owner: Set(None),
-            lease_expires_at: Set(None),
+            lease_owner: Set(new.lease.as_ref().map(|l| l.0.clone())),
+            lease_expires_at: Set(new.lease.as_ref().map(|l| l.1)),
             wake_at: Set(Some(new.now)),
             deadline_at: Set(new.deadline_at),
             create_time: Set(new.now),
@@ -296,6 +299,14 @@ impl Store {
             .await?
             .ok_or_else(|| StoreError::Corrupt(new.id.clone()))?;
         Ok((row, true))
+    }
+
+    /// The execution started with `request_id`, if any.
+    pub async fn list_by_request(
+        &self,
+        request_id: &str,
+    ) -> Result<Option<execution::Model>, StoreError> {
+        self.execution_by_request(request_id).await
     }
 
     async fn execution_by_request(
@@ -407,8 +418,10 @@ impl Store {
         Ok(outcomes)
     }
 
-    /// Claims up to `limit` executions that need work and whose lease is free or expired, for `owner`
-    /// until `until`. On PostgreSQL rows locked by another claimer are skipped (`FOR UPDATE SKIP LOCKED`).
+    /// Claims up to `limit` executions that need work, for `owner` until `until`: those due
+    /// (`wake_at <= now`) whose lease is free or already `owner`'s, and those whose lease expired (a
+    /// replica died while driving them). On PostgreSQL, rows another claimer has locked are skipped
+    /// (`FOR UPDATE SKIP LOCKED`); SQLite serialises writers.
     pub async fn claim(
         &self,
         owner: &str,
@@ -427,26 +440,19 @@ impl Store {
             .map(|s| format!("'{}'", s.as_str_name()))
             .collect();
         let statuses = statuses.join(", ");
-        let (sql, values) = match backend {
-            DbBackend::Postgres => (
-                format!(
-                    "UPDATE workflow_executions SET lease_owner = $1, lease_expires_at = $2 WHERE id IN (\
-                       SELECT id FROM workflow_executions WHERE status IN ({statuses}) \
-                       AND (lease_owner IS NULL OR lease_expires_at < $3) AND wake_at IS NOT NULL AND wake_at <= $3 \
-                       ORDER BY wake_at LIMIT {limit} FOR UPDATE SKIP LOCKED) RETURNING id"
-                ),
-                vec![owner.into(), until.into(), now.into()],
-            ),
-            _ => (
-                format!(
-                    "UPDATE workflow_executions SET lease_owner = ?, lease_expires_at = ? WHERE id IN (\
-                       SELECT id FROM workflow_executions WHERE status IN ({statuses}) \
-                       AND (lease_owner IS NULL OR lease_expires_at < ?) AND wake_at IS NOT NULL AND wake_at <= ? \
-                       ORDER BY wake_at LIMIT {limit}) RETURNING id"
-                ),
-                vec![owner.into(), until.into(), now.into(), now.into()],
-            ),
+        let (p, lock) = match backend {
+            DbBackend::Postgres => (["$1", "$2", "$3"], " FOR UPDATE SKIP LOCKED"),
+            _ => (["?1", "?2", "?3"], ""),
         };
+        let [p_owner, p_until, p_now] = p;
+        let sql = format!(
+            "UPDATE workflow_executions SET lease_owner = {p_owner}, lease_expires_at = {p_until} WHERE id IN (\
+               SELECT id FROM workflow_executions WHERE status IN ({statuses}) AND (\
+                 (wake_at IS NOT NULL AND wake_at <= {p_now} AND (lease_owner IS NULL OR lease_owner = {p_owner})) \
+                 OR (lease_owner IS NOT NULL AND lease_expires_at < {p_now})) \
+               ORDER BY id LIMIT {limit}{lock}) RETURNING id"
+        );
+        let values: Vec<sea_orm::Value> = vec![owner.into(), until.into(), now.into()];
         let rows = self
             .db
             .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
@@ -454,6 +460,20 @@ impl Store {
         rows.iter()
             .map(|r| r.try_get::<String>("", "id").map_err(StoreError::from))
             .collect()
+    }
+
+    /// Clears a wake-up that a running driver has been told about.
+    pub async fn clear_wake(&self, execution_id: &str, owner: &str) -> Result<(), StoreError> {
+        execution::Entity::update_many()
+            .col_expr(
+                execution::Column::WakeAt,
+                Expr::value(Option::<DateTime<Utc>>::None),
+            )
+            .filter(execution::Column::Id.eq(execution_id))
+            .filter(execution::Column::LeaseOwner.eq(owner))
+            .exec(&self.db)
+            .await?;
+        Ok(())
     }
 
     /// Extends every lease `owner` holds until `until`.
@@ -502,6 +522,48 @@ impl Store {
             .await?;
         txn.commit().await?;
         Ok(true)
+    }
+
+    /// Whether any signal (a user signal or a cancellation) is waiting to be consumed.
+    pub async fn has_pending_signal(&self, execution_id: &str) -> Result<bool, StoreError> {
+        Ok(signal::Entity::find()
+            .filter(signal::Column::ExecutionId.eq(execution_id))
+            .filter(signal::Column::ConsumedBy.is_null())
+            .one(&self.db)
+            .await?
+            .is_some())
+    }
+
+    /// Executions this owner drives that have unconsumed signals.
+    pub async fn signalled(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        let owned = execution::Entity::find()
+            .select_only()
+            .column(execution::Column::Id)
+            .filter(execution::Column::LeaseOwner.eq(owner))
+            .into_query();
+        let rows = signal::Entity::find()
+            .filter(signal::Column::ConsumedBy.is_null())
+            .filter(signal::Column::ExecutionId.in_subquery(owned))
+            .all(&self.db)
+            .await?;
+        let mut ids: Vec<String> = rows.into_iter().map(|r| r.execution_id).collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
+    /// Number of executions that are not terminal.
+    pub async fn active_count(&self) -> Result<u64, StoreError> {
+        use sea_orm::PaginatorTrait;
+        let active = [
+            pb::ExecutionStatus::Pending,
+            pb::ExecutionStatus::Running,
+            pb::ExecutionStatus::Waiting,
+        ];
+        Ok(execution::Entity::find()
+            .filter(execution::Column::Status.is_in(active.iter().map(|s| s.as_str_name())))
+            .count(&self.db)
+            .await?)
     }
 
     /// The oldest unconsumed signal of a name.

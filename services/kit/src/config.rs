@@ -79,6 +79,24 @@ pub struct ServerConfig {
     #[arg(long, env = "MESHFLOW_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Address blocks HTTP and webhook steps may reach besides public addresses, comma-separated
+    /// (`127.0.0.0/8,10.1.0.0/16`). Loopback, private, link-local and metadata addresses are refused
+    /// unless listed here.
+    #[arg(long, env = "MESHFLOW_ALLOW_HTTP_TO", value_delimiter = ',')]
+    pub allow_http_to: Vec<String>,
+
+    /// How long an execution lease lasts without renewal; a dead replica's executions are resumed after it.
+    #[arg(long, env = "MESHFLOW_LEASE_TTL", default_value = "15s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// How often due executions (timers, retries, abandoned leases) are looked for.
+    #[arg(long, env = "MESHFLOW_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+
+    /// An execution with nothing running parks (leaves memory) when its next wake-up is further than this.
+    #[arg(long, env = "MESHFLOW_PARK_AFTER", default_value = "2s", value_parser = parse_duration)]
+    pub park_after: Duration,
+
     /// Limits on what users may define and run.
     #[command(flatten)]
     pub limits: Limits,
@@ -114,6 +132,26 @@ pub struct Limits {
     /// Longest execution: no workflow timeout, step timeout or wait may exceed it.
     #[arg(long = "max-execution-duration", env = "MESHFLOW_MAX_EXECUTION_DURATION", default_value = "30d", value_parser = parse_duration)]
     pub max_execution_duration: Duration,
+
+    /// Items one FOR_EACH step may iterate.
+    #[arg(
+        long = "max-for-each-items",
+        env = "MESHFLOW_MAX_FOR_EACH_ITEMS",
+        default_value_t = 10_000
+    )]
+    pub max_for_each_items: usize,
+
+    /// JSON size of one step's output (an HTTP response body included), in bytes.
+    #[arg(long = "max-step-output-bytes", env = "MESHFLOW_MAX_STEP_OUTPUT_BYTES", default_value_t = 1024 * 1024)]
+    pub max_step_output_bytes: usize,
+
+    /// Executions running or waiting at once; StartExecution beyond it is RESOURCE_EXHAUSTED.
+    #[arg(
+        long = "max-concurrent-executions",
+        env = "MESHFLOW_MAX_CONCURRENT_EXECUTIONS",
+        default_value_t = 100_000
+    )]
+    pub max_concurrent_executions: usize,
 }
 
 #[derive(Parser)]
@@ -142,6 +180,9 @@ impl Default for Limits {
             max_definition_bytes: 1024 * 1024,
             max_expression_bytes: 4096,
             max_execution_duration: Duration::from_secs(30 * 24 * 3600),
+            max_for_each_items: 10_000,
+            max_step_output_bytes: 1024 * 1024,
+            max_concurrent_executions: 100_000,
         }
     }
 }

@@ -15,11 +15,40 @@ use tokio::task::JoinHandle;
 pub enum ServiceName {
     /// WorkflowService, WorkflowTemplateService, TransformationRuleService.
     Workflow,
+    /// ExecutionService (read side of execution records).
+    Execution,
+    /// OrchestratorService (the engine).
+    Orchestrator,
 }
 
 impl ServiceName {
     /// Every service group that is built.
-    pub const ALL: &[ServiceName] = &[ServiceName::Workflow];
+    pub const ALL: &[ServiceName] = &[
+        ServiceName::Workflow,
+        ServiceName::Execution,
+        ServiceName::Orchestrator,
+    ];
+}
+
+/// The engine settings from the server configuration.
+pub fn engine_config(config: &ServerConfig) -> anyhow::Result<meshflow_orchestrator::Config> {
+    let allow = config
+        .allow_http_to
+        .iter()
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.parse()
+                .map_err(|e: String| anyhow::anyhow!("--allow-http-to: {e}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(meshflow_orchestrator::Config {
+        owner: meshflow_kit::id::new_id(),
+        lease_ttl: config.lease_ttl,
+        poll_interval: config.poll_interval,
+        park_after: config.park_after,
+        allow,
+        limits: config.limits.clone(),
+    })
 }
 
 /// Connects the database, mounts `services` and binds the listener.
@@ -43,6 +72,16 @@ pub async fn prepare(
                 meshflow_workflow::store::Store::new(db.clone()),
                 config,
             ),
+            ServiceName::Execution => meshflow_execution::mount(
+                &mut mounts,
+                meshflow_execution::store::Store::new(db.clone()),
+                config,
+            ),
+            ServiceName::Orchestrator => {
+                let engine =
+                    meshflow_orchestrator::Engine::start(db.clone(), engine_config(config)?)?;
+                meshflow_orchestrator::mount(&mut mounts, engine, config)
+            }
         }
     }
     let listener = TcpListener::bind(config.listen)

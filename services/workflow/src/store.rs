@@ -426,6 +426,18 @@ impl Store {
             .ok_or_else(|| Error::WorkflowNotFound(id.to_string()))
     }
 
+    /// One immutable version of a workflow.
+    pub async fn version(&self, id: &str, version_no: i64) -> Result<pb::WorkflowVersion, Error> {
+        let row = version::Entity::find_by_id((id.to_string(), version_no))
+            .one(&self.db)
+            .await?
+            .ok_or_else(|| Error::VersionNotFound {
+                id: id.to_string(),
+                version: version_no,
+            })?;
+        Definition::from_row(row)
+    }
+
     /// Versions of a workflow, newest first, below `before` (exclusive), at most `limit`.
     pub async fn list_versions(
         &self,

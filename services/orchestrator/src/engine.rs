@@ -1,0 +1,604 @@
+//! The engine: starts executions, claims the ones that need work (new, due, signalled, or abandoned
+//! by a dead replica), drives each with a [`Run`], keeps leases alive, and streams events.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use chrono::Utc;
+use meshflow_execution::store::entity::execution;
+use meshflow_execution::store::{NewExecution, Store as ExecStore};
+use meshflow_kit::Violation;
+use meshflow_kit::convert::{struct_to_json, to_json};
+use meshflow_proto::execution::v1::{self as epb, EventType};
+use meshflow_proto::orchestrator::v1 as opb;
+use meshflow_proto::workflow::v1 as wpb;
+use serde_json::Value;
+use tokio::sync::{Notify, broadcast, mpsc};
+
+use crate::driver::{CANCEL_SIGNAL, Halt, Run};
+use crate::error::Error;
+use crate::eval::Programs;
+use crate::hub::Hub;
+use crate::ssrf;
+use crate::steps::{self, Env};
+use crate::writer::Writer;
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This replica's lease-holder id (unique per process).
+    pub owner: String,
+    /// How long a lease lasts without renewal; a dead replica's work is resumed after it.
+    pub lease_ttl: Duration,
+    /// How often due work is looked for (new work is picked up at once).
+    pub poll_interval: Duration,
+    /// A driver with nothing running parks when its next wake-up is further than this.
+    pub park_after: Duration,
+    /// Outbound address policy of HTTP and webhook steps.
+    pub allow: Vec<ssrf::Cidr>,
+    /// Definition and execution limits.
+    pub limits: meshflow_kit::Limits,
+}
+
+/// What drivers share.
+pub struct Shared {
+    /// Execution records.
+    pub store: ExecStore,
+    /// Workflow definitions and transformation rules.
+    pub rules: meshflow_workflow::store::Store,
+    /// The group-commit writer.
+    pub writer: Writer,
+    /// Leaf step environment.
+    pub env: Env,
+    /// This replica's id.
+    pub owner: String,
+    /// Park threshold.
+    pub park_after: Duration,
+    /// FOR_EACH item limit.
+    pub max_for_each_items: usize,
+    /// Wakes the poller.
+    pub kick: Notify,
+}
+
+/// The orchestration engine of one replica.
+pub struct Engine {
+    shared: Arc<Shared>,
+    hub: Arc<Hub>,
+    running: Mutex<HashMap<String, Arc<Run>>>,
+    versions: Mutex<HashMap<(String, i64), Arc<wpb::WorkflowVersion>>>,
+    config: Config,
+}
+
+const WATCH_PAGE: u64 = 500;
+
+fn active(status: &str) -> bool {
+    epb::ExecutionStatus::from_str_name(status)
+        .is_some_and(|s| !meshflow_execution::state::is_terminal(s))
+}
+
+fn is_terminal_event(e: &epb::ExecutionEvent) -> bool {
+    matches!(
+        EventType::try_from(e.r#type),
+        Ok(EventType::ExecutionCompleted
+            | EventType::ExecutionFailed
+            | EventType::ExecutionCancelled
+            | EventType::ExecutionTimedOut)
+    )
+}
+
+impl Engine {
+    /// Starts the engine's background tasks (writer, poller, lease renewal).
+    pub fn start(db: sea_orm::DatabaseConnection, config: Config) -> anyhow::Result<Arc<Self>> {
+        let store = ExecStore::new(db.clone());
+        let hub = Arc::new(Hub::default());
+        let policy = Arc::new(ssrf::Policy::new(config.allow.clone()));
+        let env = Env {
+            programs: Arc::new(Programs::default()),
+            http: steps::http_client(policy.clone())?,
+            ssrf: policy,
+            max_output_bytes: config.limits.max_step_output_bytes,
+        };
+        let shared = Arc::new(Shared {
+            store: store.clone(),
+            rules: meshflow_workflow::store::Store::new(db),
+            writer: Writer::spawn(store, hub.clone()),
+            env,
+            owner: config.owner.clone(),
+            park_after: config.park_after,
+            max_for_each_items: config.limits.max_for_each_items,
+            kick: Notify::new(),
+        });
+        let engine = Arc::new(Self {
+            shared,
+            hub,
+            running: Mutex::new(HashMap::new()),
+            versions: Mutex::new(HashMap::new()),
+            config,
+        });
+        tokio::spawn(Self::poll_loop(Arc::downgrade(&engine)));
+        tokio::spawn(Self::lease_loop(Arc::downgrade(&engine)));
+        Ok(engine)
+    }
+
+    /// Execution records.
+    pub fn store(&self) -> &ExecStore {
+        &self.shared.store
+    }
+
+    async fn poll_loop(engine: std::sync::Weak<Self>) {
+        loop {
+            let Some(e) = engine.upgrade() else { return };
+            if let Err(err) = e.poll_once().await {
+                tracing::warn!(error = %err, "claiming executions failed");
+            }
+            let interval = e.config.poll_interval;
+            let shared = e.shared.clone();
+            drop(e);
+            let _ = tokio::time::timeout(interval, shared.kick.notified()).await;
+        }
+    }
+
+    async fn poll_once(self: &Arc<Self>) -> Result<(), Error> {
+        loop {
+            let now = Utc::now();
+            let until = now
+                + chrono::Duration::from_std(self.config.lease_ttl)
+                    .unwrap_or(chrono::Duration::seconds(15));
+            let ids = self
+                .shared
+                .store
+                .claim(&self.config.owner, now, until, 256)
+                .await?;
+            let n = ids.len();
+            for id in ids {
+                let run = self
+                    .running
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&id)
+                    .cloned();
+                match run {
+                    Some(run) => {
+                        // Driven here already: tell it about signals and cancellation.
+                        if let Ok(Some(sig)) =
+                            self.shared.store.pending_signal(&id, CANCEL_SIGNAL).await
+                        {
+                            let _ = run
+                                .cancel
+                                .send(Some(sig.payload.as_str().unwrap_or_default().to_string()));
+                        }
+                        run.signalled.notify_one();
+                        self.shared
+                            .store
+                            .clear_wake(&id, &self.config.owner)
+                            .await?;
+                    }
+                    None => self.spawn_driver(id),
+                }
+            }
+            if n < 256 {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn lease_loop(engine: std::sync::Weak<Self>) {
+        loop {
+            let Some(e) = engine.upgrade() else { return };
+            let ttl = e.config.lease_ttl;
+            let until = Utc::now()
+                + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(15));
+            if let Err(err) = e.shared.store.renew(&e.config.owner, until).await {
+                tracing::warn!(error = %err, "renewing leases failed");
+            }
+            e.hub.sweep();
+            drop(e);
+            tokio::time::sleep(ttl / 3).await;
+        }
+    }
+
+    async fn version(
+        &self,
+        workflow_id: &str,
+        version: i64,
+    ) -> Result<Arc<wpb::WorkflowVersion>, Error> {
+        let key = (workflow_id.to_string(), version);
+        if let Some(v) = self
+            .versions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(v.clone());
+        }
+        let v = Arc::new(self.shared.rules.version(workflow_id, version).await?);
+        self.versions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(key, v.clone());
+        Ok(v)
+    }
+
+    fn spawn_driver(self: &Arc<Self>, id: String) {
+        let engine = self.clone();
+        tokio::spawn(async move {
+            if let Err(err) = engine.drive(&id).await {
+                tracing::warn!(execution_id = %id, error = %err, "cannot drive execution");
+            }
+        });
+    }
+
+    async fn drive(self: &Arc<Self>, id: &str) -> Result<(), Error> {
+        let Some(row) = self.shared.store.execution(id).await? else {
+            return Ok(());
+        };
+        if !active(&row.status) {
+            return Ok(());
+        }
+        let def = self.version(&row.workflow_id, row.workflow_version).await?;
+        let attempts = self
+            .shared
+            .store
+            .list_steps(id, None, None, u64::MAX)
+            .await?;
+        let run = Run::new(self.shared.clone(), &row, def, attempts);
+        {
+            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            if running.contains_key(id) {
+                return Ok(());
+            }
+            running.insert(id.to_string(), run.clone());
+        }
+        let halt = run.drive().await;
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(id);
+        match halt {
+            Halt::LeaseLost => {
+                tracing::info!(execution_id = %id, "lease lost; another replica drives it")
+            }
+            Halt::Storage(e) => {
+                tracing::warn!(execution_id = %id, error = %e, "storage failed; the execution resumes when its lease expires")
+            }
+            _ => {
+                // A signal that arrived while the driver was finishing wakes it again.
+                if self
+                    .shared
+                    .store
+                    .has_pending_signal(id)
+                    .await
+                    .unwrap_or(false)
+                {
+                    let _ = self.shared.store.wake(id, Utc::now()).await;
+                    self.shared.kick.notify_one();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// StartExecution: checks the input, persists the execution, starts driving it, returns at once.
+    pub async fn start_execution(
+        self: &Arc<Self>,
+        req: opb::StartExecutionRequest,
+    ) -> Result<execution::Model, Error> {
+        let mut v = Vec::new();
+        if !meshflow_kit::id::is_valid(&req.workflow_id) {
+            v.push(Violation::new(
+                "workflow_id",
+                if req.workflow_id.is_empty() {
+                    "is required".to_string()
+                } else {
+                    format!("`{}` is not a valid id", req.workflow_id)
+                },
+            ));
+        }
+        if req.version < 0 {
+            v.push(Violation::new("version", "must not be negative"));
+        }
+        if req.request_id.len() > 128 {
+            v.push(Violation::new("request_id", "is longer than 128 bytes"));
+        }
+        if !v.is_empty() {
+            return Err(Error::Invalid(v));
+        }
+        let request_id = Some(req.request_id.clone()).filter(|r| !r.is_empty());
+        if let Some(rid) = &request_id
+            && let Some(existing) = self.shared.store.list_by_request(rid).await?
+        {
+            return Ok(existing);
+        }
+        let workflow = self
+            .shared
+            .rules
+            .get_workflow(&req.workflow_id, req.version)
+            .await?;
+        if workflow.status != wpb::WorkflowStatus::Active as i32 {
+            let status = wpb::WorkflowStatus::try_from(workflow.status).unwrap_or_default();
+            return Err(Error::NotActive {
+                id: req.workflow_id.clone(),
+                status: status.as_str_name().to_string(),
+            });
+        }
+        let def = self.version(&req.workflow_id, workflow.version).await?;
+        let input = req
+            .input
+            .as_ref()
+            .map(to_json)
+            .unwrap_or(Value::Object(Default::default()));
+        if let Some(schema) = &def.input_schema {
+            let schema = struct_to_json(schema);
+            let validator = jsonschema::validator_for(&schema)
+                .map_err(|e| Error::Internal(format!("stored input schema: {e}")))?;
+            let violations: Vec<Violation> = validator
+                .iter_errors(&input)
+                .map(|e| {
+                    let at = e.instance_path().to_string();
+                    let field = if at.is_empty() {
+                        "input".to_string()
+                    } else {
+                        format!("input{}", at.replace('/', "."))
+                    };
+                    Violation::new(field, e.to_string())
+                })
+                .collect();
+            if !violations.is_empty() {
+                return Err(Error::Invalid(violations));
+            }
+        }
+        let mut variables = def
+            .variables
+            .as_ref()
+            .map(struct_to_json)
+            .unwrap_or(Value::Object(Default::default()));
+        if let (Value::Object(vars), Some(overrides)) = (&mut variables, req.variables.as_ref()) {
+            if let Value::Object(o) = struct_to_json(overrides) {
+                vars.extend(o);
+            }
+        }
+        let limits = &self.config.limits;
+        let active_now = self.shared.store.active_count().await?;
+        if active_now >= limits.max_concurrent_executions as u64 {
+            return Err(Error::TooManyExecutions(limits.max_concurrent_executions));
+        }
+        let now = Utc::now();
+        let timeout = def
+            .timeout
+            .as_ref()
+            .and_then(meshflow_kit::convert::from_duration)
+            .filter(|d| !d.is_zero())
+            .unwrap_or(limits.max_execution_duration)
+            .min(limits.max_execution_duration);
+        let lease_until = now
+            + chrono::Duration::from_std(self.config.lease_ttl)
+                .unwrap_or(chrono::Duration::seconds(15));
+        let (row, created) = self
+            .shared
+            .store
+            .insert_execution(NewExecution {
+                id: meshflow_kit::id::new_id(),
+                workflow_id: req.workflow_id.clone(),
+                workflow_version: workflow.version,
+                input,
+                variables,
+                request_id,
+                deadline_at: Some(
+                    now + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX),
+                ),
+                now,
+                lease: Some((self.config.owner.clone(), lease_until)),
+            })
+            .await?;
+        if created {
+            self.spawn_driver(row.id.clone());
+        }
+        Ok(row)
+    }
+
+    /// The execution, if it exists.
+    pub async fn get(&self, id: &str) -> Result<execution::Model, Error> {
+        if !meshflow_kit::id::is_valid(id) {
+            return Err(Error::Invalid(vec![Violation::new(
+                "execution_id",
+                if id.is_empty() {
+                    "is required".to_string()
+                } else {
+                    format!("`{id}` is not a valid id")
+                },
+            )]));
+        }
+        self.shared
+            .store
+            .execution(id)
+            .await?
+            .ok_or_else(|| Error::ExecutionNotFound(id.to_string()))
+    }
+
+    /// CancelExecution: records the request durably, tells the driver, and waits briefly for the end.
+    pub async fn cancel(
+        self: &Arc<Self>,
+        id: &str,
+        reason: &str,
+    ) -> Result<execution::Model, Error> {
+        let row = self.get(id).await?;
+        if !active(&row.status) {
+            return Err(Error::AlreadyEnded {
+                id: id.to_string(),
+                status: row.status,
+            });
+        }
+        let mut events = self.hub.subscribe(id);
+        self.shared
+            .store
+            .add_signal(
+                id,
+                CANCEL_SIGNAL,
+                Value::String(reason.to_string()),
+                Some(CANCEL_SIGNAL),
+                Utc::now(),
+            )
+            .await?;
+        if let Some(run) = self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+        {
+            let _ = run.cancel.send(Some(reason.to_string()));
+        }
+        self.shared.kick.notify_one();
+        // Wait for the terminal event (or give up after a few seconds and report the current state).
+        let wait = async {
+            loop {
+                match events.recv().await {
+                    Ok(e) if is_terminal_event(&e) => return,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(5), wait).await;
+        self.get(id).await
+    }
+
+    /// SignalExecution: stores the signal (once per request_id) and wakes the execution.
+    pub async fn signal(self: &Arc<Self>, req: opb::SignalExecutionRequest) -> Result<(), Error> {
+        let row = self.get(&req.execution_id).await?;
+        if let Err(e) = meshflow_workflow::validate::check_id(&req.signal_name) {
+            return Err(Error::Invalid(vec![Violation::new("signal_name", e)]));
+        }
+        if !active(&row.status) {
+            return Err(Error::AlreadyEnded {
+                id: row.id,
+                status: row.status,
+            });
+        }
+        let payload = req.payload.as_ref().map(to_json).unwrap_or(Value::Null);
+        let request_id = Some(req.request_id.as_str()).filter(|r| !r.is_empty());
+        self.shared
+            .store
+            .add_signal(&row.id, &req.signal_name, payload, request_id, Utc::now())
+            .await?;
+        if let Some(run) = self
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&row.id)
+        {
+            run.signalled.notify_one();
+        }
+        self.shared.kick.notify_one();
+        Ok(())
+    }
+
+    /// Streams events after `after`: history first, then live, without gap or duplicate, ending after
+    /// the terminal event. A watcher that falls behind the live buffer reads history instead.
+    pub fn watch(
+        self: &Arc<Self>,
+        id: String,
+        after: i64,
+    ) -> mpsc::Receiver<Result<epb::ExecutionEvent, tonic::Status>> {
+        let (tx, rx) = mpsc::channel(64);
+        let engine = self.clone();
+        tokio::spawn(async move {
+            if let Err(status) = engine.watch_loop(&id, after, &tx).await {
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        rx
+    }
+
+    async fn watch_loop(
+        &self,
+        id: &str,
+        after: i64,
+        tx: &mpsc::Sender<Result<epb::ExecutionEvent, tonic::Status>>,
+    ) -> Result<(), tonic::Status> {
+        let mut live = self.hub.subscribe(id);
+        let mut last = after;
+        // Sends history after `last`; returns true when the terminal event was sent.
+        async fn catch_up(
+            store: &ExecStore,
+            id: &str,
+            last: &mut i64,
+            tx: &mpsc::Sender<Result<epb::ExecutionEvent, tonic::Status>>,
+        ) -> Result<bool, tonic::Status> {
+            loop {
+                let events = store
+                    .events_after(id, *last, WATCH_PAGE)
+                    .await
+                    .map_err(|e| meshflow_kit::error::storage(&e))?;
+                let n = events.len();
+                for e in events {
+                    *last = e.sequence;
+                    let terminal = is_terminal_event(&e);
+                    if tx.send(Ok(e)).await.is_err() {
+                        return Ok(true);
+                    }
+                    if terminal {
+                        return Ok(true);
+                    }
+                }
+                if (n as u64) < WATCH_PAGE {
+                    return Ok(false);
+                }
+            }
+        }
+        if catch_up(&self.shared.store, id, &mut last, tx).await? {
+            return Ok(());
+        }
+        // A terminal execution whose history ended before `after`: nothing more will come.
+        if let Some(row) = self
+            .shared
+            .store
+            .execution(id)
+            .await
+            .map_err(|e| meshflow_kit::error::storage(&e))?
+            && !active(&row.status)
+            && row.last_sequence <= last
+        {
+            return Ok(());
+        }
+        loop {
+            tokio::select! {
+                received = live.recv() => match received {
+                    Ok(e) => {
+                        if e.sequence <= last {
+                            continue;
+                        }
+                        if e.sequence > last + 1 && catch_up(&self.shared.store, id, &mut last, tx).await? {
+                            return Ok(());
+                        }
+                        if e.sequence == last + 1 {
+                            last = e.sequence;
+                            let terminal = is_terminal_event(&e);
+                            if tx.send(Ok((*e).clone())).await.is_err() || terminal {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        if catch_up(&self.shared.store, id, &mut last, tx).await? {
+                            return Ok(());
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        live = self.hub.subscribe(id);
+                        if catch_up(&self.shared.store, id, &mut last, tx).await? {
+                            return Ok(());
+                        }
+                    }
+                },
+                // Events committed by another replica reach this one only through the database.
+                () = tokio::time::sleep(Duration::from_millis(500)) => {
+                    if catch_up(&self.shared.store, id, &mut last, tx).await? {
+                        return Ok(());
+                    }
+                }
+                () = tx.closed() => return Ok(()),
+            }
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Run-time evaluation: CEL programs compiled once per source text, `${ }` templates resolved over an
+//! execution's scope, `secrets.NAME` read from `MESHFLOW_SECRET_<NAME>` at call time, and redaction
+//! of secret values from everything stored or sent.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use meshflow_workflow::expr::{self, EvalError, Segment};
+use serde_json::{Map, Value};
+
+/// Environment prefix of secrets: `secrets.CRM_TOKEN` is `MESHFLOW_SECRET_CRM_TOKEN`.
+pub const SECRET_PREFIX: &str = "MESHFLOW_SECRET_";
+
+/// Compiled programs by source text, shared by every execution.
+#[derive(Default)]
+pub struct Programs {
+    cache: Mutex<HashMap<String, Arc<expr::Compiled>>>,
+}
+
+impl Programs {
+    /// The compiled program of `source`.
+    pub fn get(&self, source: &str) -> Result<Arc<expr::Compiled>, EvalError> {
+        if let Some(p) = self
+            .cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(source)
+        {
+            return Ok(p.clone());
+        }
+        let compiled = Arc::new(expr::compile(source).map_err(EvalError::Compile)?);
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() > 100_000 {
+            cache.clear();
+        }
+        cache.insert(source.to_string(), compiled.clone());
+        Ok(compiled)
+    }
+}
+
+/// The variables an expression sees.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// Named values: `input`, `vars`, `steps`, `execution`, `workflow`, `item`, `index`, `response`, ...
+    pub vars: Vec<(&'static str, Value)>,
+}
+
+impl Scope {
+    /// Adds or replaces a variable.
+    pub fn set(&mut self, name: &'static str, value: Value) {
+        match self.vars.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.vars.push((name, value)),
+        }
+    }
+}
+
+/// Secrets from the environment, by name.
+pub fn secrets() -> Value {
+    let map: Map<String, Value> = std::env::vars()
+        .filter_map(|(k, v)| {
+            k.strip_prefix(SECRET_PREFIX)
+                .map(|name| (name.to_string(), Value::String(v)))
+        })
+        .collect();
+    Value::Object(map)
+}
+
+/// Evaluates one expression.
+pub fn eval(programs: &Programs, source: &str, scope: &Scope) -> Result<Value, EvalError> {
+    let compiled = programs.get(source)?;
+    let secrets_value;
+    let mut vars: Vec<(&str, &Value)> = scope.vars.iter().map(|(k, v)| (*k, v)).collect();
+    if compiled.roots.contains("secrets") {
+        secrets_value = secrets();
+        vars.push(("secrets", &secrets_value));
+    }
+    expr::eval(&compiled.program, &vars)
+}
+
+/// Evaluates an expression that must be a boolean.
+pub fn eval_bool(programs: &Programs, source: &str, scope: &Scope) -> Result<bool, EvalError> {
+    match eval(programs, source, scope)? {
+        Value::Bool(b) => Ok(b),
+        other => Err(EvalError::Runtime(format!(
+            "`{source}` must be true or false, got {other}"
+        ))),
+    }
+}
+
+/// Resolves one template string: exactly one `${ }` keeps the value's JSON type; otherwise the
+/// values are written into the text.
+pub fn resolve_str(programs: &Programs, text: &str, scope: &Scope) -> Result<Value, EvalError> {
+    if !expr::is_template(text) {
+        return Ok(Value::String(text.to_string()));
+    }
+    let segments = expr::parse_template(text).map_err(EvalError::Compile)?;
+    if let [Segment::Expr(source)] = segments.as_slice() {
+        return eval(programs, source, scope);
+    }
+    let mut out = String::new();
+    for seg in segments {
+        match seg {
+            Segment::Text(t) => out.push_str(&t),
+            Segment::Expr(source) => match eval(programs, &source, scope)? {
+                Value::String(s) => out.push_str(&s),
+                Value::Null => {}
+                other => out.push_str(&other.to_string()),
+            },
+        }
+    }
+    Ok(Value::String(out))
+}
+
+/// Resolves a template string that must produce text.
+pub fn resolve_text(programs: &Programs, text: &str, scope: &Scope) -> Result<String, EvalError> {
+    match resolve_str(programs, text, scope)? {
+        Value::String(s) => Ok(s),
+        Value::Null => Ok(String::new()),
+        other => Ok(other.to_string()),
+    }
+}
+
+/// Resolves every string inside a JSON value.
+pub fn resolve_value(
+    programs: &Programs,
+    value: &Value,
+    scope: &Scope,
+) -> Result<Value, EvalError> {
+    Ok(match value {
+        Value::String(s) => resolve_str(programs, s, scope)?,
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|i| resolve_value(programs, i, scope))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), resolve_value(programs, v, scope)?)))
+                .collect::<Result<_, EvalError>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
+/// Replaces every secret value (of 4 characters or more) inside strings with `[REDACTED]`.
+pub fn redact(value: &mut Value) {
+    let secrets: Vec<String> = std::env::vars()
+        .filter(|(k, v)| k.starts_with(SECRET_PREFIX) && v.len() >= 4)
+        .map(|(_, v)| v)
+        .collect();
+    if !secrets.is_empty() {
+        redact_with(value, &secrets);
+    }
+}
+
+/// Redacts text.
+pub fn redact_text(text: &str) -> String {
+    let mut v = Value::String(text.to_string());
+    redact(&mut v);
+    match v {
+        Value::String(s) => s,
+        _ => String::new(),
+    }
+}
+
+fn redact_with(value: &mut Value, secrets: &[String]) {
+    match value {
+        Value::String(s) => {
+            for secret in secrets {
+                if s.contains(secret.as_str()) {
+                    *s = s.replace(secret.as_str(), "[REDACTED]");
+                }
+            }
+        }
+        Value::Array(items) => items.iter_mut().for_each(|i| redact_with(i, secrets)),
+        Value::Object(map) => map.values_mut().for_each(|v| redact_with(v, secrets)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn scope() -> Scope {
+        let mut s = Scope::default();
+        s.set("input", json!({"id": 7, "name": "x"}));
+        s.set("vars", json!({"base": "http://h"}));
+        s
+    }
+
+    #[test]
+    fn templates_keep_types_or_interpolate() {
+        let p = Programs::default();
+        assert_eq!(resolve_str(&p, "${input.id}", &scope()), Ok(json!(7)));
+        assert_eq!(
+            resolve_str(&p, "${vars.base}/items/${input.id}", &scope()),
+            Ok(json!("http://h/items/7"))
+        );
+        assert_eq!(resolve_str(&p, "plain", &scope()), Ok(json!("plain")));
+        assert_eq!(
+            resolve_value(
+                &p,
+                &json!({"a": ["${input.name}", 1], "b": "${input}"}),
+                &scope()
+            ),
+            Ok(json!({"a": ["x", 1], "b": {"id": 7, "name": "x"}}))
+        );
+        assert!(matches!(
+            resolve_str(&p, "${input.nope}", &scope()),
+            Err(EvalError::Runtime(_))
+        ));
+        assert_eq!(eval_bool(&p, "input.id > 3", &scope()), Ok(true));
+        assert!(eval_bool(&p, "input.id", &scope()).is_err());
+    }
+
+    #[test]
+    fn redaction_replaces_secret_values() {
+        let mut v = json!({"h": "Bearer s3cr3t-value", "n": ["s3cr3t-value"], "k": 1});
+        redact_with(&mut v, &["s3cr3t-value".to_string()]);
+        assert_eq!(
+            v,
+            json!({"h": "Bearer [REDACTED]", "n": ["[REDACTED]"], "k": 1})
+        );
+    }
+}

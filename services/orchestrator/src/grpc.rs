@@ -1,0 +1,160 @@
+//! OrchestratorService: thin handlers over the [`Engine`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use meshflow_execution::convert;
+use meshflow_kit::server::Mounts;
+use meshflow_kit::{ServerConfig, Violation, page};
+use meshflow_proto::orchestrator::v1 as pb;
+use pb::orchestrator_service_server::{OrchestratorService, OrchestratorServiceServer};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::engine::Engine;
+use crate::error::Error;
+
+/// Mounts OrchestratorService.
+pub fn mount(mounts: &mut Mounts, engine: Arc<Engine>, config: &ServerConfig) {
+    let max = config.max_message_bytes;
+    mounts.add(
+        OrchestratorServiceServer::new(Grpc(engine))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+    );
+}
+
+/// The tonic face of the engine.
+#[derive(Clone)]
+pub struct Grpc(Arc<Engine>);
+
+type Events<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl OrchestratorService for Grpc {
+    async fn start_execution(
+        &self,
+        req: Request<pb::StartExecutionRequest>,
+    ) -> Result<Response<pb::StartExecutionResponse>, Status> {
+        let row = self.0.start_execution(req.into_inner()).await?;
+        Ok(Response::new(pb::StartExecutionResponse {
+            execution: Some(convert::execution(&row)),
+        }))
+    }
+
+    type ExecuteWorkflowStream = Events<pb::ExecuteWorkflowResponse>;
+
+    async fn execute_workflow(
+        &self,
+        req: Request<pb::ExecuteWorkflowRequest>,
+    ) -> Result<Response<Self::ExecuteWorkflowStream>, Status> {
+        let r = req.into_inner();
+        let row = self
+            .0
+            .start_execution(pb::StartExecutionRequest {
+                workflow_id: r.workflow_id,
+                version: r.version,
+                input: r.input,
+                variables: r.variables,
+                request_id: r.request_id,
+            })
+            .await?;
+        let first = pb::ExecuteWorkflowResponse {
+            payload: Some(pb::execute_workflow_response::Payload::Execution(
+                convert::execution(&row),
+            )),
+        };
+        let events = ReceiverStream::new(self.0.watch(row.id, 0)).map(|e| {
+            e.map(|event| pb::ExecuteWorkflowResponse {
+                payload: Some(pb::execute_workflow_response::Payload::Event(event)),
+            })
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::once(Ok(first)).chain(events),
+        )))
+    }
+
+    type WatchExecutionStream = Events<pb::WatchExecutionResponse>;
+
+    async fn watch_execution(
+        &self,
+        req: Request<pb::WatchExecutionRequest>,
+    ) -> Result<Response<Self::WatchExecutionStream>, Status> {
+        let r = req.into_inner();
+        if r.after_sequence < 0 {
+            return Err(Error::Invalid(vec![Violation::new(
+                "after_sequence",
+                "must not be negative",
+            )])
+            .into());
+        }
+        let row = self.0.get(&r.execution_id).await?;
+        let events = ReceiverStream::new(self.0.watch(row.id, r.after_sequence))
+            .map(|e| e.map(|event| pb::WatchExecutionResponse { event: Some(event) }));
+        Ok(Response::new(Box::pin(events)))
+    }
+
+    async fn cancel_execution(
+        &self,
+        req: Request<pb::CancelExecutionRequest>,
+    ) -> Result<Response<pb::CancelExecutionResponse>, Status> {
+        let r = req.into_inner();
+        let row = self.0.cancel(&r.execution_id, &r.reason).await?;
+        Ok(Response::new(pb::CancelExecutionResponse {
+            execution: Some(convert::execution(&row)),
+        }))
+    }
+
+    async fn signal_execution(
+        &self,
+        req: Request<pb::SignalExecutionRequest>,
+    ) -> Result<Response<pb::SignalExecutionResponse>, Status> {
+        self.0.signal(req.into_inner()).await?;
+        Ok(Response::new(pb::SignalExecutionResponse {}))
+    }
+
+    async fn list_active_executions(
+        &self,
+        req: Request<pb::ListActiveExecutionsRequest>,
+    ) -> Result<Response<pb::ListActiveExecutionsResponse>, Status> {
+        use meshflow_proto::execution::v1::ExecutionStatus as S;
+        let r = req.into_inner();
+        let size =
+            page::size(r.page_size, 50, 500).map_err(|v| Status::from(Error::Invalid(vec![v])))?;
+        let after: Option<String> =
+            page::decode(&r.page_token).map_err(|v| Status::from(Error::Invalid(vec![v])))?;
+        let mut filter = meshflow_execution::store::ExecutionFilter {
+            statuses: vec![S::Pending, S::Running, S::Waiting],
+            oldest_first: true,
+            ..Default::default()
+        };
+        if !r.workflow_id.is_empty() {
+            if !meshflow_kit::id::is_valid(&r.workflow_id) {
+                return Err(Error::Invalid(vec![Violation::new(
+                    "workflow_id",
+                    format!("`{}` is not a valid id", r.workflow_id),
+                )])
+                .into());
+            }
+            filter.workflow_id = Some(r.workflow_id);
+        }
+        let mut rows = self
+            .0
+            .store()
+            .list_executions(&filter, after.as_deref(), size + 1)
+            .await
+            .map_err(Error::from)?;
+        let more = rows.len() as u64 > size;
+        rows.truncate(size as usize);
+        let next_page_token = match rows.last() {
+            Some(last) if more => page::encode(&last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListActiveExecutionsResponse {
+            executions: rows.iter().map(convert::execution).collect(),
+            next_page_token,
+        }))
+    }
+}

@@ -1,0 +1,760 @@
+//! Executors of the leaf step types: HTTP_REQUEST, DATA_TRANSFORM, FUNCTION_CALL, VALIDATION and
+//! WEBHOOK_CALL. Each resolves its templates over the scope, does its work, and returns its output or
+//! a [`StepError`] saying whether a retry may help. Composite steps and WAIT live in the driver.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use hmac::{Hmac, Mac};
+use meshflow_kit::convert::{struct_to_json, to_json};
+use meshflow_proto::workflow::v1 as pb;
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::eval::{self, Programs, Scope};
+use crate::retry::{self, Policy};
+use crate::ssrf;
+
+/// Why a step attempt failed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepError {
+    /// Stable code: `http_status`, `transport`, `timeout`, `expression`, `validation`, `refused`, ...
+    pub code: &'static str,
+    /// What happened, redacted of secrets.
+    pub message: String,
+    /// Structured details.
+    pub details: Value,
+    /// Whether another attempt may succeed.
+    pub retryable: bool,
+    /// The server's pushback.
+    pub retry_after: Option<Duration>,
+}
+
+impl StepError {
+    /// A failure no retry can fix.
+    pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            details: Value::Null,
+            retryable: false,
+            retry_after: None,
+        }
+    }
+
+    /// The error as stored and sent (`ExecutionError` JSON).
+    pub fn to_json(&self, step_path: &str) -> Value {
+        let mut v = json!({"code": self.code, "message": self.message, "stepPath": step_path});
+        if !self.details.is_null() {
+            v["details"] = self.details.clone();
+        }
+        eval::redact(&mut v);
+        v
+    }
+}
+
+impl From<meshflow_workflow::expr::EvalError> for StepError {
+    fn from(e: meshflow_workflow::expr::EvalError) -> Self {
+        Self::fatal("expression", eval::redact_text(&e.to_string()))
+    }
+}
+
+/// What leaf executors need from the engine.
+pub struct Env {
+    /// Compiled expressions.
+    pub programs: Arc<Programs>,
+    /// HTTP client whose resolver applies the address policy.
+    pub http: reqwest::Client,
+    /// Outbound address policy.
+    pub ssrf: Arc<ssrf::Policy>,
+    /// Largest JSON output of a step.
+    pub max_output_bytes: usize,
+}
+
+/// A DNS resolver that drops addresses the outbound policy refuses.
+struct GuardedResolver {
+    policy: Arc<ssrf::Policy>,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match policy.check(a.ip()) {
+                    Ok(()) => true,
+                    Err(r) => {
+                        refused = Some(r);
+                        false
+                    }
+                })
+                .collect();
+            match (allowed.is_empty(), refused) {
+                (true, Some(r)) => Err(Box::new(r) as Box<dyn std::error::Error + Send + Sync>),
+                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
+/// The HTTP client of steps: no proxies from the environment, no redirects (a 3xx is a response),
+/// and every resolved address checked against the policy.
+pub fn http_client(policy: Arc<ssrf::Policy>) -> reqwest::Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(64)
+        .connect_timeout(Duration::from_secs(10))
+        .dns_resolver(Arc::new(GuardedResolver { policy }))
+        .build()
+}
+
+/// Checks a URL's literal IP host (the resolver sees only names).
+fn check_url(env: &Env, url: &reqwest::Url) -> Result<(), StepError> {
+    let host = url
+        .host_str()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    if let Ok(ip) = host.parse::<IpAddr>()
+        && let Err(refused) = env.ssrf.check(ip)
+    {
+        return Err(StepError::fatal("refused", refused.to_string()));
+    }
+    Ok(())
+}
+
+fn parse_url(text: &str) -> Result<reqwest::Url, StepError> {
+    let url = reqwest::Url::parse(text)
+        .map_err(|e| StepError::fatal("bad_url", format!("`{text}` is not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(StepError::fatal(
+            "bad_url",
+            format!("`{text}` must use http or https"),
+        ));
+    }
+    Ok(url)
+}
+
+/// Per-attempt facts an HTTP call sends.
+pub struct CallContext<'a> {
+    /// `Idempotency-Key`: the same for every attempt of a step path.
+    pub idempotency_key: &'a str,
+    /// W3C `traceparent`.
+    pub traceparent: &'a str,
+}
+
+/// The resolved request, as recorded (headers redacted).
+fn recorded_request(method: &str, url: &str, headers: &Map<String, Value>, body: &Value) -> Value {
+    let mut v = json!({"method": method, "url": url, "headers": headers, "body": body});
+    eval::redact(&mut v);
+    v
+}
+
+/// HTTP_REQUEST: returns (the resolved request as recorded, the outcome).
+pub async fn http(
+    env: &Env,
+    h: &pb::HttpRequestStep,
+    scope: &Scope,
+    call: &CallContext<'_>,
+    policy: &Policy,
+) -> (Value, Result<Value, StepError>) {
+    let p = &env.programs;
+    let prepared = (|| -> Result<_, StepError> {
+        let url_text = eval::resolve_text(p, &h.url, scope)?;
+        let mut url = parse_url(&url_text)?;
+        if !h.query.is_empty() {
+            let mut pairs: Vec<(&String, String)> = Vec::new();
+            for (k, v) in &h.query {
+                pairs.push((k, eval::resolve_text(p, v, scope)?));
+            }
+            pairs.sort();
+            let mut q = url.query_pairs_mut();
+            for (k, v) in pairs {
+                q.append_pair(k, &v);
+            }
+        }
+        let mut headers = Map::new();
+        for (k, v) in &h.headers {
+            headers.insert(k.clone(), Value::String(eval::resolve_text(p, v, scope)?));
+        }
+        let body = match &h.body {
+            Some(b) => eval::resolve_value(p, &to_json(b), scope)?,
+            None => Value::Null,
+        };
+        Ok((url, headers, body))
+    })();
+    let (url, headers, body) = match prepared {
+        Ok(x) => x,
+        Err(e) => return (Value::Null, Err(e)),
+    };
+    let method = h.method.clone();
+    let recorded = recorded_request(&method, url.as_str(), &headers, &body);
+    if let Err(e) = check_url(env, &url) {
+        return (recorded, Err(e));
+    }
+    let timeout = h
+        .timeout
+        .as_ref()
+        .and_then(meshflow_kit::convert::from_duration)
+        .filter(|d| !d.is_zero())
+        .unwrap_or(Duration::from_secs(30));
+    let Ok(m) = reqwest::Method::from_bytes(method.as_bytes()) else {
+        return (
+            recorded,
+            Err(StepError::fatal(
+                "bad_method",
+                format!("`{method}` is not an HTTP method"),
+            )),
+        );
+    };
+    let mut req = env
+        .http
+        .request(m, url)
+        .timeout(timeout)
+        .header("idempotency-key", call.idempotency_key)
+        .header("traceparent", call.traceparent);
+    for (k, v) in &headers {
+        req = req.header(k.as_str(), v.as_str().unwrap_or_default());
+    }
+    if !body.is_null() {
+        req = req.json(&body);
+    }
+    let response = match req.send().await {
+        Ok(r) => r,
+        Err(e) => {
+            let refused = std::error::Error::source(&e).and_then(|s| {
+                let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(s);
+                while let Some(c) = cur {
+                    if let Some(r) = c.downcast_ref::<ssrf::Refused>() {
+                        return Some(r.clone());
+                    }
+                    cur = c.source();
+                }
+                None
+            });
+            let err = match refused {
+                Some(r) => StepError::fatal("refused", r.to_string()),
+                None if e.is_timeout() => StepError {
+                    code: "timeout",
+                    message: format!("no response within {}ms", timeout.as_millis()),
+                    details: Value::Null,
+                    retryable: true,
+                    retry_after: None,
+                },
+                None => StepError {
+                    code: "transport",
+                    message: eval::redact_text(&error_chain(&e)),
+                    details: Value::Null,
+                    retryable: true,
+                    retry_after: None,
+                },
+            };
+            return (recorded, Err(err));
+        }
+    };
+    let status = response.status().as_u16();
+    let mut response_headers = Map::new();
+    for (k, v) in response.headers() {
+        if let Ok(text) = v.to_str() {
+            response_headers.insert(k.as_str().to_string(), Value::String(text.to_string()));
+        }
+    }
+    let retry_after = response
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| retry::parse_retry_after(v, chrono::Utc::now()));
+    let bytes = match response.bytes().await {
+        Ok(b) => b,
+        Err(e) => {
+            return (
+                recorded,
+                Err(StepError {
+                    code: "transport",
+                    message: error_chain(&e),
+                    details: Value::Null,
+                    retryable: true,
+                    retry_after: None,
+                }),
+            );
+        }
+    };
+    if bytes.len() > env.max_output_bytes {
+        return (
+            recorded,
+            Err(StepError::fatal(
+                "output_too_large",
+                format!(
+                    "response body is {} bytes; the limit is {}",
+                    bytes.len(),
+                    env.max_output_bytes
+                ),
+            )),
+        );
+    }
+    let body = serde_json::from_slice::<Value>(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    let response_value = json!({"status": status, "headers": response_headers, "body": body});
+    let mut rscope = scope.clone();
+    rscope.set("response", response_value.clone());
+    let ok = if h.success_condition.is_empty() {
+        (200..300).contains(&status)
+    } else {
+        match eval::eval_bool(p, &h.success_condition, &rscope) {
+            Ok(b) => b,
+            Err(e) => return (recorded, Err(e.into())),
+        }
+    };
+    if !ok {
+        let retryable = policy.retries_status(status);
+        let mut details = json!({"status": status});
+        if let Value::String(s) = &response_value["body"] {
+            details["body"] = Value::String(s.chars().take(512).collect());
+        } else {
+            details["body"] = response_value["body"].clone();
+        }
+        return (
+            recorded,
+            Err(StepError {
+                code: "http_status",
+                message: format!("HTTP {status}"),
+                details,
+                retryable,
+                retry_after,
+            }),
+        );
+    }
+    let output = if h.extract.is_empty() {
+        response_value
+    } else {
+        let mut out = Map::new();
+        let mut names: Vec<&String> = h.extract.keys().collect();
+        names.sort();
+        for name in names {
+            match eval::eval(p, &h.extract[name], &rscope) {
+                Ok(v) => {
+                    out.insert(name.clone(), v);
+                }
+                Err(e) => return (recorded, Err(e.into())),
+            }
+        }
+        Value::Object(out)
+    };
+    (recorded, Ok(output))
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cur = c.source();
+    }
+    text
+}
+
+/// DATA_TRANSFORM with inline assignments (a rule's assignments are passed the same way).
+pub fn transform(
+    assignments: &[pb::Assignment],
+    scope: &Scope,
+    vars: &mut Value,
+) -> Result<Value, StepError> {
+    let base: Vec<(&str, &Value)> = scope
+        .vars
+        .iter()
+        .filter(|(k, _)| *k != "vars")
+        .map(|(k, v)| (*k, v))
+        .collect();
+    meshflow_workflow::transform::apply(assignments, &base, vars).map_err(|f| StepError {
+        code: "expression",
+        message: eval::redact_text(&format!(
+            "assignments[{}] ({}): {}",
+            f.index, f.target, f.error
+        )),
+        details: json!({"index": f.index, "target": f.target}),
+        retryable: false,
+        retry_after: None,
+    })
+}
+
+/// FUNCTION_CALL: evaluates the arguments and calls the built-in. `log` lines are returned for the
+/// caller to record.
+pub fn function_call(
+    env: &Env,
+    f: &pb::FunctionCallStep,
+    scope: &Scope,
+) -> Result<(Value, Vec<(String, String)>), StepError> {
+    let args = match &f.arguments {
+        Some(a) => eval::resolve_value(&env.programs, &struct_to_json(a), scope)?,
+        None => Value::Object(Map::new()),
+    };
+    let arg = |name: &str| args.get(name).cloned().unwrap_or(Value::Null);
+    let text = |name: &str| -> Result<String, StepError> {
+        match arg(name) {
+            Value::String(s) => Ok(s),
+            other => Err(StepError::fatal(
+                "argument",
+                format!("`{name}` must be a string, got {other}"),
+            )),
+        }
+    };
+    let mut logs = Vec::new();
+    let out = match f.function.as_str() {
+        "uuid" => Value::String(meshflow_kit::id::new_id()),
+        "now" => {
+            Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        }
+        "sum" => {
+            let Value::Array(items) = arg("values") else {
+                return Err(StepError::fatal(
+                    "argument",
+                    "`values` must be a list of numbers",
+                ));
+            };
+            let mut int_sum: i64 = 0;
+            let mut float_sum = 0.0;
+            let mut all_int = true;
+            for item in &items {
+                match (item.as_i64(), item.as_f64()) {
+                    (Some(i), _) => {
+                        int_sum = int_sum.saturating_add(i);
+                        float_sum += i as f64;
+                    }
+                    (None, Some(x)) => {
+                        all_int = false;
+                        float_sum += x;
+                    }
+                    _ => {
+                        return Err(StepError::fatal(
+                            "argument",
+                            format!("`values` holds {item}, not a number"),
+                        ));
+                    }
+                }
+            }
+            if all_int {
+                json!(int_sum)
+            } else {
+                json!(float_sum)
+            }
+        }
+        "sha256" => Value::String(hex(&Sha256::digest(text("value")?.as_bytes()))),
+        "hmac_sha256" => {
+            let mut mac = Hmac::<Sha256>::new_from_slice(text("key")?.as_bytes())
+                .map_err(|e| StepError::fatal("argument", e.to_string()))?;
+            mac.update(text("value")?.as_bytes());
+            Value::String(B64.encode(mac.finalize().into_bytes()))
+        }
+        "base64_encode" => Value::String(B64.encode(text("value")?.as_bytes())),
+        "base64_decode" => {
+            let bytes = B64
+                .decode(text("value")?.as_bytes())
+                .map_err(|e| StepError::fatal("argument", format!("not base64: {e}")))?;
+            Value::String(
+                String::from_utf8(bytes)
+                    .map_err(|_| StepError::fatal("argument", "decoded bytes are not UTF-8"))?,
+            )
+        }
+        "json_parse" => serde_json::from_str(&text("text")?)
+            .map_err(|e| StepError::fatal("argument", format!("not JSON: {e}")))?,
+        "json_stringify" => Value::String(arg("value").to_string()),
+        "log" => {
+            let level = match arg("level") {
+                Value::String(l) if matches!(l.as_str(), "debug" | "info" | "warn" | "error") => l,
+                _ => "info".to_string(),
+            };
+            logs.push((level, eval::redact_text(&text("message")?)));
+            Value::Null
+        }
+        other => {
+            return Err(StepError::fatal(
+                "unknown_function",
+                format!("no built-in function `{other}`"),
+            ));
+        }
+    };
+    Ok((out, logs))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// VALIDATION: every schema error and every rule that does not hold, listed.
+pub fn validation(env: &Env, v: &pb::ValidationStep, scope: &Scope) -> Result<Value, StepError> {
+    let source = if v.value.is_empty() {
+        "input"
+    } else {
+        v.value.as_str()
+    };
+    let value = eval::eval(&env.programs, source, scope)?;
+    let mut violations = Vec::new();
+    if let Some(schema) = &v.json_schema {
+        let schema = struct_to_json(schema);
+        let validator = jsonschema::validator_for(&schema)
+            .map_err(|e| StepError::fatal("validation", format!("invalid JSON Schema: {e}")))?;
+        for error in validator.iter_errors(&value) {
+            violations.push(
+                json!({"path": error.instance_path().to_string(), "message": error.to_string()}),
+            );
+        }
+    }
+    let mut rscope = scope.clone();
+    rscope.set("value", value.clone());
+    for (i, rule) in v.rules.iter().enumerate() {
+        match eval::eval_bool(&env.programs, &rule.expression, &rscope) {
+            Ok(true) => {}
+            Ok(false) => violations.push(json!({"rule": i, "message": rule.message})),
+            Err(e) => {
+                violations.push(json!({"rule": i, "message": format!("{}: {e}", rule.message)}))
+            }
+        }
+    }
+    if violations.is_empty() {
+        Ok(json!({"valid": true, "value": value}))
+    } else {
+        Err(StepError {
+            code: "validation",
+            message: format!("{} violation(s)", violations.len()),
+            details: json!({"violations": violations}),
+            retryable: false,
+            retry_after: None,
+        })
+    }
+}
+
+/// Standard Webhooks signature: `v1,<base64 HMAC-SHA256(secret, "{id}.{timestamp}.{body}")>`; a
+/// `whsec_` secret is base64 after its prefix, any other secret is used as bytes.
+pub fn sign_webhook(
+    secret: &str,
+    id: &str,
+    timestamp: i64,
+    body: &str,
+) -> Result<String, StepError> {
+    let key = match secret.strip_prefix("whsec_") {
+        Some(b64) => B64.decode(b64).map_err(|_| {
+            StepError::fatal(
+                "bad_secret",
+                "a whsec_ secret must be base64 after its prefix",
+            )
+        })?,
+        None => secret.as_bytes().to_vec(),
+    };
+    let mut mac = Hmac::<Sha256>::new_from_slice(&key)
+        .map_err(|e| StepError::fatal("bad_secret", e.to_string()))?;
+    mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
+    Ok(format!("v1,{}", B64.encode(mac.finalize().into_bytes())))
+}
+
+/// WEBHOOK_CALL to a URL: a signed Standard Webhooks POST. `message_id` is stable across attempts.
+pub async fn webhook_call(
+    env: &Env,
+    w: &pb::WebhookCallStep,
+    scope: &Scope,
+    message_id: &str,
+    call: &CallContext<'_>,
+    policy: &Policy,
+) -> (Value, Result<Value, StepError>) {
+    if !w.webhook_id.is_empty() {
+        return (
+            Value::Null,
+            Err(StepError::fatal(
+                "webhook_unavailable",
+                "registered webhooks are delivered by the webhook service, which this server does not run; use `url` and `secret`",
+            )),
+        );
+    }
+    let p = &env.programs;
+    let prepared = (|| -> Result<_, StepError> {
+        let url = parse_url(&eval::resolve_text(p, &w.url, scope)?)?;
+        let secret = eval::resolve_text(p, &w.secret, scope)?;
+        let payload = match &w.payload {
+            Some(v) => eval::resolve_value(p, &to_json(v), scope)?,
+            None => Value::Null,
+        };
+        Ok((url, secret, payload))
+    })();
+    let (url, secret, payload) = match prepared {
+        Ok(x) => x,
+        Err(e) => return (Value::Null, Err(e)),
+    };
+    let timestamp = chrono::Utc::now().timestamp();
+    let body = json!({"type": w.event_type, "timestamp": chrono::Utc::now().to_rfc3339(), "data": payload}).to_string();
+    let recorded = recorded_request(
+        "POST",
+        url.as_str(),
+        &Map::new(),
+        &serde_json::from_str(&body).unwrap_or(Value::Null),
+    );
+    let signature = match sign_webhook(&secret, message_id, timestamp, &body) {
+        Ok(s) => s,
+        Err(e) => return (recorded, Err(e)),
+    };
+    // The body is sent as raw JSON text, so the signature covers exactly the bytes sent.
+    if let Err(e) = check_url(env, &url) {
+        return (recorded, Err(e));
+    }
+    let req = env
+        .http
+        .post(url)
+        .timeout(Duration::from_secs(30))
+        .header("idempotency-key", call.idempotency_key)
+        .header("traceparent", call.traceparent)
+        .header("webhook-id", message_id)
+        .header("webhook-timestamp", timestamp.to_string())
+        .header("webhook-signature", signature)
+        .header("content-type", "application/json")
+        .body(body);
+    let outcome = match req.send().await {
+        Err(e) => Err(StepError {
+            code: if e.is_timeout() {
+                "timeout"
+            } else {
+                "transport"
+            },
+            message: eval::redact_text(&error_chain(&e)),
+            details: Value::Null,
+            retryable: true,
+            retry_after: None,
+        }),
+        Ok(r) if r.status().is_success() => {
+            Ok(json!({"status": r.status().as_u16(), "webhookId": message_id}))
+        }
+        Ok(r) => {
+            let status = r.status().as_u16();
+            Err(StepError {
+                code: "http_status",
+                message: format!("HTTP {status}"),
+                details: json!({"status": status}),
+                retryable: policy.retries_status(status),
+                retry_after: None,
+            })
+        }
+    };
+    (recorded, outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn standard_webhooks_test_vector() {
+        // The Standard Webhooks specification's example.
+        let sig = sign_webhook(
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            r#"{"test": 2432232314}"#,
+        )
+        .expect("signs");
+        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
+    }
+
+    fn env() -> Env {
+        let policy = Arc::new(ssrf::Policy::default());
+        Env {
+            programs: Arc::new(Programs::default()),
+            http: http_client(policy.clone()).expect("client"),
+            ssrf: policy,
+            max_output_bytes: 1024,
+        }
+    }
+
+    #[test]
+    fn functions() {
+        let env = env();
+        let call = |name: &str, args: Value| {
+            let f = pb::FunctionCallStep {
+                function: name.into(),
+                arguments: Some(meshflow_kit::convert::struct_from_json(&args)),
+            };
+            function_call(&env, &f, &Scope::default())
+        };
+        assert_eq!(
+            call("sum", json!({"values": [1, 2, 3]})).map(|r| r.0),
+            Ok(json!(6))
+        );
+        assert_eq!(
+            call("sum", json!({"values": [1, 2.5]})).map(|r| r.0),
+            Ok(json!(3.5))
+        );
+        assert_eq!(
+            call("sha256", json!({"value": "abc"})).map(|r| r.0),
+            Ok(json!(
+                "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+            ))
+        );
+        assert_eq!(
+            call("base64_encode", json!({"value": "hi"})).map(|r| r.0),
+            Ok(json!("aGk="))
+        );
+        assert_eq!(
+            call("base64_decode", json!({"value": "aGk="})).map(|r| r.0),
+            Ok(json!("hi"))
+        );
+        assert_eq!(
+            call("json_parse", json!({"text": "{\"a\":1}"})).map(|r| r.0),
+            Ok(json!({"a": 1}))
+        );
+        assert_eq!(
+            call("json_stringify", json!({"value": {"a": [1]}})).map(|r| r.0),
+            Ok(json!("{\"a\":[1]}"))
+        );
+        assert_eq!(
+            call("log", json!({"message": "hello", "level": "warn"})).map(|r| r.1),
+            Ok(vec![("warn".into(), "hello".into())])
+        );
+        assert!(call("sum", json!({"values": ["x"]})).is_err());
+        assert!(call("nope", json!({})).is_err());
+        let uuid = call("uuid", json!({})).expect("uuid").0;
+        assert!(meshflow_kit::id::is_valid(
+            uuid.as_str().unwrap_or_default()
+        ));
+    }
+
+    #[test]
+    fn validation_lists_every_violation() {
+        let env = env();
+        let mut scope = Scope::default();
+        scope.set("input", json!({"age": -3}));
+        let v = pb::ValidationStep {
+            value: "input".into(),
+            json_schema: Some(meshflow_kit::convert::struct_from_json(
+                &json!({"type": "object", "required": ["name"], "properties": {"age": {"minimum": 0}}}),
+            )),
+            rules: vec![
+                pb::ValidationRule {
+                    expression: "value.age < 150".into(),
+                    message: "too old".into(),
+                },
+                pb::ValidationRule {
+                    expression: "has(value.name)".into(),
+                    message: "needs a name".into(),
+                },
+            ],
+        };
+        let err = validation(&env, &v, &scope).expect_err("invalid");
+        assert_eq!(err.code, "validation");
+        assert_eq!(
+            err.details["violations"].as_array().map(Vec::len),
+            Some(3),
+            "{}",
+            err.details
+        );
+        scope.set("input", json!({"age": 30, "name": "n"}));
+        assert!(validation(&env, &v, &scope).is_ok());
+    }
+}
