@@ -44,8 +44,10 @@ def api(channel):
     return Reflected(channel)
 
 
-def test_reflection_lists_the_workflow_services_and_health(api):
+def test_reflection_lists_the_built_services_and_health(api):
     assert api.services() == {
+        "meshflow.execution.v1.ExecutionService",
+        "meshflow.orchestrator.v1.OrchestratorService",
         "meshflow.workflow.v1.WorkflowService",
         "meshflow.workflow.v1.WorkflowTemplateService",
         "meshflow.workflow.v1.TransformationRuleService",

@@ -476,14 +476,47 @@ impl Store {
         Ok(())
     }
 
-    /// Extends every lease `owner` holds until `until`.
-    pub async fn renew(&self, owner: &str, until: DateTime<Utc>) -> Result<u64, StoreError> {
+    /// Extends until `until` the leases `owner` holds on `ids` (the executions it is driving).
+    pub async fn renew(
+        &self,
+        owner: &str,
+        ids: &[String],
+        until: DateTime<Utc>,
+    ) -> Result<u64, StoreError> {
+        let mut renewed = 0;
+        for chunk in ids.chunks(500) {
+            let result = execution::Entity::update_many()
+                .col_expr(execution::Column::LeaseExpiresAt, Expr::value(until))
+                .filter(execution::Column::LeaseOwner.eq(owner))
+                .filter(execution::Column::Id.is_in(chunk.iter().cloned()))
+                .exec(&self.db)
+                .await?;
+            renewed += result.rows_affected;
+        }
+        Ok(renewed)
+    }
+
+    /// Takes the lease of one execution if it is free, expired, or already `owner`'s.
+    pub async fn take_lease(
+        &self,
+        id: &str,
+        owner: &str,
+        until: DateTime<Utc>,
+    ) -> Result<bool, StoreError> {
+        use sea_orm::sea_query::Condition;
         let result = execution::Entity::update_many()
+            .col_expr(execution::Column::LeaseOwner, Expr::value(owner))
             .col_expr(execution::Column::LeaseExpiresAt, Expr::value(until))
-            .filter(execution::Column::LeaseOwner.eq(owner))
+            .filter(execution::Column::Id.eq(id))
+            .filter(
+                Condition::any()
+                    .add(execution::Column::LeaseOwner.is_null())
+                    .add(execution::Column::LeaseOwner.eq(owner))
+                    .add(execution::Column::LeaseExpiresAt.lt(Utc::now())),
+            )
             .exec(&self.db)
             .await?;
-        Ok(result.rows_affected)
+        Ok(result.rows_affected == 1)
     }
 
     /// Records a signal for an execution; a repeated `request_id` records nothing. Wakes the execution.
@@ -522,6 +555,20 @@ impl Store {
             .await?;
         txn.commit().await?;
         Ok(true)
+    }
+
+    /// Whether a signal with this `request_id` was already recorded for the execution.
+    pub async fn signal_recorded(
+        &self,
+        execution_id: &str,
+        request_id: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(signal::Entity::find()
+            .filter(signal::Column::ExecutionId.eq(execution_id))
+            .filter(signal::Column::RequestId.eq(request_id))
+            .one(&self.db)
+            .await?
+            .is_some())
     }
 
     /// Whether any signal (a user signal or a cancellation) is waiting to be consumed.

@@ -3,6 +3,8 @@
 
 use std::net::SocketAddr;
 
+pub mod target;
+
 use anyhow::Context;
 use meshflow_kit::ServerConfig;
 use meshflow_kit::server::{self, Mounts};

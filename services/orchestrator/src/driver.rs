@@ -153,6 +153,8 @@ pub struct Run {
     pub signalled: Notify,
     /// Set when a client cancels.
     pub cancel: watch::Sender<Option<String>>,
+    /// Set once the definition stopped running (the driver is concluding): it takes no more wake-ups.
+    pub done: std::sync::atomic::AtomicBool,
 }
 
 fn step_type(step: &pb::Step) -> StepType {
@@ -247,6 +249,7 @@ impl Run {
             changed: Notify::new(),
             signalled: Notify::new(),
             cancel: watch::channel(None).0,
+            done: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -349,6 +352,7 @@ impl Run {
     /// Drives the execution until it ends or parks.
     pub async fn drive(self: Arc<Self>) -> Halt {
         let result = self.clone().drive_inner().await;
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
         match result {
             Ok(outputs) => match self
                 .finish(
@@ -1285,11 +1289,8 @@ impl Run {
         output: Value,
     ) -> Result<Outcome, Halt> {
         let now = Utc::now();
-        let started = self
-            .lock()
-            .open
-            .get(path)
-            .and_then(|r| r.start_time)
+        let open_start = self.lock().open.get(path).and_then(|r| r.start_time);
+        let started = open_start
             .or_else(|| self.memo(path).and_then(|m| m.start_time))
             .unwrap_or(now);
         let mut r = row(row_id, step, path, StepStatus::Succeeded, 1);

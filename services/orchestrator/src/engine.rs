@@ -159,6 +159,8 @@ impl Engine {
                     .get(&id)
                     .cloned();
                 match run {
+                    // Concluding: the engine re-drives it after it ends if it is due.
+                    Some(run) if run.done.load(std::sync::atomic::Ordering::SeqCst) => {}
                     Some(run) => {
                         // Driven here already: tell it about signals and cancellation.
                         if let Ok(Some(sig)) =
@@ -189,7 +191,14 @@ impl Engine {
             let ttl = e.config.lease_ttl;
             let until = Utc::now()
                 + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(15));
-            if let Err(err) = e.shared.store.renew(&e.config.owner, until).await {
+            let ids: Vec<String> = e
+                .running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .keys()
+                .cloned()
+                .collect();
+            if let Err(err) = e.shared.store.renew(&e.config.owner, &ids, until).await {
                 tracing::warn!(error = %err, "renewing leases failed");
             }
             e.hub.sweep();
@@ -223,30 +232,39 @@ impl Engine {
     fn spawn_driver(self: &Arc<Self>, id: String) {
         let engine = self.clone();
         tokio::spawn(async move {
-            if let Err(err) = engine.drive(&id).await {
-                tracing::warn!(execution_id = %id, error = %err, "cannot drive execution");
+            // Drive again while the execution was claimed or woken during the previous drive's end.
+            loop {
+                match engine.drive(&id).await {
+                    Ok(true) => continue,
+                    Ok(false) => return,
+                    Err(err) => {
+                        tracing::warn!(execution_id = %id, error = %err, "cannot drive execution");
+                        return;
+                    }
+                }
             }
         });
     }
 
-    async fn drive(self: &Arc<Self>, id: &str) -> Result<(), Error> {
+    /// Drives an execution once; returns whether it needs driving again at once.
+    async fn drive(self: &Arc<Self>, id: &str) -> Result<bool, Error> {
         let Some(row) = self.shared.store.execution(id).await? else {
-            return Ok(());
+            return Ok(false);
         };
         if !active(&row.status) {
-            return Ok(());
+            return Ok(false);
         }
         let def = self.version(&row.workflow_id, row.workflow_version).await?;
         let attempts = self
             .shared
             .store
-            .list_steps(id, None, None, u64::MAX)
+            .list_steps(id, None, None, i64::MAX as u64)
             .await?;
         let run = Run::new(self.shared.clone(), &row, def, attempts);
         {
             let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
             if running.contains_key(id) {
-                return Ok(());
+                return Ok(false);
             }
             running.insert(id.to_string(), run.clone());
         }
@@ -257,26 +275,38 @@ impl Engine {
             .remove(id);
         match halt {
             Halt::LeaseLost => {
-                tracing::info!(execution_id = %id, "lease lost; another replica drives it")
+                tracing::info!(execution_id = %id, "lease lost; another replica drives it");
+                Ok(false)
             }
             Halt::Storage(e) => {
-                tracing::warn!(execution_id = %id, error = %e, "storage failed; the execution resumes when its lease expires")
+                tracing::warn!(execution_id = %id, error = %e, "storage failed; the execution resumes when its lease expires");
+                Ok(false)
             }
             _ => {
-                // A signal that arrived while the driver was finishing wakes it again.
-                if self
-                    .shared
-                    .store
-                    .has_pending_signal(id)
-                    .await
-                    .unwrap_or(false)
-                {
-                    let _ = self.shared.store.wake(id, Utc::now()).await;
-                    self.shared.kick.notify_one();
-                }
+                // Claimed for this replica, or woken, while the driver was concluding: drive again.
+                let Some(row) = self.shared.store.execution(id).await? else {
+                    return Ok(false);
+                };
+                let due = row.wake_at.is_some_and(|w| w <= Utc::now());
+                let ours = row.lease_owner.as_deref() == Some(self.config.owner.as_str());
+                Ok(active(&row.status)
+                    && due
+                    && (ours || row.lease_owner.is_none())
+                    && self.reclaim(id).await?)
             }
         }
-        Ok(())
+    }
+
+    /// Takes the lease of a due execution for this replica.
+    async fn reclaim(&self, id: &str) -> Result<bool, Error> {
+        let until = Utc::now()
+            + chrono::Duration::from_std(self.config.lease_ttl)
+                .unwrap_or(chrono::Duration::seconds(15));
+        Ok(self
+            .shared
+            .store
+            .take_lease(id, &self.config.owner, until)
+            .await?)
     }
 
     /// StartExecution: checks the input, persists the execution, starts driving it, returns at once.
@@ -353,10 +383,10 @@ impl Engine {
             .as_ref()
             .map(struct_to_json)
             .unwrap_or(Value::Object(Default::default()));
-        if let (Value::Object(vars), Some(overrides)) = (&mut variables, req.variables.as_ref()) {
-            if let Value::Object(o) = struct_to_json(overrides) {
-                vars.extend(o);
-            }
+        if let (Value::Object(vars), Some(overrides)) = (&mut variables, req.variables.as_ref())
+            && let Value::Object(o) = struct_to_json(overrides)
+        {
+            vars.extend(o);
         }
         let limits = &self.config.limits;
         let active_now = self.shared.store.active_count().await?;
@@ -463,11 +493,21 @@ impl Engine {
         self.get(id).await
     }
 
-    /// SignalExecution: stores the signal (once per request_id) and wakes the execution.
+    /// SignalExecution: stores the signal (once per request_id) and wakes the execution. A retry
+    /// with the same request_id succeeds even when the execution has ended since.
     pub async fn signal(self: &Arc<Self>, req: opb::SignalExecutionRequest) -> Result<(), Error> {
         let row = self.get(&req.execution_id).await?;
         if let Err(e) = meshflow_workflow::validate::check_id(&req.signal_name) {
             return Err(Error::Invalid(vec![Violation::new("signal_name", e)]));
+        }
+        if !req.request_id.is_empty()
+            && self
+                .shared
+                .store
+                .signal_recorded(&row.id, &req.request_id)
+                .await?
+        {
+            return Ok(());
         }
         if !active(&row.status) {
             return Err(Error::AlreadyEnded {

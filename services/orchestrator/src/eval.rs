@@ -102,23 +102,31 @@ pub fn resolve_str(programs: &Programs, text: &str, scope: &Scope) -> Result<Val
     for seg in segments {
         match seg {
             Segment::Text(t) => out.push_str(&t),
-            Segment::Expr(source) => match eval(programs, &source, scope)? {
-                Value::String(s) => out.push_str(&s),
-                Value::Null => {}
-                other => out.push_str(&other.to_string()),
-            },
+            Segment::Expr(source) => out.push_str(&text_of(&eval(programs, &source, scope)?)),
         }
     }
     Ok(Value::String(out))
 }
 
+/// A value written into text: strings as they are, null as nothing, integral numbers without a
+/// fraction (`12`, not `12.0`), anything else as JSON.
+pub fn text_of(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                format!("{}", f as i64)
+            }
+            _ => n.to_string(),
+        },
+        other => other.to_string(),
+    }
+}
+
 /// Resolves a template string that must produce text.
 pub fn resolve_text(programs: &Programs, text: &str, scope: &Scope) -> Result<String, EvalError> {
-    match resolve_str(programs, text, scope)? {
-        Value::String(s) => Ok(s),
-        Value::Null => Ok(String::new()),
-        other => Ok(other.to_string()),
-    }
+    Ok(text_of(&resolve_str(programs, text, scope)?))
 }
 
 /// Resolves every string inside a JSON value.

@@ -1,8 +1,12 @@
 //! Starting a server and asserting on statuses.
 
+use epb::execution_service_client::ExecutionServiceClient;
 use meshflow::{Running, ServiceName};
 use meshflow_kit::ServerConfig;
+use meshflow_proto::execution::v1 as epb;
+use meshflow_proto::orchestrator::v1 as opb;
 use meshflow_proto::workflow::v1 as pb;
+use opb::orchestrator_service_client::OrchestratorServiceClient;
 use pb::transformation_rule_service_client::TransformationRuleServiceClient;
 use pb::workflow_service_client::WorkflowServiceClient;
 use pb::workflow_template_service_client::WorkflowTemplateServiceClient;
@@ -28,6 +32,134 @@ impl Server {
     pub fn rules(&self) -> TransformationRuleServiceClient<Channel> {
         TransformationRuleServiceClient::new(self.channel.clone())
     }
+
+    pub fn orchestrator(&self) -> OrchestratorServiceClient<Channel> {
+        OrchestratorServiceClient::new(self.channel.clone())
+    }
+
+    pub fn executions(&self) -> ExecutionServiceClient<Channel> {
+        ExecutionServiceClient::new(self.channel.clone())
+    }
+
+    /// Creates an ACTIVE workflow from proto3 JSON; returns its id.
+    pub async fn active_workflow(&self, mut doc: serde_json::Value) -> String {
+        doc["status"] = serde_json::json!("WORKFLOW_STATUS_ACTIVE");
+        let w: pb::Workflow = from_json(doc);
+        self.workflows()
+            .create_workflow(pb::CreateWorkflowRequest {
+                workflow: Some(w),
+                request_id: String::new(),
+            })
+            .await
+            .expect("create workflow")
+            .into_inner()
+            .workflow
+            .expect("workflow")
+            .workflow_id
+    }
+
+    /// Runs a workflow through ExecuteWorkflow; returns the execution and every streamed event.
+    pub async fn execute(
+        &self,
+        workflow_id: &str,
+        input: serde_json::Value,
+    ) -> (epb::Execution, Vec<epb::ExecutionEvent>) {
+        use opb::execute_workflow_response::Payload;
+        let mut stream = self
+            .orchestrator()
+            .execute_workflow(opb::ExecuteWorkflowRequest {
+                workflow_id: workflow_id.into(),
+                input: Some(meshflow_kit::convert::from_json(&input)),
+                ..Default::default()
+            })
+            .await
+            .expect("execute")
+            .into_inner();
+        let mut execution = None;
+        let mut events = Vec::new();
+        while let Some(msg) = stream.message().await.expect("stream") {
+            match msg.payload {
+                Some(Payload::Execution(e)) => execution = Some(e),
+                Some(Payload::Event(e)) => events.push(e),
+                None => {}
+            }
+        }
+        let id = execution.expect("the execution comes first").execution_id;
+        (self.execution(&id).await, events)
+    }
+
+    /// Starts a workflow; returns the execution id.
+    pub async fn start_execution(&self, workflow_id: &str, input: serde_json::Value) -> String {
+        self.orchestrator()
+            .start_execution(opb::StartExecutionRequest {
+                workflow_id: workflow_id.into(),
+                input: Some(meshflow_kit::convert::from_json(&input)),
+                ..Default::default()
+            })
+            .await
+            .expect("start")
+            .into_inner()
+            .execution
+            .expect("execution")
+            .execution_id
+    }
+
+    pub async fn execution(&self, id: &str) -> epb::Execution {
+        self.executions()
+            .get_execution(epb::GetExecutionRequest {
+                execution_id: id.into(),
+            })
+            .await
+            .expect("get execution")
+            .into_inner()
+            .execution
+            .expect("execution")
+    }
+
+    /// Every event after `after` until the terminal one.
+    pub async fn watch(&self, id: &str, after: i64) -> Vec<epb::ExecutionEvent> {
+        let mut stream = self
+            .orchestrator()
+            .watch_execution(opb::WatchExecutionRequest {
+                execution_id: id.into(),
+                after_sequence: after,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(msg) = stream.message().await.expect("stream") {
+            events.push(msg.event.expect("event"));
+        }
+        events
+    }
+
+    /// Watches until an event matches; returns the events up to it.
+    pub async fn watch_until(
+        &self,
+        id: &str,
+        done: impl Fn(&epb::ExecutionEvent) -> bool,
+    ) -> Vec<epb::ExecutionEvent> {
+        let mut stream = self
+            .orchestrator()
+            .watch_execution(opb::WatchExecutionRequest {
+                execution_id: id.into(),
+                after_sequence: 0,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut events = Vec::new();
+        while let Some(msg) = stream.message().await.expect("stream") {
+            let e = msg.event.expect("event");
+            let stop = done(&e);
+            events.push(e);
+            if stop {
+                break;
+            }
+        }
+        events
+    }
 }
 
 pub fn config() -> ServerConfig {
@@ -36,11 +168,23 @@ pub fn config() -> ServerConfig {
     config
 }
 
-pub async fn start_with(mut config: ServerConfig) -> Server {
+pub async fn start_with(config: ServerConfig) -> Server {
+    start_services(config, &[ServiceName::Workflow]).await
+}
+
+/// A server running every service, steps allowed to reach loopback, due work found every 20ms.
+pub fn engine_config() -> ServerConfig {
+    let mut config = config();
+    config.allow_http_to = vec!["127.0.0.0/8".into()];
+    config.poll_interval = std::time::Duration::from_millis(20);
+    config
+}
+
+pub async fn start_services(mut config: ServerConfig, services: &[ServiceName]) -> Server {
     config.database_url = meshflow_kit::testing::fresh_database_url()
         .await
         .expect("test database");
-    let running = meshflow::start(config, &[ServiceName::Workflow])
+    let running = meshflow::start(config, services)
         .await
         .expect("server starts");
     let channel = Channel::from_shared(format!("http://{}", running.addr))
@@ -106,4 +250,20 @@ pub fn workflow(name: &str) -> pb::Workflow {
                 {"target": "total", "expression": "steps.fetch.output.body.price * 2"}]}}
         ]
     }))
+}
+
+/// Event types in order.
+pub fn types(events: &[epb::ExecutionEvent]) -> Vec<epb::EventType> {
+    events
+        .iter()
+        .map(|e| epb::EventType::try_from(e.r#type).unwrap_or_default())
+        .collect()
+}
+
+/// Asserts sequences run 1, 2, 3, ... (or from `first`) without gap or duplicate.
+#[track_caller]
+pub fn assert_consecutive(events: &[epb::ExecutionEvent], first: i64) {
+    let seqs: Vec<i64> = events.iter().map(|e| e.sequence).collect();
+    let expected: Vec<i64> = (first..first + seqs.len() as i64).collect();
+    assert_eq!(seqs, expected);
 }
