@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod chassis;
+mod executions;
 mod orchestrator;
 mod process;
 mod rules;

@@ -1,0 +1,399 @@
+//! WatchExecution resumption, slow watchers, StartExecution input handling, and the read side
+//! (GetExecution, ListExecutions, ListActiveExecutions, GetWorkflowMetrics).
+
+use meshflow::target::Target;
+use meshflow_proto::execution::v1::{self as epb, EventType as E, ExecutionStatus};
+use meshflow_proto::orchestrator::v1 as opb;
+use meshflow_proto::pbjson_types::FieldMask;
+use meshflow_proto::workflow::v1 as wpb;
+use serde_json::json;
+use tonic::Code;
+
+use crate::support::{self, assert_consecutive, assert_reason, assert_violation, types};
+
+#[tokio::test]
+async fn watch_resumes_at_every_sequence_of_a_finished_execution() {
+    let target = Target::start().await.expect("target");
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let id = server
+        .active_workflow(json!({"name": "w", "steps": [
+            {"id": "a", "http": {"method": "GET", "url": format!("{}/item/1", target.base)}},
+            {"id": "b", "dependsOn": ["a"], "forEach": {"items": "[1, 2, 3]", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}}]}))
+        .await;
+    let (execution, all) = server.execute(&id, json!({})).await;
+    assert_eq!(execution.status, ExecutionStatus::Completed as i32);
+    assert_consecutive(&all, 1);
+    let last = all.len() as i64;
+    assert_eq!(execution.last_sequence, last);
+    for after in 0..=last {
+        let events = server.watch(&execution.execution_id, after).await;
+        assert_consecutive(&events, after + 1);
+        assert_eq!(events.len() as i64, last - after, "after {after}");
+        assert_eq!(
+            events,
+            all[after as usize..].to_vec(),
+            "the same events, after {after}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn watch_resumes_mid_run_without_gap_or_duplicate() {
+    let target = Target::start().await.expect("target");
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let id = server
+        .active_workflow(json!({"name": "w", "steps": [
+            {"id": "first", "functionCall": {"function": "uuid"}},
+            {"id": "held", "dependsOn": ["first"], "http": {"method": "GET", "url": format!("{}/gate", target.base)}},
+            {"id": "after", "dependsOn": ["held"], "forEach": {"items": "input.items", "maxConcurrency": 50,
+               "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}}]}))
+        .await;
+    // 600 items make over 1,200 events: more than the live buffer, so lagging watchers read history.
+    let items: Vec<i64> = (0..600).collect();
+    let execution_id = server.start_execution(&id, json!({"items": items})).await;
+    target.wait_for_requests(1).await;
+    let before = server
+        .watch_until(&execution_id, |e| {
+            e.r#type == E::StepStarted as i32 && e.step_path == "held"
+        })
+        .await;
+    let k = before.len() as i64;
+    // Every resume point while the execution is running; each stream then follows it live.
+    let watchers: Vec<_> = (0..=k)
+        .map(|after| {
+            let orchestrator = server.orchestrator();
+            let id = execution_id.clone();
+            tokio::spawn(async move {
+                let mut client = orchestrator;
+                let mut stream = client
+                    .watch_execution(opb::WatchExecutionRequest {
+                        execution_id: id,
+                        after_sequence: after,
+                    })
+                    .await
+                    .expect("watch")
+                    .into_inner();
+                let mut events = Vec::new();
+                while let Some(m) = stream.message().await.expect("stream") {
+                    events.push(m.event.expect("event"));
+                }
+                (after, events)
+            })
+        })
+        .collect();
+    // A watcher that never reads: its buffer fills, the execution does not wait for it.
+    let mut stalled = server
+        .orchestrator()
+        .watch_execution(opb::WatchExecutionRequest {
+            execution_id: execution_id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    target.open_gate();
+    let all = server.watch(&execution_id, 0).await;
+    assert_eq!(types(&all).last(), Some(&E::ExecutionCompleted));
+    assert!(all.len() > 1200, "{} events", all.len());
+    for w in watchers {
+        let (after, events) = w.await.expect("join");
+        assert_consecutive(&events, after + 1);
+        assert_eq!(events, all[after as usize..].to_vec(), "after {after}");
+    }
+    // The stalled watcher still gets everything, in order, when it reads at last.
+    let mut late = Vec::new();
+    while let Some(m) = stalled.message().await.expect("stream") {
+        late.push(m.event.expect("event"));
+    }
+    assert_eq!(late, all);
+}
+
+#[tokio::test]
+async fn start_checks_input_state_and_idempotency() {
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let id = server
+        .active_workflow(json!({"name": "typed", "inputSchema": {"type": "object", "required": ["lead_id"],
+            "properties": {"lead_id": {"type": "string"}, "score": {"type": "integer", "maximum": 100}}},
+          "steps": [{"id": "a", "functionCall": {"function": "uuid"}}]}))
+        .await;
+    let mut orchestrator = server.orchestrator();
+    let start = |input: serde_json::Value, request_id: &str| opb::StartExecutionRequest {
+        workflow_id: id.clone(),
+        input: Some(meshflow_kit::convert::from_json(&input)),
+        request_id: request_id.into(),
+        ..Default::default()
+    };
+    let err = orchestrator
+        .start_execution(start(json!({"score": 500}), ""))
+        .await
+        .expect_err("bad input");
+    assert!(assert_violation(&err, "input").contains("lead_id"));
+    assert!(assert_violation(&err, "input.score").contains("100"));
+
+    let first = orchestrator
+        .start_execution(start(json!({"lead_id": "x"}), "req-1"))
+        .await
+        .expect("start")
+        .into_inner()
+        .execution
+        .expect("e");
+    let again = orchestrator
+        .start_execution(start(json!({"lead_id": "x"}), "req-1"))
+        .await
+        .expect("start")
+        .into_inner()
+        .execution
+        .expect("e");
+    assert_eq!(
+        first.execution_id, again.execution_id,
+        "same request_id, same execution"
+    );
+
+    let err = orchestrator
+        .start_execution(opb::StartExecutionRequest {
+            workflow_id: meshflow_kit::id::new_id(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown");
+    assert_reason(&err, Code::NotFound, "WORKFLOW_NOT_FOUND");
+    let err = orchestrator
+        .start_execution(opb::StartExecutionRequest::default())
+        .await
+        .expect_err("no id");
+    assert_violation(&err, "workflow_id");
+
+    // A DRAFT workflow does not start.
+    let draft: wpb::Workflow = support::from_json(
+        json!({"name": "draft", "steps": [{"id": "a", "functionCall": {"function": "uuid"}}]}),
+    );
+    let draft = server
+        .workflows()
+        .create_workflow(wpb::CreateWorkflowRequest {
+            workflow: Some(draft),
+            request_id: String::new(),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .workflow
+        .expect("w");
+    let err = orchestrator
+        .start_execution(opb::StartExecutionRequest {
+            workflow_id: draft.workflow_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("draft");
+    assert_reason(&err, Code::FailedPrecondition, "WORKFLOW_NOT_ACTIVE");
+
+    let err = orchestrator
+        .watch_execution(opb::WatchExecutionRequest {
+            execution_id: meshflow_kit::id::new_id(),
+            after_sequence: 0,
+        })
+        .await
+        .expect_err("unknown execution");
+    assert_reason(&err, Code::NotFound, "EXECUTION_NOT_FOUND");
+    let err = orchestrator
+        .watch_execution(opb::WatchExecutionRequest {
+            execution_id: first.execution_id.clone(),
+            after_sequence: -1,
+        })
+        .await
+        .expect_err("negative");
+    assert_violation(&err, "after_sequence");
+    let err = orchestrator
+        .cancel_execution(opb::CancelExecutionRequest {
+            execution_id: "nope".into(),
+            reason: String::new(),
+        })
+        .await
+        .expect_err("bad id");
+    assert_violation(&err, "execution_id");
+}
+
+#[tokio::test]
+async fn executions_are_listed_and_measured() {
+    let target = Target::start().await.expect("target");
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let ok = server
+        .active_workflow(json!({"name": "ok", "steps": [
+            {"id": "get", "http": {"method": "GET", "url": format!("{}/item/2", target.base)}},
+            {"id": "t", "dependsOn": ["get"], "transform": {"assignments": [{"target": "p", "expression": "steps.get.output.body.price"}]}}]}))
+        .await;
+    let bad = server
+        .active_workflow(json!({"name": "bad", "steps": [{"id": "get", "http": {"method": "GET", "url": format!("{}/status/400", target.base)}}]}))
+        .await;
+    for _ in 0..3 {
+        server.execute(&ok, json!({})).await;
+    }
+    let (failed, _) = server.execute(&bad, json!({})).await;
+    let waiting = server
+        .active_workflow(json!({"name": "waits", "steps": [{"id": "w", "wait": {"signal": "go"}}]}))
+        .await;
+    let parked = server.start_execution(&waiting, json!({})).await;
+    server
+        .watch_until(&parked, |e| e.r#type == E::StepWaiting as i32)
+        .await;
+
+    let mut executions = server.executions();
+    let lister = server.executions();
+    let list = |req: epb::ListExecutionsRequest| {
+        let mut c = lister.clone();
+        async move { c.list_executions(req).await.expect("list").into_inner() }
+    };
+    assert_eq!(
+        list(epb::ListExecutionsRequest {
+            workflow_id: ok.clone(),
+            ..Default::default()
+        })
+        .await
+        .executions
+        .len(),
+        3
+    );
+    let failed_only = list(epb::ListExecutionsRequest {
+        status: ExecutionStatus::Failed as i32,
+        ..Default::default()
+    })
+    .await;
+    assert_eq!(
+        failed_only
+            .executions
+            .iter()
+            .map(|e| e.execution_id.clone())
+            .collect::<Vec<_>>(),
+        [failed.execution_id.clone()]
+    );
+    // Paging one by one visits all five, newest first.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = list(epb::ListExecutionsRequest {
+            page_size: 1,
+            page_token: token,
+            ..Default::default()
+        })
+        .await;
+        seen.extend(page.executions.into_iter().map(|e| e.execution_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 5);
+    assert_eq!(seen[0], parked, "newest first");
+    let future = meshflow_kit::convert::timestamp(chrono::Utc::now() + chrono::Duration::hours(1));
+    assert!(
+        list(epb::ListExecutionsRequest {
+            start_time_from: Some(future),
+            ..Default::default()
+        })
+        .await
+        .executions
+        .is_empty()
+    );
+    let err = executions
+        .list_executions(epb::ListExecutionsRequest {
+            status: 77,
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad status");
+    assert_violation(&err, "status");
+
+    let active = server
+        .orchestrator()
+        .list_active_executions(opb::ListActiveExecutionsRequest::default())
+        .await
+        .expect("active")
+        .into_inner()
+        .executions;
+    assert_eq!(
+        active
+            .iter()
+            .map(|e| e.execution_id.clone())
+            .collect::<Vec<_>>(),
+        [parked.clone()]
+    );
+
+    let metrics = executions
+        .get_workflow_metrics(epb::GetWorkflowMetricsRequest {
+            workflow_id: ok.clone(),
+        })
+        .await
+        .expect("metrics")
+        .into_inner()
+        .metrics
+        .expect("metrics");
+    assert_eq!(
+        (
+            metrics.total,
+            metrics.completed,
+            metrics.failed,
+            metrics.active
+        ),
+        (3, 3, 0, 0)
+    );
+    assert_eq!(metrics.success_rate, 1.0);
+    assert!(
+        metrics
+            .duration
+            .as_ref()
+            .and_then(|d| d.p50.as_ref())
+            .is_some()
+    );
+    let get = metrics
+        .steps
+        .iter()
+        .find(|s| s.step_id == "get")
+        .expect("per step");
+    assert_eq!((get.attempts, get.succeeded), (3, 3));
+    let bad_metrics = executions
+        .get_workflow_metrics(epb::GetWorkflowMetricsRequest { workflow_id: bad })
+        .await
+        .expect("metrics")
+        .into_inner()
+        .metrics
+        .expect("metrics");
+    assert_eq!((bad_metrics.failed, bad_metrics.success_rate), (1, 0.0));
+
+    // Executions pin their version: changing the workflow does not change what ran.
+    let w = server
+        .workflows()
+        .get_workflow(wpb::GetWorkflowRequest {
+            workflow_id: ok.clone(),
+            version: 0,
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .workflow
+        .expect("w");
+    let mut patch = w.clone();
+    patch.steps.truncate(1);
+    server
+        .workflows()
+        .update_workflow(wpb::UpdateWorkflowRequest {
+            workflow: Some(patch),
+            update_mask: Some(FieldMask {
+                paths: vec!["steps".into()],
+            }),
+        })
+        .await
+        .expect("update");
+    let (e, _) = server.execute(&ok, json!({})).await;
+    assert_eq!(e.workflow_version, 2);
+    let old = list(epb::ListExecutionsRequest {
+        workflow_id: ok,
+        ..Default::default()
+    })
+    .await
+    .executions;
+    assert_eq!(old.iter().filter(|e| e.workflow_version == 1).count(), 3);
+}
