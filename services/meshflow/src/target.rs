@@ -97,7 +97,7 @@ impl Target {
 
     /// Lets every held and future `/gate` request through.
     pub fn open_gate(&self) {
-        let _ = self.inner.gate_open.send(true);
+        self.inner.gate_open.send_replace(true);
     }
 
     /// Resolves once `n` requests in all have arrived.

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod chassis;
+mod crash;
 mod executions;
 mod orchestrator;
 mod process;

@@ -1,70 +1,135 @@
 //! The `meshflow` binary as a process: it serves on the address it logs, and SIGTERM stops it cleanly.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-/// Starts `meshflow serve` on 127.0.0.1:0 and reads the bound address from its JSON log.
-#[allow(
-    clippy::zombie_processes,
-    reason = "the caller owns the child and waits for it"
-)]
-pub fn spawn(
-    database_url: &str,
-) -> (
-    std::process::Child,
-    String,
-    BufReader<std::process::ChildStderr>,
-) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_meshflow"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--log-format",
-            "json",
-            "--database-url",
-            database_url,
-        ])
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn meshflow");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = stderr.read_line(&mut line).expect("read log");
-        if n == 0 {
-            let status = child.wait();
-            panic!("meshflow exited before serving: {status:?}");
-        }
-        let Ok(record) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
+/// A `meshflow serve` child process and its log.
+pub struct Proc {
+    child: Option<Child>,
+    /// The gRPC address it serves on.
+    pub addr: String,
+    log: Arc<Mutex<String>>,
+    drain: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proc {
+    /// Starts `meshflow serve` on 127.0.0.1:0 with extra flags; returns once it logs `serving`.
+    pub fn spawn(database_url: &str, extra: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_meshflow"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--log",
+                "warn,meshflow_kit=info",
+            ])
+            .args(["--database-url", database_url])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn meshflow");
+        let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            let n = stderr.read_line(&mut line).expect("read log");
+            if n == 0 {
+                let status = child.wait();
+                panic!("meshflow exited before serving: {status:?}");
+            }
+            log.lock().expect("log").push_str(&line);
+            let Ok(record) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            if record["fields"]["message"] == "serving" {
+                break record["fields"]["addr"].as_str().expect("addr").to_string();
+            }
         };
-        if record["fields"]["message"] == "serving" {
-            let addr = record["fields"]["addr"].as_str().expect("addr").to_string();
-            return (child, addr, stderr);
+        // Keep reading, so a full pipe never blocks the server.
+        let sink = log.clone();
+        let drain = std::thread::spawn(move || {
+            let mut line = String::new();
+            while stderr.read_line(&mut line).is_ok_and(|n| n > 0) {
+                sink.lock().expect("log").push_str(&line);
+                line.clear();
+            }
+        });
+        Self {
+            child: Some(child),
+            addr,
+            log,
+            drain: Some(drain),
+        }
+    }
+
+    /// A connected channel.
+    pub async fn channel(&self) -> tonic::transport::Channel {
+        tonic::transport::Channel::from_shared(format!("http://{}", self.addr))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// Sends a signal (`TERM`, `KILL`) and waits for the exit, off the runtime thread.
+    pub async fn signal_and_wait(&mut self, signal: &str) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let status = tokio::task::spawn_blocking(move || child.wait())
+            .await
+            .expect("join")
+            .expect("wait");
+        if let Some(d) = self.drain.take() {
+            let _ = tokio::task::spawn_blocking(move || d.join()).await;
+        }
+        status
+    }
+
+    /// Everything it logged.
+    pub fn log(&self) -> String {
+        self.log.lock().expect("log").clone()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
 
+/// A database URL several processes can share: a fresh PostgreSQL database, or a SQLite file.
+pub async fn shared_database_url() -> String {
+    if meshflow_kit::testing::on_postgres() {
+        return meshflow_kit::testing::fresh_database_url()
+            .await
+            .expect("database");
+    }
+    let dir = std::env::temp_dir().join(format!("meshflow-it-{}", meshflow_kit::id::new_id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    format!("sqlite://{}?mode=rwc", dir.join("meshflow.db").display())
+}
+
 #[tokio::test]
 async fn the_binary_serves_and_stops_on_sigterm() {
-    let url = meshflow_kit::testing::fresh_database_url()
-        .await
-        .expect("database");
-    let (mut child, addr, mut stderr) = spawn(&url);
-
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
-    let mut health = HealthClient::new(channel);
+    let url = shared_database_url().await;
+    let mut server = Proc::spawn(&url, &[]);
+    let mut health = HealthClient::new(server.channel().await);
     let status = health
         .check(HealthCheckRequest {
             service: String::new(),
@@ -74,19 +139,10 @@ async fn the_binary_serves_and_stops_on_sigterm() {
         .into_inner();
     assert_eq!(status.status, ServingStatus::Serving as i32);
 
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
     // Wait off the runtime thread, so this test's client connection can still answer the server's GOAWAY.
-    let exit = tokio::task::spawn_blocking(move || child.wait())
-        .await
-        .expect("join")
-        .expect("wait");
+    let exit = server.signal_and_wait("TERM").await;
     assert!(exit.success(), "exit status {exit:?}");
-    let mut rest = String::new();
-    std::io::Read::read_to_string(&mut stderr, &mut rest).expect("read log");
-    assert!(rest.contains("received sigterm"), "{rest}");
-    assert!(rest.contains("\"stopped\""), "{rest}");
+    let log = server.log();
+    assert!(log.contains("received sigterm"), "{log}");
+    assert!(log.contains("\"stopped\""), "{log}");
 }

@@ -1,0 +1,298 @@
+//! Durability under `kill -9`: executions caught mid-HTTP-step, mid-retry-backoff and mid-WAIT all
+//! complete after a restart; no step that had SUCCEEDED is sent again; a step in flight at the kill is
+//! sent again only with its same Idempotency-Key; WAIT deadlines and retry schedules hold. And two
+//! replicas on one PostgreSQL: one is killed, the other completes its work.
+
+use std::collections::HashMap;
+
+use meshflow::target::Target;
+use meshflow_proto::execution::v1::execution_service_client::ExecutionServiceClient;
+use meshflow_proto::execution::v1::{self as epb, EventType as E, ExecutionStatus, StepStatus};
+use meshflow_proto::orchestrator::v1 as opb;
+use meshflow_proto::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient;
+use meshflow_proto::workflow::v1 as wpb;
+use meshflow_proto::workflow::v1::workflow_service_client::WorkflowServiceClient;
+use serde_json::json;
+use tonic::transport::Channel;
+
+use crate::process::{Proc, shared_database_url};
+
+const FLAGS: &[&str] = &[
+    "--allow-http-to",
+    "127.0.0.0/8",
+    "--lease-ttl",
+    "1s",
+    "--poll-interval",
+    "50ms",
+    "--park-after",
+    "200ms",
+];
+
+async fn active_workflow(channel: &Channel, doc: serde_json::Value) -> String {
+    let mut doc = doc;
+    doc["status"] = json!("WORKFLOW_STATUS_ACTIVE");
+    let w: wpb::Workflow = serde_json::from_value(doc).expect("workflow json");
+    WorkflowServiceClient::new(channel.clone())
+        .create_workflow(wpb::CreateWorkflowRequest {
+            workflow: Some(w),
+            request_id: String::new(),
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .workflow
+        .expect("workflow")
+        .workflow_id
+}
+
+async fn start(channel: &Channel, workflow_id: &str) -> String {
+    OrchestratorServiceClient::new(channel.clone())
+        .start_execution(opb::StartExecutionRequest {
+            workflow_id: workflow_id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner()
+        .execution
+        .expect("execution")
+        .execution_id
+}
+
+/// Watches until an event matches.
+async fn wait_for(channel: &Channel, id: &str, done: impl Fn(&epb::ExecutionEvent) -> bool) {
+    let mut stream = OrchestratorServiceClient::new(channel.clone())
+        .watch_execution(opb::WatchExecutionRequest {
+            execution_id: id.into(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    while let Some(m) = stream.message().await.expect("stream") {
+        if done(&m.event.expect("event")) {
+            return;
+        }
+    }
+    panic!("execution {id} ended before the awaited event");
+}
+
+/// Watches to the end; returns every event.
+async fn finish(channel: &Channel, id: &str) -> Vec<epb::ExecutionEvent> {
+    let mut stream = OrchestratorServiceClient::new(channel.clone())
+        .watch_execution(opb::WatchExecutionRequest {
+            execution_id: id.into(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(m) = stream.message().await.expect("stream") {
+        events.push(m.event.expect("event"));
+    }
+    events
+}
+
+async fn attempts(channel: &Channel, id: &str) -> Vec<epb::StepExecution> {
+    ExecutionServiceClient::new(channel.clone())
+        .list_step_executions(epb::ListStepExecutionsRequest {
+            execution_id: id.into(),
+            page_size: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("steps")
+        .into_inner()
+        .step_executions
+}
+
+fn at(t: &Option<meshflow_proto::pbjson_types::Timestamp>) -> chrono::DateTime<chrono::Utc> {
+    t.as_ref()
+        .and_then(meshflow_kit::convert::from_timestamp)
+        .expect("timestamp")
+}
+
+#[tokio::test]
+async fn a_killed_server_resumes_every_execution_without_repeating_succeeded_steps() {
+    let target = Target::start().await.expect("target");
+    let url = shared_database_url().await;
+    let mut first = Proc::spawn(&url, FLAGS);
+    let channel = first.channel().await;
+    let base = &target.base;
+
+    let in_flight = active_workflow(&channel, json!({"name": "in-flight", "steps": [
+        {"id": "one", "http": {"method": "GET", "url": format!("{base}/item/1")}},
+        {"id": "held", "dependsOn": ["one"], "http": {"method": "POST", "url": format!("{base}/gate"), "body": {"n": 1}}},
+        {"id": "three", "dependsOn": ["held"], "http": {"method": "GET", "url": format!("{base}/item/3")}}]})).await;
+    let backoff = active_workflow(&channel, json!({"name": "backoff", "steps": [
+        {"id": "one", "http": {"method": "GET", "url": format!("{base}/item/1")}},
+        {"id": "flaky", "dependsOn": ["one"], "http": {"method": "POST", "url": format!("{base}/flaky/1")},
+         "retryPolicy": {"strategy": "RETRY_STRATEGY_FIXED", "maxAttempts": 3, "initialDelay": "2s"}},
+        {"id": "three", "dependsOn": ["flaky"], "http": {"method": "GET", "url": format!("{base}/item/3")}}]})).await;
+    let waits = active_workflow(&channel, json!({"name": "waits", "steps": [
+        {"id": "one", "http": {"method": "GET", "url": format!("{base}/item/1")}},
+        {"id": "nap", "dependsOn": ["one"], "wait": {"duration": "2s"}},
+        {"id": "three", "dependsOn": ["nap"], "http": {"method": "GET", "url": format!("{base}/item/3")}}]})).await;
+
+    let mut ids: HashMap<&str, Vec<String>> = HashMap::new();
+    for (kind, workflow) in [
+        ("in-flight", &in_flight),
+        ("backoff", &backoff),
+        ("waits", &waits),
+    ] {
+        for _ in 0..3 {
+            ids.entry(kind)
+                .or_default()
+                .push(start(&channel, workflow).await);
+        }
+    }
+    // Catch each where it should be at the kill.
+    target.wait_for_requests(3 + 3 + 3 + 3 + 3).await;
+    for id in &ids["in-flight"] {
+        wait_for(&channel, id, |e| {
+            e.step_path == "held" && e.r#type == E::StepStarted as i32
+        })
+        .await;
+    }
+    for id in &ids["backoff"] {
+        wait_for(&channel, id, |e| {
+            e.step_path == "flaky" && e.r#type == E::StepRetryScheduled as i32
+        })
+        .await;
+    }
+    for id in &ids["waits"] {
+        wait_for(&channel, id, |e| {
+            e.step_path == "nap" && e.r#type == E::StepWaiting as i32
+        })
+        .await;
+    }
+    drop(channel);
+    first.signal_and_wait("KILL").await;
+    let before_restart = target.counts();
+    target.open_gate();
+
+    let second = Proc::spawn(&url, FLAGS);
+    let channel = second.channel().await;
+    for (kind, list) in &ids {
+        for id in list {
+            let events = finish(&channel, id).await;
+            let last = events.last().expect("events");
+            assert_eq!(
+                last.r#type,
+                E::ExecutionCompleted as i32,
+                "{kind} {id}: {:?}",
+                last
+            );
+            crate::support::assert_consecutive(&events, 1);
+        }
+    }
+
+    let counts = target.counts();
+    for (kind, list) in &ids {
+        for id in list {
+            let key = |path: &str| format!("{id}/{path}");
+            assert_eq!(
+                counts.get(&key("one")),
+                Some(&1),
+                "{kind}: a step that SUCCEEDED before the kill is not sent again"
+            );
+            assert_eq!(
+                counts.get(&key("three")),
+                Some(&1),
+                "{kind}: later steps run once"
+            );
+            let steps = attempts(&channel, id).await;
+            match *kind {
+                "in-flight" => {
+                    assert_eq!(before_restart.get(&key("held")), Some(&1));
+                    assert_eq!(
+                        counts.get(&key("held")),
+                        Some(&2),
+                        "the request in flight is sent again, with its same key"
+                    );
+                    let held: Vec<&epb::StepExecution> =
+                        steps.iter().filter(|s| s.step_path == "held").collect();
+                    assert_eq!(held.len(), 1, "re-sent as the same attempt");
+                    assert_eq!(
+                        (held[0].attempt, held[0].status),
+                        (1, StepStatus::Succeeded as i32)
+                    );
+                }
+                "backoff" => {
+                    assert_eq!(
+                        counts.get(&key("flaky")),
+                        Some(&2),
+                        "one failed attempt before, one after"
+                    );
+                    let flaky: Vec<&epb::StepExecution> =
+                        steps.iter().filter(|s| s.step_path == "flaky").collect();
+                    assert_eq!(flaky.len(), 2);
+                    let due = at(&flaky[0].next_attempt_time);
+                    assert!(
+                        at(&flaky[1].start_time) >= due,
+                        "the retry schedule held through the restart"
+                    );
+                }
+                _ => {
+                    let nap = steps.iter().find(|s| s.step_path == "nap").expect("nap");
+                    let waited = at(&nap.end_time) - at(&nap.start_time);
+                    assert!(
+                        waited >= chrono::Duration::seconds(2),
+                        "the wait kept its deadline: {waited}"
+                    );
+                }
+            }
+        }
+    }
+    let execution = ExecutionServiceClient::new(channel.clone())
+        .get_execution(epb::GetExecutionRequest {
+            execution_id: ids["in-flight"][0].clone(),
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .execution
+        .expect("execution");
+    assert_eq!(execution.status, ExecutionStatus::Completed as i32);
+}
+
+#[tokio::test]
+async fn a_surviving_replica_takes_over_a_killed_ones_executions() {
+    if !meshflow_kit::testing::on_postgres() {
+        eprintln!(
+            "skipped: replicas share executions through PostgreSQL (set MESHFLOW_TEST_POSTGRES_URL)"
+        );
+        return;
+    }
+    let target = Target::start().await.expect("target");
+    let url = shared_database_url().await;
+    let mut doomed = Proc::spawn(&url, FLAGS);
+    let survivor = Proc::spawn(&url, FLAGS);
+    let doomed_channel = doomed.channel().await;
+    let base = &target.base;
+    let workflow = active_workflow(&doomed_channel, json!({"name": "shared", "steps": [
+        {"id": "one", "http": {"method": "GET", "url": format!("{base}/item/1")}},
+        {"id": "held", "dependsOn": ["one"], "http": {"method": "GET", "url": format!("{base}/gate")}},
+        {"id": "three", "dependsOn": ["held"], "http": {"method": "GET", "url": format!("{base}/item/3")}}]})).await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(start(&doomed_channel, &workflow).await);
+    }
+    target.wait_for_requests(10).await;
+    drop(doomed_channel);
+    doomed.signal_and_wait("KILL").await;
+    target.open_gate();
+
+    let channel = survivor.channel().await;
+    for id in &ids {
+        let events = finish(&channel, id).await;
+        assert_eq!(
+            events.last().map(|e| e.r#type),
+            Some(E::ExecutionCompleted as i32),
+            "{id}"
+        );
+        assert_eq!(target.counts().get(&format!("{id}/one")), Some(&1));
+        assert_eq!(target.counts().get(&format!("{id}/three")), Some(&1));
+    }
+}
