@@ -268,7 +268,7 @@ async fn executions_are_listed_and_measured() {
             .iter()
             .map(|e| e.execution_id.clone())
             .collect::<Vec<_>>(),
-        [failed.execution_id.clone()]
+        std::slice::from_ref(&failed.execution_id)
     );
     // Paging one by one visits all five, newest first.
     let mut seen = Vec::new();
@@ -319,7 +319,7 @@ async fn executions_are_listed_and_measured() {
             .iter()
             .map(|e| e.execution_id.clone())
             .collect::<Vec<_>>(),
-        [parked.clone()]
+        std::slice::from_ref(&parked)
     );
 
     let metrics = executions
