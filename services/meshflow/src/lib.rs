@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 
+pub mod bench;
 pub mod target;
 
 use anyhow::Context;

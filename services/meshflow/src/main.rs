@@ -22,6 +22,8 @@ enum Command {
         #[command(flatten)]
         config: ServerConfig,
     },
+    /// Measures a server (started here unless --server is given) and prints `name: value` figures.
+    Bench(meshflow::bench::BenchArgs),
 }
 
 #[tokio::main]
@@ -44,5 +46,6 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
+        Command::Bench(args) => meshflow::bench::run(args).await,
     }
 }

@@ -1,0 +1,365 @@
+//! `meshflow bench`: measures a meshflow server the way a client sees it, and prints one
+//! `name: value` line per figure (DESIGN §9).
+//!
+//! Unless `--server` is given it starts `meshflow serve` as a child process (embedded SQLite in a
+//! temporary directory, or `--database-url`), so it can also read the server's memory and start time.
+//! HTTP steps call a local JSON target it starts itself (or `--target`), serving
+//! `GET /item/{n}` → `{"id": n, "price": n * 1.5, "ok": true}`.
+//!
+//! - W1: 10 sequential HTTP GETs, each followed by a transform keeping `price * 2`, then a condition
+//!   on the total (22 steps).
+//! - W2: a FOR_EACH over 100 items at concurrency 10, one GET each, then a sum.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use meshflow_proto::execution::v1::EventType;
+use meshflow_proto::orchestrator::v1 as opb;
+use meshflow_proto::orchestrator::v1::orchestrator_service_client::OrchestratorServiceClient;
+use meshflow_proto::workflow::v1 as wpb;
+use meshflow_proto::workflow::v1::workflow_service_client::WorkflowServiceClient;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+/// Options of `meshflow bench`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Benchmark a running server at this address instead of starting one.
+    #[arg(long)]
+    pub server: Option<String>,
+    /// Database of the server started here (default: SQLite in a temporary directory).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Base URL of the JSON target (default: one started here on 127.0.0.1).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Runs of W1 alone (latency and overhead percentiles).
+    #[arg(long, default_value_t = 200)]
+    pub samples: usize,
+    /// Length of the sustained W1 run.
+    #[arg(long, default_value = "10s", value_parser = meshflow_kit::config::parse_duration)]
+    pub duration: Duration,
+    /// Concurrent clients of the sustained run.
+    #[arg(long, default_value_t = 8)]
+    pub clients: usize,
+    /// Runs of W2.
+    #[arg(long, default_value_t = 30)]
+    pub w2_samples: usize,
+    /// Executions parked in WAIT for the memory figure.
+    #[arg(long, default_value_t = 10_000)]
+    pub parked: usize,
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() as f64) * q).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v
+}
+
+/// A server child process.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn spawn(database_url: &str) -> anyhow::Result<(Self, Duration)> {
+        let exe = std::env::current_exe()?;
+        let started = Instant::now();
+        let mut child = Command::new(exe)
+            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--log", "warn,meshflow_kit=info"])
+            .args(["--database-url", database_url, "--allow-http-to", "127.0.0.0/8", "--park-after", "200ms"])
+            .args(["--max-concurrent-executions", "1000000"])
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("starting meshflow serve")?;
+        let mut stderr = BufReader::new(child.stderr.take().context("stderr")?);
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            if stderr.read_line(&mut line)? == 0 {
+                bail!("the server exited before serving: {:?}", child.wait());
+            }
+            let Ok(record) = serde_json::from_str::<Value>(&line) else { continue };
+            if record["fields"]["message"] == "serving" {
+                break record["fields"]["addr"].as_str().context("addr")?.to_string();
+            }
+        };
+        let to_serving = started.elapsed();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while stderr.read_line(&mut line).is_ok_and(|n| n > 0) {
+                line.clear();
+            }
+        });
+        Ok((Self { child, addr }, to_serving))
+    }
+
+    fn rss_mib(&self) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kb / 1024.0)
+    }
+
+    fn stop(mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn w1(base: &str) -> Value {
+    let mut steps = Vec::new();
+    let mut previous: Option<String> = None;
+    for i in 1..=10 {
+        let get = format!("get{i}");
+        let keep = format!("keep{i}");
+        let mut g = json!({"id": get, "http": {"method": "GET", "url": format!("{base}/item/{i}")}});
+        if let Some(p) = &previous {
+            g["dependsOn"] = json!([p]);
+        }
+        steps.push(g);
+        steps.push(json!({"id": keep, "dependsOn": [get], "transform": {"assignments": [
+            {"target": "price", "expression": format!("steps.{get}.output.body.price * 2.0")}]}}));
+        previous = Some(keep);
+    }
+    let total: Vec<String> = (1..=10).map(|i| format!("steps.keep{i}.output.price")).collect();
+    steps.push(json!({"id": "check", "dependsOn": ["keep10"], "conditional": {"branches": [
+        {"condition": format!("{} > 100.0", total.join(" + ")),
+         "steps": [{"id": "big", "transform": {"assignments": [{"target": "big", "expression": "true"}]}}]}],
+        "otherwise": [{"id": "small", "transform": {"assignments": [{"target": "big", "expression": "false"}]}}]}}));
+    json!({"name": "bench-w1", "status": "WORKFLOW_STATUS_ACTIVE", "steps": steps})
+}
+
+fn w2(base: &str) -> Value {
+    json!({"name": "bench-w2", "status": "WORKFLOW_STATUS_ACTIVE", "steps": [
+        {"id": "each", "forEach": {"items": "input.items", "maxConcurrency": 10, "steps": [
+            {"id": "get", "http": {"method": "GET", "url": format!("{base}/item/${{item}}")}}]}},
+        {"id": "sum", "dependsOn": ["each"], "functionCall": {"function": "sum",
+            "arguments": {"values": "${steps.each.output.map(o, o.get.body.price)}"}}}]})
+}
+
+fn parked() -> Value {
+    json!({"name": "bench-parked", "status": "WORKFLOW_STATUS_ACTIVE", "steps": [
+        {"id": "hold", "wait": {"signal": "release"}}]})
+}
+
+async fn create(channel: &Channel, doc: Value) -> anyhow::Result<String> {
+    let name = doc["name"].as_str().unwrap_or_default().to_string();
+    let mut w: wpb::Workflow = serde_json::from_value(doc)?;
+    w.name = format!("{name}-{}", &meshflow_kit::id::new_id()[24..]);
+    let created = WorkflowServiceClient::new(channel.clone())
+        .create_workflow(wpb::CreateWorkflowRequest { workflow: Some(w), request_id: String::new() })
+        .await?
+        .into_inner();
+    Ok(created.workflow.context("workflow")?.workflow_id)
+}
+
+/// Runs one execution through ExecuteWorkflow; returns its latency and, per event, how long after
+/// its commit time the client received it.
+async fn execute(client: &mut OrchestratorServiceClient<Channel>, workflow_id: &str, input: &Value) -> anyhow::Result<(Duration, Vec<f64>)> {
+    use opb::execute_workflow_response::Payload;
+    let started = Instant::now();
+    let mut stream = client
+        .execute_workflow(opb::ExecuteWorkflowRequest {
+            workflow_id: workflow_id.into(),
+            input: Some(meshflow_kit::convert::from_json(input)),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut lags = Vec::new();
+    let mut ok = false;
+    while let Some(m) = stream.message().await? {
+        if let Some(Payload::Event(e)) = m.payload {
+            let now = chrono::Utc::now();
+            if let Some(t) = e.time.as_ref().and_then(meshflow_kit::convert::from_timestamp) {
+                lags.push((now - t).num_microseconds().unwrap_or(0) as f64 / 1000.0);
+            }
+            if e.r#type == EventType::ExecutionCompleted as i32 {
+                ok = true;
+            }
+        }
+    }
+    if !ok {
+        bail!("an execution did not complete");
+    }
+    Ok((started.elapsed(), lags))
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let local_target;
+    let base = match &args.target {
+        Some(t) => t.trim_end_matches('/').to_string(),
+        None => {
+            local_target = crate::target::Target::start().await?;
+            local_target.base.clone()
+        }
+    };
+    let temp = std::env::temp_dir().join(format!("meshflow-bench-{}", meshflow_kit::id::new_id()));
+    let mut server = None;
+    let addr = match &args.server {
+        Some(addr) => addr.clone(),
+        None => {
+            std::fs::create_dir_all(&temp)?;
+            let url = args.database_url.clone().unwrap_or_else(|| format!("sqlite://{}?mode=rwc", temp.join("meshflow.db").display()));
+            // The first start creates the schema; the second, measured, starts as a restart would.
+            let (first, _) = Server::spawn(&url)?;
+            first.stop();
+            let (s, to_serving) = Server::spawn(&url)?;
+            println!("start_to_serving_ms: {:.1}", to_serving.as_secs_f64() * 1000.0);
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            if let Some(rss) = s.rss_mib() {
+                println!("idle_rss_mib: {rss:.1}");
+            }
+            let addr = s.addr.clone();
+            server = Some(s);
+            addr
+        }
+    };
+    let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let w1_id = create(&channel, w1(&base)).await?;
+    let w2_id = create(&channel, w2(&base)).await?;
+
+    // The HTTP round trips W1 makes, measured from here.
+    let http = reqwest::Client::builder().no_proxy().build()?;
+    let mut rtts = Vec::new();
+    for i in 0..500 {
+        let t = Instant::now();
+        http.get(format!("{base}/item/{}", i % 10 + 1)).send().await?.bytes().await?;
+        rtts.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let rtt = percentile(&sorted(rtts), 0.5);
+    println!("http_round_trip_p50_ms: {rtt:.3}");
+
+    // W1 alone.
+    let mut client = OrchestratorServiceClient::new(channel.clone());
+    let empty = json!({});
+    for _ in 0..10 {
+        execute(&mut client, &w1_id, &empty).await?;
+    }
+    let mut latencies = Vec::new();
+    let mut lags = Vec::new();
+    for _ in 0..args.samples {
+        let (latency, l) = execute(&mut client, &w1_id, &empty).await?;
+        latencies.push(latency.as_secs_f64() * 1000.0);
+        lags.extend(l);
+    }
+    let latencies = sorted(latencies);
+    let overheads = sorted(latencies.iter().map(|l| ((l - 10.0 * rtt) / 10.0).max(0.0)).collect());
+    println!("step_overhead_p50_ms: {:.3}", percentile(&overheads, 0.5));
+    println!("step_overhead_p99_ms: {:.3}", percentile(&overheads, 0.99));
+    println!("w1_latency_p50_ms: {:.2}", percentile(&latencies, 0.5));
+    println!("w1_latency_p99_ms: {:.2}", percentile(&latencies, 0.99));
+    let lags = sorted(lags);
+    println!("event_commit_to_client_p50_ms: {:.3}", percentile(&lags, 0.5));
+    println!("event_commit_to_client_p99_ms: {:.3}", percentile(&lags, 0.99));
+
+    // W1 sustained with concurrent clients.
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + args.duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..args.clients {
+        let mut client = OrchestratorServiceClient::new(channel.clone());
+        let id = w1_id.clone();
+        let done = done.clone();
+        tasks.push(tokio::spawn(async move {
+            let empty = json!({});
+            while Instant::now() < deadline {
+                execute(&mut client, &id, &empty).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let executions = done.load(Ordering::Relaxed) as f64;
+    println!("w1_sustained_executions_per_s: {:.1}", executions / elapsed);
+    println!("w1_sustained_steps_per_s: {:.0}", executions * 22.0 / elapsed);
+
+    // W2.
+    let items: Vec<i64> = (1..=100).collect();
+    let input = json!({"items": items});
+    execute(&mut client, &w2_id, &input).await?;
+    let mut w2 = Vec::new();
+    for _ in 0..args.w2_samples {
+        w2.push(execute(&mut client, &w2_id, &input).await?.0.as_secs_f64() * 1000.0);
+    }
+    let w2 = sorted(w2);
+    println!("w2_latency_p50_ms: {:.2}", percentile(&w2, 0.5));
+
+    // Executions parked in WAIT.
+    if args.parked > 0 {
+        let parked_id = create(&channel, parked()).await?;
+        let started = Instant::now();
+        let mut ids = Vec::with_capacity(args.parked);
+        for chunk in 0..args.parked.div_ceil(64) {
+            let n = (args.parked - chunk * 64).min(64);
+            let mut batch = Vec::new();
+            for _ in 0..n {
+                let mut c = client.clone();
+                let id = parked_id.clone();
+                batch.push(tokio::spawn(async move {
+                    c.start_execution(opb::StartExecutionRequest { workflow_id: id, ..Default::default() }).await
+                }));
+            }
+            for b in batch {
+                ids.push(b.await??.into_inner().execution.context("execution")?.execution_id);
+            }
+        }
+        println!("parked_start_rate_per_s: {:.0}", args.parked as f64 / started.elapsed().as_secs_f64());
+        // Wait until every one has parked (status WAITING).
+        let executions = meshflow_proto::execution::v1::execution_service_client::ExecutionServiceClient::new(channel.clone());
+        loop {
+            let mut waiting = 0;
+            let mut token = String::new();
+            loop {
+                let page = executions
+                    .clone()
+                    .list_executions(meshflow_proto::execution::v1::ListExecutionsRequest {
+                        workflow_id: parked_id.clone(),
+                        status: meshflow_proto::execution::v1::ExecutionStatus::Waiting as i32,
+                        page_size: 500,
+                        page_token: token,
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                waiting += page.executions.len();
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+            if waiting >= args.parked {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        if let Some(rss) = server.as_ref().and_then(Server::rss_mib) {
+            println!("parked_{}_rss_mib: {rss:.1}", args.parked);
+        }
+    }
+    if let Some(s) = server {
+        s.stop();
+    }
+    let _ = std::fs::remove_dir_all(&temp);
+    Ok(())
+}
