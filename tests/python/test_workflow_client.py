@@ -123,3 +123,52 @@ def test_bad_input_carries_field_violations(api):
             reasons.add((info.reason, info.domain))
     assert {"workflow.name", "workflow.steps[0].http.url"} <= fields
     assert reasons == {("INVALID_ARGUMENT", "meshflow")}
+
+
+ORCHESTRATOR = "meshflow.orchestrator.v1.OrchestratorService"
+
+
+def stream(api, service, method, request):
+    """Calls a server-streaming method with JSON; yields each message as a dict."""
+    desc = api.pool.FindServiceByName(service).FindMethodByName(method)
+    request_cls = message_factory.GetMessageClass(desc.input_type)
+    response_cls = message_factory.GetMessageClass(desc.output_type)
+    rpc = api.channel.unary_stream(
+        f"/{service}/{method}",
+        request_serializer=request_cls.SerializeToString,
+        response_deserializer=response_cls.FromString,
+    )
+    for message in rpc(json_format.Parse(json.dumps(request), request_cls()), timeout=60):
+        yield json_format.MessageToDict(message)
+
+
+def test_execute_workflow_streams_events_and_watch_resumes_mid_way(api):
+    name = f"py-run-{uuid.uuid4().hex[:8]}"
+    workflow = api.call(WORKFLOW, "CreateWorkflow", {"workflow": {
+        "name": name,
+        "status": "WORKFLOW_STATUS_ACTIVE",
+        "steps": [
+            {"id": "greet", "transform": {"assignments": [{"target": "text", "expression": "'hello ' + input.name"}]}},
+            {"id": "items", "dependsOn": ["greet"], "forEach": {"items": "[1, 2, 3]", "steps": [
+                {"id": "square", "transform": {"assignments": [{"target": "n", "expression": "item * item"}]}}]}},
+            {"id": "total", "dependsOn": ["items"], "functionCall": {"function": "sum",
+                "arguments": {"values": "${steps.items.output.map(o, o.square.n)}"}}},
+        ],
+    }})["workflow"]
+
+    messages = list(stream(api, ORCHESTRATOR, "ExecuteWorkflow",
+                           {"workflowId": workflow["workflowId"], "input": {"name": "ada"}}))
+    execution = messages[0]["execution"]
+    events = [m["event"] for m in messages[1:]]
+    for e in events:
+        print(e["sequence"], e["type"], e.get("stepPath", ""), json.dumps(e.get("output", "")))
+    assert [int(e["sequence"]) for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["type"] == "EVENT_TYPE_EXECUTION_STARTED"
+    assert events[-1]["type"] == "EVENT_TYPE_EXECUTION_COMPLETED"
+    assert events[-1]["output"]["total"] == 14
+    assert events[-1]["output"]["greet"] == {"text": "hello ada"}
+
+    middle = len(events) // 2
+    resumed = [m["event"] for m in stream(api, ORCHESTRATOR, "WatchExecution",
+                                          {"executionId": execution["executionId"], "afterSequence": middle})]
+    assert resumed == events[middle:]
