@@ -78,8 +78,23 @@ impl Server {
         let exe = std::env::current_exe()?;
         let started = Instant::now();
         let mut child = Command::new(exe)
-            .args(["serve", "--listen", "127.0.0.1:0", "--log-format", "json", "--log", "warn,meshflow_kit=info"])
-            .args(["--database-url", database_url, "--allow-http-to", "127.0.0.0/8", "--park-after", "200ms"])
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--log-format",
+                "json",
+                "--log",
+                "warn,meshflow_kit=info",
+            ])
+            .args([
+                "--database-url",
+                database_url,
+                "--allow-http-to",
+                "127.0.0.0/8",
+                "--park-after",
+                "200ms",
+            ])
             .args(["--max-concurrent-executions", "1000000"])
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
@@ -92,9 +107,14 @@ impl Server {
             if stderr.read_line(&mut line)? == 0 {
                 bail!("the server exited before serving: {:?}", child.wait());
             }
-            let Ok(record) = serde_json::from_str::<Value>(&line) else { continue };
+            let Ok(record) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
             if record["fields"]["message"] == "serving" {
-                break record["fields"]["addr"].as_str().context("addr")?.to_string();
+                break record["fields"]["addr"]
+                    .as_str()
+                    .context("addr")?
+                    .to_string();
             }
         };
         let to_serving = started.elapsed();
@@ -109,12 +129,20 @@ impl Server {
 
     fn rss_mib(&self) -> Option<f64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
-        let kb: f64 = status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+        let kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
         Some(kb / 1024.0)
     }
 
     fn stop(mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -125,16 +153,21 @@ fn w1(base: &str) -> Value {
     for i in 1..=10 {
         let get = format!("get{i}");
         let keep = format!("keep{i}");
-        let mut g = json!({"id": get, "http": {"method": "GET", "url": format!("{base}/item/{i}")}});
+        let mut g =
+            json!({"id": get, "http": {"method": "GET", "url": format!("{base}/item/{i}")}});
         if let Some(p) = &previous {
             g["dependsOn"] = json!([p]);
         }
         steps.push(g);
-        steps.push(json!({"id": keep, "dependsOn": [get], "transform": {"assignments": [
-            {"target": "price", "expression": format!("steps.{get}.output.body.price * 2.0")}]}}));
+        steps.push(
+            json!({"id": keep, "dependsOn": [get], "transform": {"assignments": [
+            {"target": "price", "expression": format!("steps.{get}.output.body.price * 2.0")}]}}),
+        );
         previous = Some(keep);
     }
-    let total: Vec<String> = (1..=10).map(|i| format!("steps.keep{i}.output.price")).collect();
+    let total: Vec<String> = (1..=10)
+        .map(|i| format!("steps.keep{i}.output.price"))
+        .collect();
     steps.push(json!({"id": "check", "dependsOn": ["keep10"], "conditional": {"branches": [
         {"condition": format!("{} > 100.0", total.join(" + ")),
          "steps": [{"id": "big", "transform": {"assignments": [{"target": "big", "expression": "true"}]}}]}],
@@ -160,7 +193,10 @@ async fn create(channel: &Channel, doc: Value) -> anyhow::Result<String> {
     let mut w: wpb::Workflow = serde_json::from_value(doc)?;
     w.name = format!("{name}-{}", &meshflow_kit::id::new_id()[24..]);
     let created = WorkflowServiceClient::new(channel.clone())
-        .create_workflow(wpb::CreateWorkflowRequest { workflow: Some(w), request_id: String::new() })
+        .create_workflow(wpb::CreateWorkflowRequest {
+            workflow: Some(w),
+            request_id: String::new(),
+        })
         .await?
         .into_inner();
     Ok(created.workflow.context("workflow")?.workflow_id)
@@ -168,7 +204,11 @@ async fn create(channel: &Channel, doc: Value) -> anyhow::Result<String> {
 
 /// Runs one execution through ExecuteWorkflow; returns its latency and, per event, how long after
 /// its commit time the client received it.
-async fn execute(client: &mut OrchestratorServiceClient<Channel>, workflow_id: &str, input: &Value) -> anyhow::Result<(Duration, Vec<f64>)> {
+async fn execute(
+    client: &mut OrchestratorServiceClient<Channel>,
+    workflow_id: &str,
+    input: &Value,
+) -> anyhow::Result<(Duration, Vec<f64>)> {
     use opb::execute_workflow_response::Payload;
     let started = Instant::now();
     let mut stream = client
@@ -184,7 +224,11 @@ async fn execute(client: &mut OrchestratorServiceClient<Channel>, workflow_id: &
     while let Some(m) = stream.message().await? {
         if let Some(Payload::Event(e)) = m.payload {
             let now = chrono::Utc::now();
-            if let Some(t) = e.time.as_ref().and_then(meshflow_kit::convert::from_timestamp) {
+            if let Some(t) = e
+                .time
+                .as_ref()
+                .and_then(meshflow_kit::convert::from_timestamp)
+            {
                 lags.push((now - t).num_microseconds().unwrap_or(0) as f64 / 1000.0);
             }
             if e.r#type == EventType::ExecutionCompleted as i32 {
@@ -215,12 +259,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(addr) => addr.clone(),
         None => {
             std::fs::create_dir_all(&temp)?;
-            let url = args.database_url.clone().unwrap_or_else(|| format!("sqlite://{}?mode=rwc", temp.join("meshflow.db").display()));
+            let url = args.database_url.clone().unwrap_or_else(|| {
+                format!("sqlite://{}?mode=rwc", temp.join("meshflow.db").display())
+            });
             // The first start creates the schema; the second, measured, starts as a restart would.
             let (first, _) = Server::spawn(&url)?;
             first.stop();
             let (s, to_serving) = Server::spawn(&url)?;
-            println!("start_to_serving_ms: {:.1}", to_serving.as_secs_f64() * 1000.0);
+            println!(
+                "start_to_serving_ms: {:.1}",
+                to_serving.as_secs_f64() * 1000.0
+            );
             tokio::time::sleep(Duration::from_millis(500)).await;
             if let Some(rss) = s.rss_mib() {
                 println!("idle_rss_mib: {rss:.1}");
@@ -230,7 +279,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             addr
         }
     };
-    let channel = Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let channel = Channel::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
     let w1_id = create(&channel, w1(&base)).await?;
     let w2_id = create(&channel, w2(&base)).await?;
 
@@ -239,7 +290,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let mut rtts = Vec::new();
     for i in 0..500 {
         let t = Instant::now();
-        http.get(format!("{base}/item/{}", i % 10 + 1)).send().await?.bytes().await?;
+        http.get(format!("{base}/item/{}", i % 10 + 1))
+            .send()
+            .await?
+            .bytes()
+            .await?;
         rtts.push(t.elapsed().as_secs_f64() * 1000.0);
     }
     let rtt = percentile(&sorted(rtts), 0.5);
@@ -259,14 +314,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         lags.extend(l);
     }
     let latencies = sorted(latencies);
-    let overheads = sorted(latencies.iter().map(|l| ((l - 10.0 * rtt) / 10.0).max(0.0)).collect());
+    let overheads = sorted(
+        latencies
+            .iter()
+            .map(|l| ((l - 10.0 * rtt) / 10.0).max(0.0))
+            .collect(),
+    );
     println!("step_overhead_p50_ms: {:.3}", percentile(&overheads, 0.5));
     println!("step_overhead_p99_ms: {:.3}", percentile(&overheads, 0.99));
     println!("w1_latency_p50_ms: {:.2}", percentile(&latencies, 0.5));
     println!("w1_latency_p99_ms: {:.2}", percentile(&latencies, 0.99));
     let lags = sorted(lags);
-    println!("event_commit_to_client_p50_ms: {:.3}", percentile(&lags, 0.5));
-    println!("event_commit_to_client_p99_ms: {:.3}", percentile(&lags, 0.99));
+    println!(
+        "event_commit_to_client_p50_ms: {:.3}",
+        percentile(&lags, 0.5)
+    );
+    println!(
+        "event_commit_to_client_p99_ms: {:.3}",
+        percentile(&lags, 0.99)
+    );
 
     // W1 sustained with concurrent clients.
     let done = Arc::new(AtomicU64::new(0));
@@ -292,7 +358,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let executions = done.load(Ordering::Relaxed) as f64;
     println!("w1_sustained_executions_per_s: {:.1}", executions / elapsed);
-    println!("w1_sustained_steps_per_s: {:.0}", executions * 22.0 / elapsed);
+    println!(
+        "w1_sustained_steps_per_s: {:.0}",
+        executions * 22.0 / elapsed
+    );
 
     // W2.
     let items: Vec<i64> = (1..=100).collect();
@@ -317,16 +386,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 let mut c = client.clone();
                 let id = parked_id.clone();
                 batch.push(tokio::spawn(async move {
-                    c.start_execution(opb::StartExecutionRequest { workflow_id: id, ..Default::default() }).await
+                    c.start_execution(opb::StartExecutionRequest {
+                        workflow_id: id,
+                        ..Default::default()
+                    })
+                    .await
                 }));
             }
             for b in batch {
-                ids.push(b.await??.into_inner().execution.context("execution")?.execution_id);
+                ids.push(
+                    b.await??
+                        .into_inner()
+                        .execution
+                        .context("execution")?
+                        .execution_id,
+                );
             }
         }
-        println!("parked_start_rate_per_s: {:.0}", args.parked as f64 / started.elapsed().as_secs_f64());
+        println!(
+            "parked_start_rate_per_s: {:.0}",
+            args.parked as f64 / started.elapsed().as_secs_f64()
+        );
         // Wait until every one has parked (status WAITING).
-        let executions = meshflow_proto::execution::v1::execution_service_client::ExecutionServiceClient::new(channel.clone());
+        let executions =
+            meshflow_proto::execution::v1::execution_service_client::ExecutionServiceClient::new(
+                channel.clone(),
+            );
         loop {
             let mut waiting = 0;
             let mut token = String::new();

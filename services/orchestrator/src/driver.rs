@@ -296,7 +296,18 @@ impl Run {
         let ack = {
             let mut st = self.lock();
             let mut change = Change::default();
+            let before = st.status;
             let events = build(self, &mut st, &mut change);
+            if let Some(to) = change.patch.status
+                && to != before
+                && !meshflow_execution::state::execution_may(before, to)
+            {
+                tracing::error!(execution_id = %self.id, from = ?before, ?to, "illegal execution transition refused");
+                st.status = before;
+                return Err(Halt::Storage(format!(
+                    "illegal transition {before:?} -> {to:?}"
+                )));
+            }
             for s in &change.steps {
                 if meshflow_execution::state::step_is_final(s.status) && s.next_attempt_at.is_none()
                 {

@@ -451,3 +451,56 @@ async fn steps_cannot_reach_loopback_unless_allowed() {
     assert!(error.message.contains("loopback"), "{}", error.message);
     assert!(target.log().is_empty(), "no request reached the target");
 }
+
+#[tokio::test]
+async fn run_time_limits_are_enforced() {
+    let target = Target::start().await.expect("target");
+    let mut config = support::engine_config();
+    config.limits.max_for_each_items = 5;
+    config.limits.max_step_output_bytes = 64;
+    config.limits.max_concurrent_executions = 2;
+    let server = support::start_services(config, meshflow::ServiceName::ALL).await;
+
+    let many = server
+        .active_workflow(json!({"name": "many", "steps": [
+            {"id": "each", "forEach": {"items": "input.items", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}}]}))
+        .await;
+    let (execution, _) = server
+        .execute(&many, json!({"items": [1, 2, 3, 4, 5, 6]}))
+        .await;
+    assert_eq!(status(&execution), ExecutionStatus::Failed);
+    let error = execution.error.expect("error");
+    assert_eq!(error.code, "too_many_items");
+    assert!(
+        error.message.contains("the limit is 5"),
+        "{}",
+        error.message
+    );
+
+    let big = server
+        .active_workflow(json!({"name": "big", "steps": [
+            {"id": "get", "http": {"method": "POST", "url": format!("{}/echo", target.base), "body": {"pad": "x".repeat(200)}}}]}))
+        .await;
+    let (execution, _) = server.execute(&big, json!({})).await;
+    assert_eq!(
+        execution.error.map(|e| e.code),
+        Some("output_too_large".to_string())
+    );
+
+    let parked = server
+        .active_workflow(
+            json!({"name": "parked", "steps": [{"id": "w", "wait": {"signal": "go"}}]}),
+        )
+        .await;
+    server.start_execution(&parked, json!({})).await;
+    server.start_execution(&parked, json!({})).await;
+    let err = server
+        .orchestrator()
+        .start_execution(opb::StartExecutionRequest {
+            workflow_id: parked,
+            ..Default::default()
+        })
+        .await
+        .expect_err("over the limit");
+    assert_reason(&err, Code::ResourceExhausted, "TOO_MANY_EXECUTIONS");
+}
