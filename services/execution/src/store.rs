@@ -290,6 +290,7 @@ impl Store {
                 active: 1,
                 ..Default::default()
             },
+            &[],
             new.now,
         )
         .await?;
@@ -411,8 +412,40 @@ impl Store {
     pub async fn commit(&self, batch: &[Commit]) -> Result<Vec<CommitOutcome>, StoreError> {
         let txn = self.db.begin().await?;
         let mut outcomes = Vec::with_capacity(batch.len());
+        // Metric increments of the whole batch, merged per (workflow, step id): one write per key.
+        let mut merged: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
         for c in batch {
-            outcomes.push(apply(&txn, c).await?);
+            let outcome = apply(&txn, c).await?;
+            if outcome == CommitOutcome::Done {
+                for d in &c.metrics {
+                    let found = merged
+                        .iter()
+                        .position(|(w, m, _)| *w == c.workflow_id && m.step_id == d.step_id);
+                    let slot = found.unwrap_or_else(|| {
+                        let base = MetricsDelta {
+                            step_id: d.step_id.clone(),
+                            ..Default::default()
+                        };
+                        merged.push((c.workflow_id.clone(), base, Vec::new()));
+                        merged.len() - 1
+                    });
+                    let (_, m, durations) = &mut merged[slot];
+                    m.total += d.total;
+                    m.active += d.active;
+                    m.completed += d.completed;
+                    m.failed += d.failed;
+                    m.cancelled += d.cancelled;
+                    m.timed_out += d.timed_out;
+                    m.skipped += d.skipped;
+                    m.attempts += d.attempts;
+                    durations.extend(d.duration_ms);
+                }
+            }
+            outcomes.push(outcome);
+        }
+        let now = Utc::now();
+        for (workflow_id, delta, durations) in &merged {
+            upsert_metrics(&txn, workflow_id, delta, durations, now).await?;
         }
         txn.commit().await?;
         Ok(outcomes)
@@ -599,18 +632,13 @@ impl Store {
         Ok(ids)
     }
 
-    /// Number of executions that are not terminal.
+    /// Number of executions that are not terminal (from the maintained `active` counters).
     pub async fn active_count(&self) -> Result<u64, StoreError> {
-        use sea_orm::PaginatorTrait;
-        let active = [
-            pb::ExecutionStatus::Pending,
-            pb::ExecutionStatus::Running,
-            pb::ExecutionStatus::Waiting,
-        ];
-        Ok(execution::Entity::find()
-            .filter(execution::Column::Status.is_in(active.iter().map(|s| s.as_str_name())))
-            .count(&self.db)
-            .await?)
+        let rows = metrics::Entity::find()
+            .filter(metrics::Column::StepId.eq(""))
+            .all(&self.db)
+            .await?;
+        Ok(rows.iter().map(|r| r.active.max(0) as u64).sum())
     }
 
     /// The oldest unconsumed signal of a name.
@@ -769,9 +797,6 @@ async fn apply<C: ConnectionTrait>(txn: &C, c: &Commit) -> Result<CommitOutcome,
             .exec(txn)
             .await?;
     }
-    for delta in &c.metrics {
-        upsert_metrics(txn, &c.workflow_id, delta, now).await?;
-    }
     Ok(CommitOutcome::Done)
 }
 
@@ -779,6 +804,7 @@ async fn upsert_metrics<C: ConnectionTrait>(
     txn: &C,
     workflow_id: &str,
     d: &MetricsDelta,
+    durations: &[i64],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let current = metrics::Entity::find_by_id((workflow_id.to_string(), d.step_id.clone()))
@@ -789,8 +815,8 @@ async fn upsert_metrics<C: ConnectionTrait>(
         .and_then(|m| serde_json::from_value(m.duration_histogram.clone()).ok())
         .unwrap_or_else(|| vec![0; BUCKETS_MS.len() + 1]);
     histogram.resize(BUCKETS_MS.len() + 1, 0);
-    if let Some(ms) = d.duration_ms {
-        histogram[bucket_of(ms)] += 1;
+    for ms in durations {
+        histogram[bucket_of(*ms)] += 1;
     }
     let histogram =
         serde_json::to_value(&histogram).map_err(|e| StoreError::Corrupt(e.to_string()))?;

@@ -46,10 +46,15 @@ pub async fn connect_url(
             }
         });
         if memory {
-            // A new connection to `:memory:` is a new, empty database: never recycle the one we have.
-            opts.min_connections(1)
+            // A new connection to `:memory:` is a new, empty database: one connection, never recycled.
+            opts.max_connections(1)
+                .min_connections(1)
                 .max_lifetime(None)
                 .idle_timeout(None);
+        } else {
+            // WAL: readers run beside the one writer; writes queue on the busy timeout.
+            opts.max_connections(max_connections.clamp(1, 8))
+                .min_connections(1);
         }
     } else {
         opts.max_connections(max_connections);

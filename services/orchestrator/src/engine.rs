@@ -340,19 +340,19 @@ impl Engine {
         {
             return Ok(existing);
         }
-        let workflow = self
-            .shared
-            .rules
-            .get_workflow(&req.workflow_id, req.version)
-            .await?;
-        if workflow.status != wpb::WorkflowStatus::Active as i32 {
-            let status = wpb::WorkflowStatus::try_from(workflow.status).unwrap_or_default();
+        let (status, current) = self.shared.rules.head(&req.workflow_id).await?;
+        if status != wpb::WorkflowStatus::Active {
             return Err(Error::NotActive {
                 id: req.workflow_id.clone(),
                 status: status.as_str_name().to_string(),
             });
         }
-        let def = self.version(&req.workflow_id, workflow.version).await?;
+        let version = if req.version == 0 {
+            current
+        } else {
+            req.version
+        };
+        let def = self.version(&req.workflow_id, version).await?;
         let input = req
             .input
             .as_ref()
@@ -410,7 +410,7 @@ impl Engine {
             .insert_execution(NewExecution {
                 id: meshflow_kit::id::new_id(),
                 workflow_id: req.workflow_id.clone(),
-                workflow_version: workflow.version,
+                workflow_version: version,
                 input,
                 variables,
                 request_id,

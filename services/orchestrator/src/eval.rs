@@ -70,7 +70,13 @@ pub fn secrets() -> Value {
 pub fn eval(programs: &Programs, source: &str, scope: &Scope) -> Result<Value, EvalError> {
     let compiled = programs.get(source)?;
     let secrets_value;
-    let mut vars: Vec<(&str, &Value)> = scope.vars.iter().map(|(k, v)| (*k, v)).collect();
+    // Only the variables the expression reads are converted for CEL.
+    let mut vars: Vec<(&str, &Value)> = scope
+        .vars
+        .iter()
+        .filter(|(k, _)| compiled.roots.contains(*k))
+        .map(|(k, v)| (*k, v))
+        .collect();
     if compiled.roots.contains("secrets") {
         secrets_value = secrets();
         vars.push(("secrets", &secrets_value));
