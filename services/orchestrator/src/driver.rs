@@ -155,7 +155,13 @@ pub struct Run {
     pub cancel: watch::Sender<Option<String>>,
     /// Set once the definition stopped running (the driver is concluding): it takes no more wake-ups.
     pub done: std::sync::atomic::AtomicBool,
+    /// Identifies this driver's commits to the writer.
+    token: u64,
+    /// Acknowledgements of queued commits not yet awaited.
+    pending: Mutex<Vec<tokio::sync::oneshot::Receiver<crate::writer::Ack>>>,
 }
+
+static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn step_type(step: &pb::Step) -> StepType {
     match &step.config {
@@ -250,6 +256,8 @@ impl Run {
             signalled: Notify::new(),
             cancel: watch::channel(None).0,
             done: std::sync::atomic::AtomicBool::new(false),
+            token: TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -289,7 +297,35 @@ impl Run {
 
     /// Builds a commit under the state lock (so sequence order is queue order), submits it, and waits
     /// until it is durable.
+    /// Commits and waits until this and every change queued before it are durable. Used before
+    /// anything outside the engine can depend on them (an HTTP call, a terminal state, parking).
     async fn commit(
+        &self,
+        build: impl FnOnce(&Self, &mut State, &mut Change) -> Vec<epb::ExecutionEvent>,
+    ) -> Result<(), Halt> {
+        self.queue(build)?;
+        self.flush().await
+    }
+
+    /// Waits until every queued change is durable.
+    async fn flush(&self) -> Result<(), Halt> {
+        let pending =
+            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
+        for ack in pending {
+            match ack.await {
+                Ok(Ok(CommitOutcome::Done)) => {}
+                Ok(Ok(CommitOutcome::LeaseLost)) => return Err(Halt::LeaseLost),
+                Ok(Err(e)) => return Err(Halt::Storage(e)),
+                Err(_) => return Err(Halt::Storage("the writer stopped".into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues a change without waiting: for steps with no effect outside the engine, whose results
+    /// may travel in the same transaction as what follows. Events still reach watchers only once
+    /// committed, and nothing external happens before a [`Self::commit`] flushes the queue.
+    fn queue(
         &self,
         build: impl FnOnce(&Self, &mut State, &mut Change) -> Vec<epb::ExecutionEvent>,
     ) -> Result<(), Halt> {
@@ -316,23 +352,25 @@ impl Run {
                     st.open.insert(s.step_path.clone(), s.clone());
                 }
             }
-            self.shared.writer.submit(Commit {
-                execution_id: self.id.clone(),
-                workflow_id: self.workflow_id.clone(),
-                owner: self.shared.owner.clone(),
-                patch: change.patch,
-                steps: change.steps,
-                events,
-                consume_signal: change.consume_signal,
-                metrics: change.metrics,
-            })
+            self.shared.writer.submit(
+                self.token,
+                Commit {
+                    execution_id: self.id.clone(),
+                    workflow_id: self.workflow_id.clone(),
+                    owner: self.shared.owner.clone(),
+                    patch: change.patch,
+                    steps: change.steps,
+                    events,
+                    consume_signal: change.consume_signal,
+                    metrics: change.metrics,
+                },
+            )
         };
-        match ack.await {
-            Ok(Ok(CommitOutcome::Done)) => Ok(()),
-            Ok(Ok(CommitOutcome::LeaseLost)) => Err(Halt::LeaseLost),
-            Ok(Err(e)) => Err(Halt::Storage(e)),
-            Err(_) => Err(Halt::Storage("the writer stopped".into())),
-        }
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(ack);
+        Ok(())
     }
 
     fn scope(&self, frame: &Frame) -> Scope {
@@ -399,7 +437,7 @@ impl Run {
         let starting = self.lock().status;
         if starting != ExecutionStatus::Running {
             let now = Utc::now();
-            self.commit(|run, st, change| {
+            self.queue(|run, st, change| {
                 st.status = ExecutionStatus::Running;
                 change.patch.status = Some(ExecutionStatus::Running);
                 change.patch.wake_at = Some(None);
@@ -411,8 +449,7 @@ impl Run {
                 } else {
                     Vec::new()
                 }
-            })
-            .await?;
+            })?;
         }
 
         let def = self.def.clone();
@@ -777,7 +814,7 @@ impl Run {
         r.end_time = Some(now);
         r.next_attempt_at = None;
         let attempt = r.attempt;
-        self.commit(|run, st, change| {
+        self.queue(|run, st, change| {
             let mut e = run.step_event(
                 st,
                 EventType::StepFailed,
@@ -794,8 +831,7 @@ impl Run {
                 ..Default::default()
             });
             vec![e]
-        })
-        .await?;
+        })?;
         self.failed(step, error)
     }
 
@@ -951,7 +987,7 @@ impl Run {
                     let output = redacted(output);
                     r.status = StepStatus::Succeeded;
                     r.output = Some(output.clone());
-                    self.commit(|run, st, change| {
+                    self.queue(|run, st, change| {
                         let mut events = Vec::new();
                         if !external {
                             events.push(run.step_event(
@@ -1003,8 +1039,7 @@ impl Run {
                             ..Default::default()
                         });
                         events
-                    })
-                    .await?;
+                    })?;
                     return Ok(Outcome::Succeeded(output));
                 }
                 Err(err) => {
@@ -1020,7 +1055,7 @@ impl Run {
                         ended + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
                     });
                     r.next_attempt_at = next;
-                    self.commit(|run, st, change| {
+                    self.queue(|run, st, change| {
                         let mut events = Vec::new();
                         if !external {
                             events.push(run.step_event(
@@ -1061,8 +1096,7 @@ impl Run {
                             });
                         }
                         events
-                    })
-                    .await?;
+                    })?;
                     match next {
                         Some(at) => {
                             attempt += 1;
@@ -1109,7 +1143,7 @@ impl Run {
                     Some(Kind::Signal(name)) => format!("signal:{name}"),
                     _ => "timer".to_string(),
                 };
-                self.commit(|run, st, change| {
+                self.queue(|run, st, change| {
                     let mut e = run.step_event(
                         st,
                         EventType::StepWaiting,
@@ -1127,8 +1161,7 @@ impl Run {
                         ..Default::default()
                     });
                     vec![e]
-                })
-                .await?;
+                })?;
                 (id, until)
             }
         };
@@ -1151,7 +1184,7 @@ impl Run {
                     r.end_time = Some(now);
                     r.output = Some(sig.payload.clone());
                     let name = name.clone();
-                    self.commit(|run, st, change| {
+                    self.queue(|run, st, change| {
                         let mut got = run.step_event(
                             st,
                             EventType::SignalReceived,
@@ -1180,8 +1213,7 @@ impl Run {
                             ..Default::default()
                         });
                         vec![got, done]
-                    })
-                    .await?;
+                    })?;
                     return Ok(Outcome::Succeeded(sig.payload));
                 }
                 if until.is_some_and(|u| u <= Utc::now()) {
@@ -1225,7 +1257,7 @@ impl Run {
                 r.end_time = Some(now);
                 let output = json!({"waited_until": until.unwrap_or(now).to_rfc3339()});
                 r.output = Some(output.clone());
-                self.commit(|run, st, change| {
+                self.queue(|run, st, change| {
                     let mut e = run.step_event(
                         st,
                         EventType::StepSucceeded,
@@ -1243,8 +1275,7 @@ impl Run {
                         ..Default::default()
                     });
                     vec![e]
-                })
-                .await?;
+                })?;
                 Ok(Outcome::Succeeded(output))
             }
         }
@@ -1271,7 +1302,7 @@ impl Run {
         let mut r = row(&id, step, path, StepStatus::Running, 1);
         r.start_time = Some(Utc::now());
         r.input = Some(decision.clone());
-        self.commit(|run, st, change| {
+        self.queue(|run, st, change| {
             change.steps.push(r);
             change.metrics.push(MetricsDelta {
                 step_id: step.id.clone(),
@@ -1286,8 +1317,7 @@ impl Run {
                 1,
                 StepStatus::Running,
             )]
-        })
-        .await?;
+        })?;
         Ok(Ok((id, decision)))
     }
 
@@ -1309,7 +1339,7 @@ impl Run {
         r.end_time = Some(now);
         r.input = Some(decision);
         r.output = Some(output.clone());
-        self.commit(|run, st, change| {
+        self.queue(|run, st, change| {
             let mut e = run.step_event(
                 st,
                 EventType::StepSucceeded,
@@ -1327,8 +1357,7 @@ impl Run {
                 ..Default::default()
             });
             vec![e]
-        })
-        .await?;
+        })?;
         Ok(Outcome::Succeeded(output))
     }
 
@@ -1351,7 +1380,7 @@ impl Run {
         if rows.is_empty() {
             return Ok(());
         }
-        self.commit(|run, st, change| {
+        self.queue(|run, st, change| {
             let mut events = Vec::new();
             for (step, path) in &rows {
                 events.push(run.step_event(
@@ -1377,7 +1406,6 @@ impl Run {
             }
             events
         })
-        .await
     }
 
     async fn conditional(

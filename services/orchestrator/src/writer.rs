@@ -2,6 +2,7 @@
 //! one transaction (group commit), acknowledges each commit once it is durable, and only then
 //! publishes its events to watchers. A driver never acts on a change before its acknowledgement.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use meshflow_execution::store::{Commit, CommitOutcome, Store};
@@ -18,7 +19,7 @@ pub type Ack = Result<CommitOutcome, String>;
 /// A handle to the writer task.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::UnboundedSender<(Commit, oneshot::Sender<Ack>)>,
+    tx: mpsc::UnboundedSender<(u64, Commit, oneshot::Sender<Ack>)>,
 }
 
 impl Writer {
@@ -29,11 +30,12 @@ impl Writer {
         Self { tx }
     }
 
-    /// Queues a commit; the receiver resolves once it is durable (or refused).
-    /// Commits queued by one task are written in the order they were queued.
-    pub fn submit(&self, commit: Commit) -> oneshot::Receiver<Ack> {
+    /// Queues a commit of the driver `token`; the receiver resolves once it is durable (or refused).
+    /// Commits are written in the order they are queued. Once one commit of a driver fails, every later
+    /// one of that driver is refused, so a driver that pipelines its commits never leaves a gap.
+    pub fn submit(&self, token: u64, commit: Commit) -> oneshot::Receiver<Ack> {
         let (ack, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError((_, ack))) = self.tx.send((commit, ack)) {
+        if let Err(mpsc::error::SendError((_, _, ack))) = self.tx.send((token, commit, ack)) {
             let _ = ack.send(Err("the writer has stopped".into()));
         }
         rx
@@ -43,9 +45,10 @@ impl Writer {
 async fn run(
     store: Store,
     hub: Arc<Hub>,
-    mut rx: mpsc::UnboundedReceiver<(Commit, oneshot::Sender<Ack>)>,
+    mut rx: mpsc::UnboundedReceiver<(u64, Commit, oneshot::Sender<Ack>)>,
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
+    let mut poisoned: HashSet<u64> = HashSet::new();
     while let Some(first) = rx.recv().await {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -54,22 +57,41 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let commits: Vec<Commit> = batch.iter().map(|(c, _)| c.clone()).collect();
+        batch.retain_mut(|(token, _, ack)| {
+            if poisoned.contains(token) {
+                let (dead, _) = oneshot::channel();
+                let _ = std::mem::replace(ack, dead)
+                    .send(Err("an earlier change of this execution failed".into()));
+                false
+            } else {
+                true
+            }
+        });
+        if batch.is_empty() {
+            continue;
+        }
+        let commits: Vec<Commit> = batch.iter().map(|(_, c, _)| c.clone()).collect();
         match store.commit(&commits).await {
             Ok(outcomes) => {
-                for ((commit, ack), outcome) in batch.drain(..).zip(outcomes) {
+                for ((token, commit, ack), outcome) in batch.drain(..).zip(outcomes) {
                     if outcome == CommitOutcome::Done {
                         hub.publish(&commit.execution_id, commit.events);
+                    } else {
+                        poisoned.insert(token);
                     }
                     let _ = ack.send(Ok(outcome));
                 }
             }
             Err(err) => {
                 tracing::error!(error = %err, commits = batch.len(), "group commit failed");
-                for (_, ack) in batch.drain(..) {
+                for (token, _, ack) in batch.drain(..) {
+                    poisoned.insert(token);
                     let _ = ack.send(Err(err.to_string()));
                 }
             }
+        }
+        if poisoned.len() > 100_000 {
+            poisoned.clear();
         }
     }
 }
