@@ -1251,32 +1251,8 @@ impl Run {
                 if let Some(at) = until {
                     self.sleep_until(path, at).await;
                 }
-                let now = Utc::now();
-                let mut r = row(&row_id, step, path, StepStatus::Succeeded, 1);
-                r.start_time = Some(started);
-                r.end_time = Some(now);
-                let output = json!({"waited_until": until.unwrap_or(now).to_rfc3339()});
-                r.output = Some(output.clone());
-                self.queue(|run, st, change| {
-                    let mut e = run.step_event(
-                        st,
-                        EventType::StepSucceeded,
-                        step,
-                        path,
-                        1,
-                        StepStatus::Succeeded,
-                    );
-                    e.output = Some(from_json(&output));
-                    change.steps.push(r);
-                    change.metrics.push(MetricsDelta {
-                        step_id: step.id.clone(),
-                        completed: 1,
-                        duration_ms: Some((now - started).num_milliseconds()),
-                        ..Default::default()
-                    });
-                    vec![e]
-                })?;
-                Ok(Outcome::Succeeded(output))
+                let output = json!({"waited_until": until.unwrap_or_else(Utc::now).to_rfc3339()});
+                self.succeeded(step, path, &row_id, started, None, output)
             }
         }
     }
@@ -1334,10 +1310,25 @@ impl Run {
         let started = open_start
             .or_else(|| self.memo(path).and_then(|m| m.start_time))
             .unwrap_or(now);
+        self.succeeded(step, path, row_id, started, Some(decision), output)
+    }
+
+    /// Queues the success of a single-attempt step (WAIT, composite): its attempt row, STEP_SUCCEEDED
+    /// with the output, and its metrics.
+    fn succeeded(
+        &self,
+        step: &pb::Step,
+        path: &str,
+        row_id: &str,
+        started: DateTime<Utc>,
+        input: Option<Value>,
+        output: Value,
+    ) -> Result<Outcome, Halt> {
+        let now = Utc::now();
         let mut r = row(row_id, step, path, StepStatus::Succeeded, 1);
         r.start_time = Some(started);
         r.end_time = Some(now);
-        r.input = Some(decision);
+        r.input = input;
         r.output = Some(output.clone());
         self.queue(|run, st, change| {
             let mut e = run.step_event(
