@@ -408,47 +408,159 @@ impl Store {
             .collect()
     }
 
-    /// Writes a batch of commits in one transaction; each is fenced by its lease.
-    pub async fn commit(&self, batch: &[Commit]) -> Result<Vec<CommitOutcome>, StoreError> {
+    /// Writes a batch of commits in one transaction. Commits of one execution are merged: one fenced
+    /// update of its row (a replica that lost the lease writes nothing for it), then every attempt row
+    /// and every event of the batch in one statement each. Execution-level metrics (`step_id == ""`,
+    /// which the concurrency limit reads) are written in the same transaction; step-level increments
+    /// are returned for the caller to aggregate and write with [`Store::add_metrics`].
+    ///
+    /// `carried` holds step-level increments not yet written; this batch's are added to it, and all
+    /// of them are written in this transaction when `flush` is set or the batch ends an execution (so
+    /// a terminal event is never published before its metrics).
+    pub async fn commit(
+        &self,
+        batch: &[Commit],
+        carried: &mut Vec<(String, MetricsDelta)>,
+        flush: bool,
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        let now = Utc::now();
         let txn = self.db.begin().await?;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        // Metric increments of the whole batch, merged per (workflow, step id): one write per key.
-        let mut merged: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
+        let mut outcomes = vec![CommitOutcome::Done; batch.len()];
+        let mut order: Vec<&str> = Vec::new();
         for c in batch {
-            let outcome = apply(&txn, c).await?;
-            if outcome == CommitOutcome::Done {
+            if !order.contains(&c.execution_id.as_str()) {
+                order.push(&c.execution_id);
+            }
+        }
+        let mut steps: Vec<step::ActiveModel> = Vec::new();
+        let mut step_index: std::collections::HashMap<String, usize> =
+            std::collections::HashMap::new();
+        let mut events: Vec<event::ActiveModel> = Vec::new();
+        let mut signals: Vec<(String, String)> = Vec::new();
+        let mut execution_metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
+        let mut step_metrics: Vec<(String, MetricsDelta)> = std::mem::take(carried);
+        let carried_len = step_metrics.len();
+        for execution_id in order {
+            let members: Vec<usize> = (0..batch.len())
+                .filter(|&k| batch[k].execution_id == execution_id)
+                .collect();
+            let first = &batch[members[0]];
+            if !fence(
+                &txn,
+                execution_id,
+                &first.owner,
+                members.iter().map(|&k| &batch[k]),
+                now,
+            )
+            .await?
+            {
+                for k in members {
+                    outcomes[k] = CommitOutcome::LeaseLost;
+                }
+                continue;
+            }
+            for &k in &members {
+                let c = &batch[k];
+                for r in &c.steps {
+                    let model = step_model(&c.execution_id, r);
+                    match step_index.get(&r.id) {
+                        Some(&at) => steps[at] = model,
+                        None => {
+                            step_index.insert(r.id.clone(), steps.len());
+                            steps.push(model);
+                        }
+                    }
+                }
+                for e in &c.events {
+                    events.push(event_model(&c.execution_id, e, now)?);
+                }
+                signals.extend(c.consume_signal.clone());
                 for d in &c.metrics {
-                    let found = merged
-                        .iter()
-                        .position(|(w, m, _)| *w == c.workflow_id && m.step_id == d.step_id);
-                    let slot = found.unwrap_or_else(|| {
-                        let base = MetricsDelta {
-                            step_id: d.step_id.clone(),
-                            ..Default::default()
-                        };
-                        merged.push((c.workflow_id.clone(), base, Vec::new()));
-                        merged.len() - 1
-                    });
-                    let (_, m, durations) = &mut merged[slot];
-                    m.total += d.total;
-                    m.active += d.active;
-                    m.completed += d.completed;
-                    m.failed += d.failed;
-                    m.cancelled += d.cancelled;
-                    m.timed_out += d.timed_out;
-                    m.skipped += d.skipped;
-                    m.attempts += d.attempts;
-                    durations.extend(d.duration_ms);
+                    if d.step_id.is_empty() {
+                        merge_into(&mut execution_metrics, &c.workflow_id, d);
+                    } else {
+                        step_metrics.push((c.workflow_id.clone(), d.clone()));
+                    }
                 }
             }
-            outcomes.push(outcome);
+        }
+        if !steps.is_empty() {
+            step::Entity::insert_many(steps)
+                .on_conflict(
+                    OnConflict::column(step::Column::Id)
+                        .update_columns([
+                            step::Column::Status,
+                            step::Column::Input,
+                            step::Column::Output,
+                            step::Column::Error,
+                            step::Column::Logs,
+                            step::Column::StartTime,
+                            step::Column::EndTime,
+                            step::Column::DurationMs,
+                            step::Column::NextAttemptAt,
+                        ])
+                        .to_owned(),
+                )
+                .exec_without_returning(&txn)
+                .await?;
+        }
+        if !events.is_empty() {
+            event::Entity::insert_many(events)
+                .exec_without_returning(&txn)
+                .await?;
+        }
+        for (signal_id, consumer) in signals {
+            signal::Entity::update_many()
+                .col_expr(signal::Column::ConsumedBy, Expr::value(consumer))
+                .filter(signal::Column::Id.eq(signal_id))
+                .exec(&txn)
+                .await?;
+        }
+        let flush = flush || !execution_metrics.is_empty();
+        for (workflow_id, delta, durations) in &execution_metrics {
+            upsert_metrics(&txn, workflow_id, delta, durations, now).await?;
+        }
+        if flush {
+            let mut merged: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
+            for (workflow_id, d) in &step_metrics {
+                merge_into(&mut merged, workflow_id, d);
+            }
+            for (workflow_id, delta, durations) in &merged {
+                upsert_metrics(&txn, workflow_id, delta, durations, now).await?;
+            }
+        }
+        match txn.commit().await {
+            Ok(()) => {
+                if !flush {
+                    *carried = step_metrics;
+                }
+                Ok(outcomes)
+            }
+            Err(err) => {
+                // Nothing of this batch is written; keep the earlier increments for the next one.
+                step_metrics.truncate(carried_len);
+                *carried = step_metrics;
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Adds aggregated metric increments (one write per workflow and step id).
+    pub async fn add_metrics(&self, deltas: &[(String, MetricsDelta)]) -> Result<(), StoreError> {
+        let mut merged: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
+        for (workflow_id, d) in deltas {
+            merge_into(&mut merged, workflow_id, d);
+        }
+        if merged.is_empty() {
+            return Ok(());
         }
         let now = Utc::now();
+        let txn = self.db.begin().await?;
         for (workflow_id, delta, durations) in &merged {
             upsert_metrics(&txn, workflow_id, delta, durations, now).await?;
         }
         txn.commit().await?;
-        Ok(outcomes)
+        Ok(())
     }
 
     /// Claims up to `limit` executions that need work, for `owner` until `until`: those due
@@ -676,25 +788,44 @@ impl Store {
     }
 }
 
-async fn apply<C: ConnectionTrait>(txn: &C, c: &Commit) -> Result<CommitOutcome, StoreError> {
-    let now = Utc::now();
-    let last_sequence = c.events.last().map(|e| e.sequence);
+/// Applies the merged row changes of one execution's commits, fenced by the lease; false when the
+/// writer no longer holds it.
+async fn fence<'a, C: ConnectionTrait>(
+    txn: &C,
+    execution_id: &str,
+    owner: &str,
+    commits: impl Iterator<Item = &'a Commit>,
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let mut p = ExecutionPatch::default();
+    let mut last_sequence = None;
+    for c in commits {
+        let q = &c.patch;
+        p.status = q.status.or(p.status);
+        p.variables = q.variables.clone().or(p.variables);
+        p.output = q.output.clone().or(p.output);
+        p.error = q.error.clone().or(p.error);
+        p.wake_at = q.wake_at.or(p.wake_at);
+        p.start_time = p.start_time.or(q.start_time);
+        p.end_time = q.end_time.or(p.end_time);
+        p.release_lease |= q.release_lease;
+        last_sequence = c.events.last().map(|e| e.sequence).or(last_sequence);
+    }
     let mut update = execution::Entity::update_many()
         .col_expr(execution::Column::UpdateTime, Expr::value(now))
-        .filter(execution::Column::Id.eq(c.execution_id.as_str()))
-        .filter(execution::Column::LeaseOwner.eq(c.owner.as_str()));
-    let p = &c.patch;
+        .filter(execution::Column::Id.eq(execution_id))
+        .filter(execution::Column::LeaseOwner.eq(owner));
     if let Some(status) = p.status {
         update = update.col_expr(execution::Column::Status, Expr::value(status.as_str_name()));
     }
-    if let Some(v) = &p.variables {
-        update = update.col_expr(execution::Column::Variables, Expr::value(v.clone()));
+    if let Some(v) = p.variables {
+        update = update.col_expr(execution::Column::Variables, Expr::value(v));
     }
-    if let Some(v) = &p.output {
-        update = update.col_expr(execution::Column::Output, Expr::value(v.clone()));
+    if let Some(v) = p.output {
+        update = update.col_expr(execution::Column::Output, Expr::value(v));
     }
-    if let Some(v) = &p.error {
-        update = update.col_expr(execution::Column::Error, Expr::value(v.clone()));
+    if let Some(v) = p.error {
+        update = update.col_expr(execution::Column::Error, Expr::value(v));
     }
     if let Some(wake) = p.wake_at {
         update = update.col_expr(execution::Column::WakeAt, Expr::value(wake));
@@ -719,85 +850,85 @@ async fn apply<C: ConnectionTrait>(txn: &C, c: &Commit) -> Result<CommitOutcome,
                 Expr::value(Option::<DateTime<Utc>>::None),
             );
     }
-    if update.exec(txn).await?.rows_affected == 0 {
-        return Ok(CommitOutcome::LeaseLost);
+    Ok(update.exec(txn).await?.rows_affected > 0)
+}
+
+fn step_model(execution_id: &str, s: &StepRow) -> step::ActiveModel {
+    step::ActiveModel {
+        id: Set(s.id.clone()),
+        execution_id: Set(execution_id.to_string()),
+        step_id: Set(s.step_id.clone()),
+        step_path: Set(s.step_path.clone()),
+        step_type: Set(s.step_type.clone()),
+        status: Set(s.status.as_str_name().to_string()),
+        attempt: Set(s.attempt),
+        input: Set(s.input.clone()),
+        output: Set(s.output.clone()),
+        error: Set(s.error.clone()),
+        logs: Set(s.logs.clone()),
+        start_time: Set(s.start_time),
+        end_time: Set(s.end_time),
+        duration_ms: Set(match (s.start_time, s.end_time) {
+            (Some(a), Some(b)) => Some((b - a).num_milliseconds()),
+            _ => None,
+        }),
+        next_attempt_at: Set(s.next_attempt_at),
     }
-    for s in &c.steps {
-        let model = step::ActiveModel {
-            id: Set(s.id.clone()),
-            execution_id: Set(c.execution_id.clone()),
-            step_id: Set(s.step_id.clone()),
-            step_path: Set(s.step_path.clone()),
-            step_type: Set(s.step_type.clone()),
-            status: Set(s.status.as_str_name().to_string()),
-            attempt: Set(s.attempt),
-            input: Set(s.input.clone()),
-            output: Set(s.output.clone()),
-            error: Set(s.error.clone()),
-            logs: Set(s.logs.clone()),
-            start_time: Set(s.start_time),
-            end_time: Set(s.end_time),
-            duration_ms: Set(match (s.start_time, s.end_time) {
-                (Some(a), Some(b)) => Some((b - a).num_milliseconds()),
-                _ => None,
-            }),
-            next_attempt_at: Set(s.next_attempt_at),
-        };
-        step::Entity::insert(model)
-            .on_conflict(
-                OnConflict::column(step::Column::Id)
-                    .update_columns([
-                        step::Column::Status,
-                        step::Column::Input,
-                        step::Column::Output,
-                        step::Column::Error,
-                        step::Column::Logs,
-                        step::Column::StartTime,
-                        step::Column::EndTime,
-                        step::Column::DurationMs,
-                        step::Column::NextAttemptAt,
-                    ])
-                    .to_owned(),
-            )
-            .exec_without_returning(txn)
-            .await?;
-    }
-    if !c.events.is_empty() {
-        let rows: Result<Vec<event::ActiveModel>, StoreError> = c
-            .events
-            .iter()
-            .map(|e| {
-                let time = e
-                    .time
-                    .as_ref()
-                    .and_then(meshflow_kit::convert::from_timestamp)
-                    .unwrap_or(now);
-                Ok(event::ActiveModel {
-                    execution_id: Set(c.execution_id.clone()),
-                    sequence: Set(e.sequence),
-                    time: Set(time),
-                    event_type: Set(pb::EventType::try_from(e.r#type)
-                        .unwrap_or_default()
-                        .as_str_name()
-                        .to_string()),
-                    step_path: Set(Some(e.step_path.clone()).filter(|p| !p.is_empty())),
-                    payload: Set(serde_json::to_value(e)
-                        .map_err(|err| StoreError::Corrupt(err.to_string()))?),
-                })
-            })
-            .collect();
-        event::Entity::insert_many(rows?)
-            .exec_without_returning(txn)
-            .await?;
-    }
-    if let Some((signal_id, consumer)) = &c.consume_signal {
-        signal::Entity::update_many()
-            .col_expr(signal::Column::ConsumedBy, Expr::value(consumer.clone()))
-            .filter(signal::Column::Id.eq(signal_id.as_str()))
-            .exec(txn)
-            .await?;
-    }
-    Ok(CommitOutcome::Done)
+}
+
+fn event_model(
+    execution_id: &str,
+    e: &pb::ExecutionEvent,
+    now: DateTime<Utc>,
+) -> Result<event::ActiveModel, StoreError> {
+    let time = e
+        .time
+        .as_ref()
+        .and_then(meshflow_kit::convert::from_timestamp)
+        .unwrap_or(now);
+    Ok(event::ActiveModel {
+        execution_id: Set(execution_id.to_string()),
+        sequence: Set(e.sequence),
+        time: Set(time),
+        event_type: Set(pb::EventType::try_from(e.r#type)
+            .unwrap_or_default()
+            .as_str_name()
+            .to_string()),
+        step_path: Set(Some(e.step_path.clone()).filter(|p| !p.is_empty())),
+        payload: Set(serde_json::to_value(e).map_err(|err| StoreError::Corrupt(err.to_string()))?),
+    })
+}
+
+/// Adds a delta into a list merged per (workflow, step id), collecting durations.
+fn merge_into(
+    merged: &mut Vec<(String, MetricsDelta, Vec<i64>)>,
+    workflow_id: &str,
+    d: &MetricsDelta,
+) {
+    let found = merged
+        .iter()
+        .position(|(w, m, _)| w == workflow_id && m.step_id == d.step_id);
+    let slot = found.unwrap_or_else(|| {
+        merged.push((
+            workflow_id.to_string(),
+            MetricsDelta {
+                step_id: d.step_id.clone(),
+                ..Default::default()
+            },
+            Vec::new(),
+        ));
+        merged.len() - 1
+    });
+    let (_, m, durations) = &mut merged[slot];
+    m.total += d.total;
+    m.active += d.active;
+    m.completed += d.completed;
+    m.failed += d.failed;
+    m.cancelled += d.cancelled;
+    m.timed_out += d.timed_out;
+    m.skipped += d.skipped;
+    m.attempts += d.attempts;
+    durations.extend(d.duration_ms);
 }
 
 async fn upsert_metrics<C: ConnectionTrait>(
