@@ -102,6 +102,16 @@ impl Frame {
         })
     }
 
+    fn find(&self, id: &str) -> Option<Value> {
+        let local = self
+            .local
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(id)
+            .cloned();
+        local.or_else(|| self.outer.as_ref().and_then(|o| o.find(id)))
+    }
+
     fn steps(&self) -> Map<String, Value> {
         let mut map = self.outer.as_ref().map(|o| o.steps()).unwrap_or_default();
         map.extend(
@@ -119,6 +129,19 @@ impl Frame {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id.to_string(), v);
+    }
+}
+
+impl eval::StepResults for Frame {
+    fn select(&self, ids: Option<&std::collections::BTreeSet<String>>) -> Value {
+        match ids {
+            None => Value::Object(self.steps()),
+            Some(ids) => Value::Object(
+                ids.iter()
+                    .filter_map(|id| self.find(id).map(|v| (id.clone(), v)))
+                    .collect(),
+            ),
+        }
     }
 }
 
@@ -373,11 +396,13 @@ impl Run {
         Ok(())
     }
 
-    fn scope(&self, frame: &Frame) -> Scope {
-        let mut s = Scope::default();
+    fn scope(&self, frame: &Arc<Frame>) -> Scope {
+        let mut s = Scope {
+            steps: Some(frame.clone()),
+            ..Scope::default()
+        };
         s.set("input", self.input.clone());
         s.set("vars", self.lock().vars.clone());
-        s.set("steps", Value::Object(frame.steps()));
         s.set("execution", json!({"id": self.id, "workflow_id": self.workflow_id, "workflow_version": self.version}));
         s.set(
             "workflow",
@@ -857,7 +882,7 @@ impl Run {
     }
 
     /// Leaf steps, with retries scheduled on stored `next_attempt_at`.
-    async fn leaf(&self, step: &pb::Step, path: &str, frame: &Frame) -> Result<Outcome, Halt> {
+    async fn leaf(&self, step: &pb::Step, path: &str, frame: &Arc<Frame>) -> Result<Outcome, Halt> {
         let policy = Policy::resolve(
             step.retry_policy.as_ref(),
             self.def.default_retry_policy.as_ref(),
@@ -935,7 +960,9 @@ impl Run {
                             .map_err(|e| StepError::fatal("rule", e.to_string()))
                     };
                     let mut vars = self.lock().vars.clone();
-                    let r = assignments.and_then(|a| steps::transform(&a, &scope, &mut vars));
+                    let r = assignments.and_then(|a| {
+                        steps::transform(&self.shared.env.programs, &a, &scope, &mut vars)
+                    });
                     if r.is_ok() {
                         vars_after = Some(vars);
                     }

@@ -39,10 +39,28 @@ impl Programs {
 }
 
 /// The variables an expression sees.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Scope {
-    /// Named values: `input`, `vars`, `steps`, `execution`, `workflow`, `item`, `index`, `response`, ...
+    /// Named values: `input`, `vars`, `execution`, `workflow`, `item`, `index`, `response`, ...
     pub vars: Vec<(&'static str, Value)>,
+    /// Step results, materialised per expression with only the steps it reads.
+    pub steps: Option<Arc<dyn StepResults>>,
+}
+
+/// Where an expression's `steps` come from.
+pub trait StepResults: Send + Sync {
+    /// `{id: {output, status}}` for these step ids, or for every visible step when `ids` is `None`.
+    fn select(&self, ids: Option<&std::collections::BTreeSet<String>>) -> Value;
+}
+
+impl Scope {
+    /// The `steps` value an expression reads (only its step ids, unless it indexes dynamically).
+    pub fn steps_for(&self, compiled: &expr::Compiled) -> Value {
+        match &self.steps {
+            Some(source) => source.select((!compiled.steps_dynamic).then_some(&compiled.steps)),
+            None => Value::Object(Map::new()),
+        }
+    }
 }
 
 impl Scope {
@@ -77,6 +95,11 @@ pub fn eval(programs: &Programs, source: &str, scope: &Scope) -> Result<Value, E
         .filter(|(k, _)| compiled.roots.contains(*k))
         .map(|(k, v)| (*k, v))
         .collect();
+    let steps_value;
+    if compiled.roots.contains("steps") && !scope.vars.iter().any(|(k, _)| *k == "steps") {
+        steps_value = scope.steps_for(&compiled);
+        vars.push(("steps", &steps_value));
+    }
     if compiled.roots.contains("secrets") {
         secrets_value = secrets();
         vars.push(("secrets", &secrets_value));

@@ -367,16 +367,31 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 
 /// DATA_TRANSFORM with inline assignments (a rule's assignments are passed the same way).
 pub fn transform(
+    programs: &Programs,
     assignments: &[pb::Assignment],
     scope: &Scope,
     vars: &mut Value,
 ) -> Result<Value, StepError> {
-    let base: Vec<(&str, &Value)> = scope
+    // The steps any assignment reads, materialised once for all of them.
+    let mut ids = std::collections::BTreeSet::new();
+    let mut dynamic = false;
+    for a in assignments {
+        if let Ok(c) = programs.get(&a.expression) {
+            ids.extend(c.steps.iter().cloned());
+            dynamic |= c.steps_dynamic;
+        }
+    }
+    let steps = match &scope.steps {
+        Some(source) => source.select((!dynamic).then_some(&ids)),
+        None => Value::Object(Map::new()),
+    };
+    let mut base: Vec<(&str, &Value)> = scope
         .vars
         .iter()
         .filter(|(k, _)| *k != "vars")
         .map(|(k, v)| (*k, v))
         .collect();
+    base.push(("steps", &steps));
     meshflow_workflow::transform::apply(assignments, &base, vars).map_err(|f| StepError {
         code: "expression",
         message: eval::redact_text(&format!(
