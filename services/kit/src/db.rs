@@ -53,7 +53,7 @@ pub async fn connect_url(
                 .idle_timeout(None);
         } else {
             // WAL: readers run beside the one writer; writes queue on the busy timeout.
-            opts.max_connections(max_connections.clamp(1, 8))
+            opts.max_connections(max_connections.clamp(1, 4))
                 .min_connections(1);
         }
     } else {
