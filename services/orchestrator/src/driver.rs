@@ -1045,7 +1045,8 @@ impl Run {
                             events.push(e);
                         }
                         if let Some(vars) = vars_after {
-                            st.vars = vars;
+                            // Secrets never reach storage; later steps see what a replay would see.
+                            st.vars = redacted(vars);
                             change.patch.variables = Some(st.vars.clone());
                         }
                         let mut e = run.step_event(

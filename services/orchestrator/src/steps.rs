@@ -375,12 +375,19 @@ pub fn transform(
     // The steps any assignment reads, materialised once for all of them.
     let mut ids = std::collections::BTreeSet::new();
     let mut dynamic = false;
+    let mut reads_secrets = false;
     for a in assignments {
         if let Ok(c) = programs.get(&a.expression) {
             ids.extend(c.steps.iter().cloned());
             dynamic |= c.steps_dynamic;
+            reads_secrets |= c.roots.contains("secrets");
         }
     }
+    let secrets = if reads_secrets {
+        eval::secrets()
+    } else {
+        Value::Null
+    };
     let steps = match &scope.steps {
         Some(source) => source.select((!dynamic).then_some(&ids)),
         None => Value::Object(Map::new()),
@@ -392,6 +399,9 @@ pub fn transform(
         .map(|(k, v)| (*k, v))
         .collect();
     base.push(("steps", &steps));
+    if reads_secrets {
+        base.push(("secrets", &secrets));
+    }
     meshflow_workflow::transform::apply(assignments, &base, vars).map_err(|f| StepError {
         code: "expression",
         message: eval::redact_text(&format!(

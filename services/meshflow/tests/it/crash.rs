@@ -296,3 +296,50 @@ async fn a_surviving_replica_takes_over_a_killed_ones_executions() {
         assert_eq!(target.counts().get(&format!("{id}/three")), Some(&1));
     }
 }
+
+#[tokio::test]
+async fn secrets_are_sent_but_never_stored_or_streamed() {
+    const SECRET: &str = "s3cr3t-token-value";
+    let target = Target::start().await.expect("target");
+    let url = shared_database_url().await;
+    let server = Proc::spawn_env(&url, FLAGS, &[("MESHFLOW_SECRET_TOKEN", SECRET)]);
+    let channel = server.channel().await;
+    let base = &target.base;
+    let workflow = active_workflow(&channel, json!({"name": "secretive", "steps": [
+        {"id": "call", "http": {"method": "POST", "url": format!("{base}/echo"),
+            "headers": {"authorization": "Bearer ${secrets.TOKEN}"}, "body": {"token": "${secrets.TOKEN}"}}},
+        {"id": "keep", "dependsOn": ["call"], "transform": {"assignments": [
+            {"target": "vars.token", "expression": "secrets.TOKEN"},
+            {"target": "echoed", "expression": "steps.call.output.body.headers.authorization"}]}}]})).await;
+    let id = start(&channel, &workflow).await;
+    let events = finish(&channel, &id).await;
+    assert_eq!(
+        events.last().map(|e| e.r#type),
+        Some(E::ExecutionCompleted as i32)
+    );
+
+    let sent = target
+        .log()
+        .into_iter()
+        .find(|s| s.uri == "/echo")
+        .expect("request");
+    assert_eq!(
+        sent.headers.get("authorization").map(String::as_str),
+        Some("Bearer s3cr3t-token-value")
+    );
+
+    let everything = format!(
+        "{:?}{:?}{:?}",
+        events,
+        attempts(&channel, &id).await,
+        ExecutionServiceClient::new(channel.clone())
+            .get_execution(epb::GetExecutionRequest {
+                execution_id: id.clone()
+            })
+            .await
+            .expect("get")
+            .into_inner()
+    );
+    assert!(!everything.contains(SECRET), "the secret leaked");
+    assert!(everything.contains("Bearer [REDACTED]"));
+}

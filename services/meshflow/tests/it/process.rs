@@ -20,7 +20,13 @@ pub struct Proc {
 impl Proc {
     /// Starts `meshflow serve` on 127.0.0.1:0 with extra flags; returns once it logs `serving`.
     pub fn spawn(database_url: &str, extra: &[&str]) -> Self {
+        Self::spawn_env(database_url, extra, &[])
+    }
+
+    /// Like [`Proc::spawn`], with extra environment variables.
+    pub fn spawn_env(database_url: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_meshflow"))
+            .envs(env.iter().copied())
             .args([
                 "serve",
                 "--listen",
