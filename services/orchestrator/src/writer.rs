@@ -109,7 +109,14 @@ async fn run(
         if due {
             last_flush = std::time::Instant::now();
         }
-        match store.commit(&commits, &mut metrics, due).await {
+        let started = std::time::Instant::now();
+        let result = store.commit(&commits, &mut metrics, due).await;
+        tracing::debug!(
+            commits = commits.len(),
+            micros = started.elapsed().as_micros() as u64,
+            "group commit"
+        );
+        match result {
             Ok(outcomes) => {
                 for ((token, commit, ack), outcome) in batch.drain(..).zip(outcomes) {
                     if outcome == CommitOutcome::Done {
