@@ -147,6 +147,8 @@ impl eval::StepResults for Frame {
 
 struct State {
     seq: i64,
+    /// When the execution started running (for its duration).
+    start_time: Option<DateTime<Utc>>,
     vars: Value,
     status: ExecutionStatus,
     /// Latest stored attempt per step path, as loaded at start.
@@ -268,6 +270,7 @@ impl Run {
             deadline: exec.deadline_at,
             state: Mutex::new(State {
                 seq: exec.last_sequence,
+                start_time: exec.start_time,
                 vars: exec.variables.clone(),
                 status,
                 memo,
@@ -316,6 +319,31 @@ impl Run {
         e.attempt = attempt.max(0) as u32;
         e.step_status = status as i32;
         e
+    }
+
+    /// A pure step records its start in the same commit as its result.
+    fn started_in_result(
+        &self,
+        st: &mut State,
+        change: &mut Change,
+        events: &mut Vec<epb::ExecutionEvent>,
+        step: &pb::Step,
+        path: &str,
+        attempt: i32,
+    ) {
+        events.push(self.step_event(
+            st,
+            EventType::StepStarted,
+            step,
+            path,
+            attempt,
+            StepStatus::Running,
+        ));
+        change.metrics.push(MetricsDelta {
+            step_id: step.id.clone(),
+            attempts: 1,
+            ..Default::default()
+        });
     }
 
     /// Builds a commit under the state lock (so sequence order is queue order), submits it, and waits
@@ -468,6 +496,7 @@ impl Run {
                 change.patch.wake_at = Some(None);
                 if starting == ExecutionStatus::Pending {
                     change.patch.start_time = Some(now);
+                    st.start_time = Some(now);
                     let mut e = run.event(st, EventType::ExecutionStarted);
                     e.output = Some(from_json(&run.input));
                     vec![e]
@@ -597,14 +626,7 @@ impl Run {
         } else {
             None
         };
-        let started = self
-            .shared
-            .store
-            .execution(&self.id)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|e| e.start_time);
+        let started = self.lock().start_time;
         let now = Utc::now();
         let def = self.def.clone();
         self.commit(move |run, st, change| {
@@ -1017,19 +1039,7 @@ impl Run {
                     self.queue(|run, st, change| {
                         let mut events = Vec::new();
                         if !external {
-                            events.push(run.step_event(
-                                st,
-                                EventType::StepStarted,
-                                step,
-                                path,
-                                attempt,
-                                StepStatus::Running,
-                            ));
-                            change.metrics.push(MetricsDelta {
-                                step_id: step.id.clone(),
-                                attempts: 1,
-                                ..Default::default()
-                            });
+                            run.started_in_result(st, change, &mut events, step, path, attempt);
                         }
                         for (level, msg) in &logs {
                             let mut e = run.step_event(
@@ -1086,19 +1096,7 @@ impl Run {
                     self.queue(|run, st, change| {
                         let mut events = Vec::new();
                         if !external {
-                            events.push(run.step_event(
-                                st,
-                                EventType::StepStarted,
-                                step,
-                                path,
-                                attempt,
-                                StepStatus::Running,
-                            ));
-                            change.metrics.push(MetricsDelta {
-                                step_id: step.id.clone(),
-                                attempts: 1,
-                                ..Default::default()
-                            });
+                            run.started_in_result(st, change, &mut events, step, path, attempt);
                         }
                         let ty = if next.is_some() {
                             EventType::StepRetryScheduled
