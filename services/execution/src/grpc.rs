@@ -112,17 +112,12 @@ impl ExecutionService for Grpc {
         };
         filter.from = time("start_time_from", req.start_time_from.as_ref())?;
         filter.to = time("start_time_to", req.start_time_to.as_ref())?;
-        let mut rows = self
+        let rows = self
             .store
             .list_executions(&filter, after.as_deref(), size + 1)
             .await
             .map_err(storage)?;
-        let more = rows.len() as u64 > size;
-        rows.truncate(size as usize);
-        let next_page_token = match rows.last() {
-            Some(last) if more => page::encode(&last.id),
-            _ => String::new(),
-        };
+        let (rows, next_page_token) = page::finish(rows, size, |r| r.id.clone());
         Ok(Response::new(pb::ListExecutionsResponse {
             executions: rows.iter().map(convert::execution).collect(),
             next_page_token,
@@ -151,17 +146,12 @@ impl ExecutionService for Grpc {
             ));
         }
         let step_id = Some(req.step_id.as_str()).filter(|s| !s.is_empty());
-        let mut rows = self
+        let rows = self
             .store
             .list_steps(&req.execution_id, step_id, after.as_deref(), size + 1)
             .await
             .map_err(storage)?;
-        let more = rows.len() as u64 > size;
-        rows.truncate(size as usize);
-        let next_page_token = match rows.last() {
-            Some(last) if more => page::encode(&last.id),
-            _ => String::new(),
-        };
+        let (rows, next_page_token) = page::finish(rows, size, |r| r.id.clone());
         Ok(Response::new(pb::ListStepExecutionsResponse {
             step_executions: rows.iter().map(convert::step).collect(),
             next_page_token,

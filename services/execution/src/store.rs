@@ -303,14 +303,7 @@ impl Store {
     }
 
     /// The execution started with `request_id`, if any.
-    pub async fn list_by_request(
-        &self,
-        request_id: &str,
-    ) -> Result<Option<execution::Model>, StoreError> {
-        self.execution_by_request(request_id).await
-    }
-
-    async fn execution_by_request(
+    pub async fn execution_by_request(
         &self,
         request_id: &str,
     ) -> Result<Option<execution::Model>, StoreError> {

@@ -37,6 +37,22 @@ pub fn decode<T: DeserializeOwned>(token: &str) -> Result<Option<T>, Violation> 
         .map_err(|_| invalid())
 }
 
+/// Ends a page read with one row more than `size`: keeps `size` rows and, when the extra row shows
+/// that more follow, returns the token of the cursor the last kept row gives.
+pub fn finish<T, C: Serialize>(
+    mut rows: Vec<T>,
+    size: u64,
+    cursor: impl Fn(&T) -> C,
+) -> (Vec<T>, String) {
+    let more = rows.len() as u64 > size;
+    rows.truncate(size as usize);
+    let token = match rows.last() {
+        Some(last) if more => encode(&cursor(last)),
+        _ => String::new(),
+    };
+    (rows, token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -50,6 +66,15 @@ mod tests {
             size(-1, 50, 500).map_err(|v| v.field),
             Err("page_size".to_string())
         );
+    }
+
+    #[test]
+    fn pages_end_with_a_token_only_when_more_follow() {
+        let (rows, token) = finish(vec![1, 2, 3], 2, |r| *r);
+        assert_eq!(rows, [1, 2]);
+        assert_eq!(decode::<i32>(&token), Ok(Some(2)));
+        let (rows, token) = finish(vec![1, 2], 2, |r| *r);
+        assert_eq!((rows, token), (vec![1, 2], String::new()));
     }
 
     #[test]

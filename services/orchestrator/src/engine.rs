@@ -336,7 +336,7 @@ impl Engine {
         }
         let request_id = Some(req.request_id.clone()).filter(|r| !r.is_empty());
         if let Some(rid) = &request_id
-            && let Some(existing) = self.shared.store.list_by_request(rid).await?
+            && let Some(existing) = self.shared.store.execution_by_request(rid).await?
         {
             return Ok(existing);
         }

@@ -86,21 +86,39 @@ pub fn secrets() -> Value {
 
 /// Evaluates one expression.
 pub fn eval(programs: &Programs, source: &str, scope: &Scope) -> Result<Value, EvalError> {
+    eval_with(programs, source, scope, &[])
+}
+
+/// [`eval`] with extra variables that take precedence over the scope's (e.g. `vars` and `output`
+/// inside a transform).
+pub fn eval_with(
+    programs: &Programs,
+    source: &str,
+    scope: &Scope,
+    extra: &[(&'static str, &Value)],
+) -> Result<Value, EvalError> {
     let compiled = programs.get(source)?;
-    let secrets_value;
+    let reads = |name: &str| compiled.roots.contains(name);
     // Only the variables the expression reads are converted for CEL.
-    let mut vars: Vec<(&str, &Value)> = scope
-        .vars
+    let mut vars: Vec<(&str, &Value)> = extra
         .iter()
-        .filter(|(k, _)| compiled.roots.contains(*k))
-        .map(|(k, v)| (*k, v))
+        .filter(|(k, _)| reads(k))
+        .map(|(k, v)| (*k, *v))
         .collect();
+    vars.extend(
+        scope
+            .vars
+            .iter()
+            .filter(|(k, _)| reads(k) && !extra.iter().any(|(e, _)| e == k))
+            .map(|(k, v)| (*k, v)),
+    );
     let steps_value;
-    if compiled.roots.contains("steps") && !scope.vars.iter().any(|(k, _)| *k == "steps") {
+    if reads("steps") && !vars.iter().any(|(k, _)| *k == "steps") {
         steps_value = scope.steps_for(&compiled);
         vars.push(("steps", &steps_value));
     }
-    if compiled.roots.contains("secrets") {
+    let secrets_value;
+    if reads("secrets") {
         secrets_value = secrets();
         vars.push(("secrets", &secrets_value));
     }

@@ -140,18 +140,13 @@ impl OrchestratorService for Grpc {
             }
             filter.workflow_id = Some(r.workflow_id);
         }
-        let mut rows = self
+        let rows = self
             .0
             .store()
             .list_executions(&filter, after.as_deref(), size + 1)
             .await
             .map_err(Error::from)?;
-        let more = rows.len() as u64 > size;
-        rows.truncate(size as usize);
-        let next_page_token = match rows.last() {
-            Some(last) if more => page::encode(&last.id),
-            _ => String::new(),
-        };
+        let (rows, next_page_token) = page::finish(rows, size, |r| r.id.clone());
         Ok(Response::new(pb::ListActiveExecutionsResponse {
             executions: rows.iter().map(convert::execution).collect(),
             next_page_token,

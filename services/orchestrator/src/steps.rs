@@ -372,37 +372,15 @@ pub fn transform(
     scope: &Scope,
     vars: &mut Value,
 ) -> Result<Value, StepError> {
-    // The steps any assignment reads, materialised once for all of them.
-    let mut ids = std::collections::BTreeSet::new();
-    let mut dynamic = false;
-    let mut reads_secrets = false;
-    for a in assignments {
-        if let Ok(c) = programs.get(&a.expression) {
-            ids.extend(c.steps.iter().cloned());
-            dynamic |= c.steps_dynamic;
-            reads_secrets |= c.roots.contains("secrets");
-        }
-    }
-    let secrets = if reads_secrets {
-        eval::secrets()
-    } else {
-        Value::Null
-    };
-    let steps = match &scope.steps {
-        Some(source) => source.select((!dynamic).then_some(&ids)),
-        None => Value::Object(Map::new()),
-    };
-    let mut base: Vec<(&str, &Value)> = scope
-        .vars
-        .iter()
-        .filter(|(k, _)| *k != "vars")
-        .map(|(k, v)| (*k, v))
-        .collect();
-    base.push(("steps", &steps));
-    if reads_secrets {
-        base.push(("secrets", &secrets));
-    }
-    meshflow_workflow::transform::apply(assignments, &base, vars).map_err(|f| StepError {
+    meshflow_workflow::transform::apply_with(assignments, vars, |source, vars, output| {
+        eval::eval_with(
+            programs,
+            source,
+            scope,
+            &[("vars", vars), ("output", output)],
+        )
+    })
+    .map_err(|f| StepError {
         code: "expression",
         message: eval::redact_text(&format!(
             "assignments[{}] ({}): {}",

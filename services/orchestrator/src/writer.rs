@@ -91,20 +91,20 @@ async fn run(
                 Err(_) => break,
             }
         }
-        batch.retain_mut(|(token, _, ack)| {
-            if poisoned.contains(token) {
-                let (dead, _) = oneshot::channel();
-                let _ = std::mem::replace(ack, dead)
-                    .send(Err("an earlier change of this execution failed".into()));
-                false
+        // Refuse commits of drivers that already had one fail; the rest go in one transaction.
+        let mut waiting = Vec::with_capacity(batch.len());
+        let mut commits = Vec::with_capacity(batch.len());
+        for (token, commit, ack) in batch.drain(..) {
+            if poisoned.contains(&token) {
+                let _ = ack.send(Err("an earlier change of this execution failed".into()));
             } else {
-                true
+                waiting.push((token, ack));
+                commits.push(commit);
             }
-        });
-        if batch.is_empty() {
+        }
+        if commits.is_empty() {
             continue;
         }
-        let commits: Vec<Commit> = batch.iter().map(|(_, c, _)| c.clone()).collect();
         let due = last_flush.elapsed() >= METRICS_EVERY || metrics.len() > 10_000;
         if due {
             last_flush = std::time::Instant::now();
@@ -118,7 +118,9 @@ async fn run(
         );
         match result {
             Ok(outcomes) => {
-                for ((token, commit, ack), outcome) in batch.drain(..).zip(outcomes) {
+                for (((token, ack), commit), outcome) in
+                    waiting.into_iter().zip(commits).zip(outcomes)
+                {
                     if outcome == CommitOutcome::Done {
                         hub.publish(&commit.execution_id, commit.events);
                     } else {
@@ -128,8 +130,8 @@ async fn run(
                 }
             }
             Err(err) => {
-                tracing::error!(error = %err, commits = batch.len(), "group commit failed");
-                for (token, _, ack) in batch.drain(..) {
+                tracing::error!(error = %err, commits = commits.len(), "group commit failed");
+                for (token, ack) in waiting {
                     poisoned.insert(token);
                     let _ = ack.send(Err(err.to_string()));
                 }

@@ -65,13 +65,6 @@ fn page_cursor<T: serde::de::DeserializeOwned>(token: &str) -> Result<Option<T>,
     page::decode(token).map_err(|v| Error::Invalid(vec![v]))
 }
 
-/// Takes one more row than the page holds; returns the page and whether more follow.
-fn split_page<T>(mut rows: Vec<T>, size: u64) -> (Vec<T>, bool) {
-    let more = rows.len() as u64 > size;
-    rows.truncate(size as usize);
-    (rows, more)
-}
-
 /// Fields of a mask: the request's paths, or all of `all` when empty. Unknown or output-only ones are violations.
 fn mask_fields(
     mask: Option<&pbjson_types::FieldMask>,
@@ -237,11 +230,7 @@ impl Service {
             .store
             .list_workflows(&filter, after.as_deref(), size + 1)
             .await?;
-        let (workflows, more) = split_page(rows, size);
-        let next_page_token = match workflows.last() {
-            Some(last) if more => page::encode(&last.name),
-            _ => String::new(),
-        };
+        let (workflows, next_page_token) = page::finish(rows, size, |r| r.name.clone());
         Ok(pb::ListWorkflowsResponse {
             workflows,
             next_page_token,
@@ -373,11 +362,7 @@ impl Service {
             .store
             .list_versions(&req.workflow_id, before, size + 1)
             .await?;
-        let (versions, more) = split_page(rows, size);
-        let next_page_token = match versions.last() {
-            Some(last) if more => page::encode(&last.version),
-            _ => String::new(),
-        };
+        let (versions, next_page_token) = page::finish(rows, size, |r| r.version);
         Ok(pb::ListWorkflowVersionsResponse {
             versions,
             next_page_token,
@@ -477,11 +462,7 @@ impl Service {
             .store
             .list_templates(tag.as_deref(), after.as_deref(), size + 1)
             .await?;
-        let (templates, more) = split_page(rows, size);
-        let next_page_token = match templates.last() {
-            Some(last) if more => page::encode(&last.name),
-            _ => String::new(),
-        };
+        let (templates, next_page_token) = page::finish(rows, size, |r| r.name.clone());
         Ok(pb::ListWorkflowTemplatesResponse {
             templates,
             next_page_token,
@@ -641,11 +622,7 @@ impl Service {
         let size = page_size(req.page_size)?;
         let after: Option<String> = page_cursor(&req.page_token)?;
         let rows = self.store.list_rules(after.as_deref(), size + 1).await?;
-        let (rules, more) = split_page(rows, size);
-        let next_page_token = match rules.last() {
-            Some(last) if more => page::encode(&last.name),
-            _ => String::new(),
-        };
+        let (rules, next_page_token) = page::finish(rows, size, |r| r.name.clone());
         Ok(pb::ListTransformationRulesResponse {
             rules,
             next_page_token,

@@ -24,17 +24,27 @@ pub fn apply(
     scope: &[(&str, &Value)],
     vars: &mut Value,
 ) -> Result<Value, Failure> {
+    apply_with(assignments, vars, |source, vars, output| {
+        let mut all: Vec<(&str, &Value)> = scope.to_vec();
+        all.push(("vars", vars));
+        all.push(("output", output));
+        expr::eval_str(source, &all)
+    })
+}
+
+/// [`apply`] with the caller's evaluator, called with (expression, current `vars`, `output` so far).
+pub fn apply_with(
+    assignments: &[pb::Assignment],
+    vars: &mut Value,
+    mut eval: impl FnMut(&str, &Value, &Value) -> Result<Value, EvalError>,
+) -> Result<Value, Failure> {
     let mut output = Value::Object(Map::new());
     for (index, a) in assignments.iter().enumerate() {
-        let fail = |error| Failure {
+        let value = eval(&a.expression, vars, &output).map_err(|error| Failure {
             index,
             target: a.target.clone(),
             error,
-        };
-        let mut all: Vec<(&str, &Value)> = scope.to_vec();
-        all.push(("vars", vars));
-        all.push(("output", &output));
-        let value = expr::eval_str(&a.expression, &all).map_err(fail)?;
+        })?;
         match a.target.strip_prefix("vars.") {
             Some(path) => set_path(vars, path, value),
             None => set_path(&mut output, &a.target, value),
