@@ -31,11 +31,15 @@ step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "tests on SQLite"
+# Each test makes its SQLite file here (meshflow_kit::testing::sqlite_test_dir).
+test_dbs="${TMPDIR:-/tmp}/meshflow-test-databases"
+trap 'rm -rf "$test_dbs"' EXIT
 run_tests
+rm -rf "$test_dbs"
 
 step "PostgreSQL: throwaway cluster"
 pgdir=$(mktemp -d /tmp/meshflow-pg.XXXXXX)
-cleanup() { scripts/postgres.sh stop "$pgdir"; rm -rf "$pgdir"; }
+cleanup() { scripts/postgres.sh stop "$pgdir"; rm -rf "$pgdir" "$test_dbs"; }
 trap cleanup EXIT
 pg_url=$(scripts/postgres.sh start "$pgdir")
 echo "$pg_url"

@@ -15,6 +15,7 @@ use sea_orm::{
 use serde_json::Value;
 
 pub mod entity;
+mod sqlite;
 
 use entity::{event, execution, metrics, signal, step};
 
@@ -176,6 +177,9 @@ pub enum StoreError {
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbErr),
+    /// The embedded database failed (the SQLite write path).
+    #[error(transparent)]
+    Sqlite(#[from] rusqlite::Error),
     /// A stored value does not decode.
     #[error("corrupt row: {0}")]
     Corrupt(String),
@@ -216,16 +220,53 @@ pub fn quantile_ms(histogram: &[i64], q: f64) -> Option<i64> {
     None
 }
 
+/// The connection of the SQLite write path, opened on first use.
+type SqliteWriter = std::sync::Arc<std::sync::Mutex<rusqlite::Connection>>;
+
 /// The execution store.
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
+    sqlite: std::sync::Arc<tokio::sync::OnceCell<Option<SqliteWriter>>>,
 }
 
 impl Store {
     /// A store over a migrated database.
     pub fn new(db: DatabaseConnection) -> Self {
-        Self { db }
+        Self {
+            db,
+            sqlite: Default::default(),
+        }
+    }
+
+    /// The writer's own connection when the database is a SQLite file; `None` for PostgreSQL and
+    /// in-memory SQLite (whose one pooled connection is the whole database).
+    async fn sqlite_writer(&self) -> Result<Option<SqliteWriter>, StoreError> {
+        self.sqlite
+            .get_or_try_init(|| async {
+                if self.db.get_database_backend() != DbBackend::Sqlite {
+                    return Ok(None);
+                }
+                let options = self.db.get_sqlite_connection_pool().connect_options();
+                let path = options.get_filename();
+                if !path.is_file() {
+                    return Ok(None);
+                }
+                let synchronous = self
+                    .db
+                    .query_one_raw(Statement::from_string(
+                        DbBackend::Sqlite,
+                        "PRAGMA synchronous",
+                    ))
+                    .await?
+                    .and_then(|row| row.try_get_by_index::<i32>(0).ok())
+                    .unwrap_or(1);
+                let mode = if synchronous >= 2 { "FULL" } else { "NORMAL" };
+                let conn = sqlite::open(path, mode)?;
+                Ok(Some(std::sync::Arc::new(std::sync::Mutex::new(conn))))
+            })
+            .await
+            .cloned()
     }
 
     /// The connection.
@@ -244,26 +285,27 @@ impl Store {
         {
             return Ok((existing, false));
         }
-        let model = execution::ActiveModel {
-            id: Set(new.id.clone()),
-            workflow_id: Set(new.workflow_id.clone()),
-            workflow_version: Set(new.workflow_version),
-            status: Set(pb::ExecutionStatus::Pending.as_str_name().to_string()),
-            input: Set(new.input),
-            variables: Set(new.variables),
-            output: Set(None),
-            error: Set(None),
-            request_id: Set(new.request_id.clone()),
-            last_sequence: Set(0),
-            lease_owner: Set(new.lease.as_ref().map(|l| l.0.clone())),
-            lease_expires_at: Set(new.lease.as_ref().map(|l| l.1)),
-            wake_at: Set(Some(new.now)),
-            deadline_at: Set(new.deadline_at),
-            create_time: Set(new.now),
-            start_time: Set(None),
-            end_time: Set(None),
-            update_time: Set(new.now),
+        let row = execution::Model {
+            id: new.id.clone(),
+            workflow_id: new.workflow_id.clone(),
+            workflow_version: new.workflow_version,
+            status: pb::ExecutionStatus::Pending.as_str_name().to_string(),
+            input: new.input,
+            variables: new.variables,
+            output: None,
+            error: None,
+            request_id: new.request_id.clone(),
+            last_sequence: 0,
+            lease_owner: new.lease.as_ref().map(|l| l.0.clone()),
+            lease_expires_at: new.lease.as_ref().map(|l| l.1),
+            wake_at: Some(new.now),
+            deadline_at: new.deadline_at,
+            create_time: new.now,
+            start_time: None,
+            end_time: None,
+            update_time: new.now,
         };
+        let model = sea_orm::ActiveModelTrait::reset_all(execution::ActiveModel::from(row.clone()));
         let txn = self.db.begin().await?;
         match execution::Entity::insert(model)
             .exec_without_returning(&txn)
@@ -295,10 +337,6 @@ impl Store {
         )
         .await?;
         txn.commit().await?;
-        let row = self
-            .execution(&new.id)
-            .await?
-            .ok_or_else(|| StoreError::Corrupt(new.id.clone()))?;
         Ok((row, true))
     }
 
@@ -417,26 +455,23 @@ impl Store {
         flush: bool,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
         let now = Utc::now();
+        if let Some(writer) = self.sqlite_writer().await? {
+            let mut conn = writer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            return sqlite::commit(&mut conn, batch, carried, flush, now);
+        }
         let txn = self.db.begin().await?;
         let mut outcomes = vec![CommitOutcome::Done; batch.len()];
-        let mut order: Vec<&str> = Vec::new();
-        for c in batch {
-            if !order.contains(&c.execution_id.as_str()) {
-                order.push(&c.execution_id);
-            }
-        }
         let mut steps: Vec<step::ActiveModel> = Vec::new();
-        let mut step_index: std::collections::HashMap<String, usize> =
+        let mut step_index: std::collections::HashMap<&str, usize> =
             std::collections::HashMap::new();
         let mut events: Vec<event::ActiveModel> = Vec::new();
         let mut signals: Vec<(String, String)> = Vec::new();
         let mut execution_metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
         let mut step_metrics: Vec<(String, MetricsDelta)> = std::mem::take(carried);
         let carried_len = step_metrics.len();
-        for execution_id in order {
-            let members: Vec<usize> = (0..batch.len())
-                .filter(|&k| batch[k].execution_id == execution_id)
-                .collect();
+        for (execution_id, members) in by_execution(batch) {
             let first = &batch[members[0]];
             if !fence(
                 &txn,
@@ -456,10 +491,10 @@ impl Store {
                 let c = &batch[k];
                 for r in &c.steps {
                     let model = step_model(&c.execution_id, r);
-                    match step_index.get(&r.id) {
+                    match step_index.get(r.id.as_str()) {
                         Some(&at) => steps[at] = model,
                         None => {
-                            step_index.insert(r.id.clone(), steps.len());
+                            step_index.insert(&r.id, steps.len());
                             steps.push(model);
                         }
                     }
@@ -468,13 +503,7 @@ impl Store {
                     events.push(event_model(&c.execution_id, e, now)?);
                 }
                 signals.extend(c.consume_signal.clone());
-                for d in &c.metrics {
-                    if d.step_id.is_empty() {
-                        merge_into(&mut execution_metrics, &c.workflow_id, d);
-                    } else {
-                        step_metrics.push((c.workflow_id.clone(), d.clone()));
-                    }
-                }
+                split_metrics(c, &mut execution_metrics, &mut step_metrics);
             }
         }
         if !steps.is_empty() {
@@ -514,11 +543,7 @@ impl Store {
             upsert_metrics(&txn, workflow_id, delta, durations, now).await?;
         }
         if flush {
-            let mut merged: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
-            for (workflow_id, d) in &step_metrics {
-                merge_into(&mut merged, workflow_id, d);
-            }
-            for (workflow_id, delta, durations) in &merged {
+            for (workflow_id, delta, durations) in &merged_metrics(&step_metrics) {
                 upsert_metrics(&txn, workflow_id, delta, durations, now).await?;
             }
         }
@@ -540,14 +565,17 @@ impl Store {
 
     /// Adds aggregated metric increments (one write per workflow and step id).
     pub async fn add_metrics(&self, deltas: &[(String, MetricsDelta)]) -> Result<(), StoreError> {
-        let mut merged: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
-        for (workflow_id, d) in deltas {
-            merge_into(&mut merged, workflow_id, d);
-        }
+        let merged = merged_metrics(deltas);
         if merged.is_empty() {
             return Ok(());
         }
         let now = Utc::now();
+        if let Some(writer) = self.sqlite_writer().await? {
+            let mut conn = writer
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            return sqlite::add_all_metrics(&mut conn, &merged, now);
+        }
         let txn = self.db.begin().await?;
         for (workflow_id, delta, durations) in &merged {
             upsert_metrics(&txn, workflow_id, delta, durations, now).await?;
@@ -790,20 +818,7 @@ async fn fence<'a, C: ConnectionTrait>(
     commits: impl Iterator<Item = &'a Commit>,
     now: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
-    let mut p = ExecutionPatch::default();
-    let mut last_sequence = None;
-    for c in commits {
-        let q = &c.patch;
-        p.status = q.status.or(p.status);
-        p.variables = q.variables.clone().or(p.variables);
-        p.output = q.output.clone().or(p.output);
-        p.error = q.error.clone().or(p.error);
-        p.wake_at = q.wake_at.or(p.wake_at);
-        p.start_time = p.start_time.or(q.start_time);
-        p.end_time = q.end_time.or(p.end_time);
-        p.release_lease |= q.release_lease;
-        last_sequence = c.events.last().map(|e| e.sequence).or(last_sequence);
-    }
+    let (p, last_sequence) = merged_patch(commits);
     let mut update = execution::Entity::update_many()
         .col_expr(execution::Column::UpdateTime, Expr::value(now))
         .filter(execution::Column::Id.eq(execution_id))
@@ -846,6 +861,76 @@ async fn fence<'a, C: ConnectionTrait>(
     Ok(update.exec(txn).await?.rows_affected > 0)
 }
 
+/// The executions of a batch in first-commit order, each with the indexes of its commits.
+fn by_execution(batch: &[Commit]) -> Vec<(&str, Vec<usize>)> {
+    let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
+    for (k, c) in batch.iter().enumerate() {
+        match groups.iter_mut().find(|(id, _)| *id == c.execution_id) {
+            Some((_, members)) => members.push(k),
+            None => groups.push((&c.execution_id, vec![k])),
+        }
+    }
+    groups
+}
+
+/// The row changes of consecutive commits of one execution as one patch (later values win, the
+/// start time is the first one), and the last event sequence among them.
+fn merged_patch<'a>(commits: impl Iterator<Item = &'a Commit>) -> (ExecutionPatch, Option<i64>) {
+    let mut p = ExecutionPatch::default();
+    let mut last_sequence = None;
+    for c in commits {
+        let q = &c.patch;
+        p.status = q.status.or(p.status);
+        p.variables = q.variables.clone().or(p.variables);
+        p.output = q.output.clone().or(p.output);
+        p.error = q.error.clone().or(p.error);
+        p.wake_at = q.wake_at.or(p.wake_at);
+        p.start_time = p.start_time.or(q.start_time);
+        p.end_time = q.end_time.or(p.end_time);
+        p.release_lease |= q.release_lease;
+        last_sequence = c.events.last().map(|e| e.sequence).or(last_sequence);
+    }
+    (p, last_sequence)
+}
+
+/// Sorts a commit's metric increments: execution-level ones merged per workflow (written with the
+/// commit), step-level ones appended to those waiting for the next flush.
+fn split_metrics(
+    c: &Commit,
+    execution_metrics: &mut Vec<(String, MetricsDelta, Vec<i64>)>,
+    step_metrics: &mut Vec<(String, MetricsDelta)>,
+) {
+    for d in &c.metrics {
+        if d.step_id.is_empty() {
+            merge_into(execution_metrics, &c.workflow_id, d);
+        } else {
+            step_metrics.push((c.workflow_id.clone(), d.clone()));
+        }
+    }
+}
+
+/// Increments merged per (workflow, step id).
+fn merged_metrics(deltas: &[(String, MetricsDelta)]) -> Vec<(String, MetricsDelta, Vec<i64>)> {
+    let mut merged = Vec::new();
+    for (workflow_id, d) in deltas {
+        merge_into(&mut merged, workflow_id, d);
+    }
+    merged
+}
+
+fn duration_ms(s: &StepRow) -> Option<i64> {
+    match (s.start_time, s.end_time) {
+        (Some(a), Some(b)) => Some((b - a).num_milliseconds()),
+        _ => None,
+    }
+}
+
+fn event_type_name(e: &pb::ExecutionEvent) -> &'static str {
+    pb::EventType::try_from(e.r#type)
+        .unwrap_or_default()
+        .as_str_name()
+}
+
 fn step_model(execution_id: &str, s: &StepRow) -> step::ActiveModel {
     step::ActiveModel {
         id: Set(s.id.clone()),
@@ -861,10 +946,7 @@ fn step_model(execution_id: &str, s: &StepRow) -> step::ActiveModel {
         logs: Set(s.logs.clone()),
         start_time: Set(s.start_time),
         end_time: Set(s.end_time),
-        duration_ms: Set(match (s.start_time, s.end_time) {
-            (Some(a), Some(b)) => Some((b - a).num_milliseconds()),
-            _ => None,
-        }),
+        duration_ms: Set(duration_ms(s)),
         next_attempt_at: Set(s.next_attempt_at),
     }
 }
@@ -883,10 +965,7 @@ fn event_model(
         execution_id: Set(execution_id.to_string()),
         sequence: Set(e.sequence),
         time: Set(time),
-        event_type: Set(pb::EventType::try_from(e.r#type)
-            .unwrap_or_default()
-            .as_str_name()
-            .to_string()),
+        event_type: Set(event_type_name(e).to_string()),
         step_path: Set(Some(e.step_path.clone()).filter(|p| !p.is_empty())),
         payload: Set(serde_json::to_value(e).map_err(|err| StoreError::Corrupt(err.to_string()))?),
     })
@@ -924,16 +1003,14 @@ fn merge_into(
     durations.extend(d.duration_ms);
 }
 
-async fn upsert_metrics<C: ConnectionTrait>(
-    txn: &C,
+/// A metrics row after adding merged increments to its current value (`None`: a new row).
+fn next_metrics(
+    current: Option<metrics::Model>,
     workflow_id: &str,
     d: &MetricsDelta,
     durations: &[i64],
     now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let current = metrics::Entity::find_by_id((workflow_id.to_string(), d.step_id.clone()))
-        .one(txn)
-        .await?;
+) -> metrics::Model {
     let mut histogram: Vec<i64> = current
         .as_ref()
         .and_then(|m| serde_json::from_value(m.duration_histogram.clone()).ok())
@@ -942,8 +1019,6 @@ async fn upsert_metrics<C: ConnectionTrait>(
     for ms in durations {
         histogram[bucket_of(*ms)] += 1;
     }
-    let histogram =
-        serde_json::to_value(&histogram).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let base = current.unwrap_or(metrics::Model {
         workflow_id: workflow_id.to_string(),
         step_id: d.step_id.clone(),
@@ -958,19 +1033,46 @@ async fn upsert_metrics<C: ConnectionTrait>(
         duration_histogram: Value::Null,
         update_time: now,
     });
+    metrics::Model {
+        workflow_id: base.workflow_id,
+        step_id: base.step_id,
+        total: base.total + d.total,
+        active: base.active + d.active,
+        completed: base.completed + d.completed,
+        failed: base.failed + d.failed,
+        cancelled: base.cancelled + d.cancelled,
+        timed_out: base.timed_out + d.timed_out,
+        skipped: base.skipped + d.skipped,
+        attempts: base.attempts + d.attempts,
+        duration_histogram: Value::from(histogram),
+        update_time: now,
+    }
+}
+
+async fn upsert_metrics<C: ConnectionTrait>(
+    txn: &C,
+    workflow_id: &str,
+    d: &MetricsDelta,
+    durations: &[i64],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let current = metrics::Entity::find_by_id((workflow_id.to_string(), d.step_id.clone()))
+        .one(txn)
+        .await?;
+    let m = next_metrics(current, workflow_id, d, durations, now);
     let model = metrics::ActiveModel {
-        workflow_id: Set(base.workflow_id),
-        step_id: Set(base.step_id),
-        total: Set(base.total + d.total),
-        active: Set(base.active + d.active),
-        completed: Set(base.completed + d.completed),
-        failed: Set(base.failed + d.failed),
-        cancelled: Set(base.cancelled + d.cancelled),
-        timed_out: Set(base.timed_out + d.timed_out),
-        skipped: Set(base.skipped + d.skipped),
-        attempts: Set(base.attempts + d.attempts),
-        duration_histogram: Set(histogram),
-        update_time: Set(now),
+        workflow_id: Set(m.workflow_id),
+        step_id: Set(m.step_id),
+        total: Set(m.total),
+        active: Set(m.active),
+        completed: Set(m.completed),
+        failed: Set(m.failed),
+        cancelled: Set(m.cancelled),
+        timed_out: Set(m.timed_out),
+        skipped: Set(m.skipped),
+        attempts: Set(m.attempts),
+        duration_histogram: Set(m.duration_histogram),
+        update_time: Set(m.update_time),
     };
     metrics::Entity::insert(model)
         .on_conflict(

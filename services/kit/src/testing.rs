@@ -1,6 +1,7 @@
 //! Test support: a fresh database per test. With `MESHFLOW_TEST_POSTGRES_URL` set (the test command
 //! sets it to a throwaway cluster) each call creates a new PostgreSQL database on that server;
-//! otherwise it is an in-memory SQLite database. Tests therefore run unchanged on both backends.
+//! otherwise it is a new SQLite file (WAL, as `meshflow serve` runs it) under
+//! [`sqlite_test_dir`]. Tests therefore run unchanged on both backends.
 
 use sea_orm::{ConnectionTrait, Database};
 
@@ -12,13 +13,24 @@ pub fn on_postgres() -> bool {
     std::env::var(POSTGRES_ENV).is_ok_and(|v| !v.is_empty())
 }
 
+/// Where tests create their SQLite files (the test command removes it when it ends).
+pub fn sqlite_test_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join("meshflow-test-databases")
+}
+
+fn fresh_sqlite_url() -> anyhow::Result<String> {
+    let dir = sqlite_test_dir();
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{}.sqlite", uuid::Uuid::now_v7().simple()));
+    Ok(format!("sqlite://{}?mode=rwc", path.display()))
+}
+
 /// A URL of a new, empty database.
 pub async fn fresh_database_url() -> anyhow::Result<String> {
-    let Ok(admin) = std::env::var(POSTGRES_ENV).map(|v| v.trim().to_string()) else {
-        return Ok("sqlite::memory:".to_string());
-    };
+    let admin = std::env::var(POSTGRES_ENV).unwrap_or_default();
+    let admin = admin.trim().to_string();
     if admin.is_empty() {
-        return Ok("sqlite::memory:".to_string());
+        return fresh_sqlite_url();
     }
     let name = format!("meshflow_test_{}", uuid::Uuid::now_v7().simple());
     let db = Database::connect(admin.as_str()).await?;

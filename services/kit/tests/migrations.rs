@@ -71,8 +71,8 @@ async fn connecting_migrates_and_is_idempotent() {
         .expect("applied")
         .len();
     assert_eq!(applied, Migrator::migrations().len());
-    // Connecting again to the same database applies nothing new (SQLite memory is per connection).
-    if meshflow_kit::testing::on_postgres() {
+    // Connecting again to the same database applies nothing new.
+    {
         let again = meshflow_kit::db::connect_url(&url, synchronous, 4)
             .await
             .expect("second connect");

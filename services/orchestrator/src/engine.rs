@@ -176,7 +176,7 @@ impl Engine {
                             .clear_wake(&id, &self.config.owner)
                             .await?;
                     }
-                    None => self.spawn_driver(id),
+                    None => self.spawn_driver(id, None),
                 }
             }
             if n < 256 {
@@ -229,12 +229,15 @@ impl Engine {
         Ok(v)
     }
 
-    fn spawn_driver(self: &Arc<Self>, id: String) {
+    /// Drives an execution in a task of its own. `fresh` is the row of an execution just created
+    /// here, which has no attempts yet: nothing to read back.
+    fn spawn_driver(self: &Arc<Self>, id: String, fresh: Option<execution::Model>) {
         let engine = self.clone();
         tokio::spawn(async move {
+            let mut fresh = fresh;
             // Drive again while the execution was claimed or woken during the previous drive's end.
             loop {
-                match engine.drive(&id).await {
+                match engine.drive(&id, fresh.take()).await {
                     Ok(true) => continue,
                     Ok(false) => return,
                     Err(err) => {
@@ -247,19 +250,29 @@ impl Engine {
     }
 
     /// Drives an execution once; returns whether it needs driving again at once.
-    async fn drive(self: &Arc<Self>, id: &str) -> Result<bool, Error> {
-        let Some(row) = self.shared.store.execution(id).await? else {
-            return Ok(false);
+    async fn drive(
+        self: &Arc<Self>,
+        id: &str,
+        fresh: Option<execution::Model>,
+    ) -> Result<bool, Error> {
+        let (row, attempts) = match fresh {
+            Some(row) => (row, Vec::new()),
+            None => {
+                let Some(row) = self.shared.store.execution(id).await? else {
+                    return Ok(false);
+                };
+                let attempts = self
+                    .shared
+                    .store
+                    .list_steps(id, None, None, i64::MAX as u64)
+                    .await?;
+                (row, attempts)
+            }
         };
         if !active(&row.status) {
             return Ok(false);
         }
         let def = self.version(&row.workflow_id, row.workflow_version).await?;
-        let attempts = self
-            .shared
-            .store
-            .list_steps(id, None, None, i64::MAX as u64)
-            .await?;
         let run = Run::new(self.shared.clone(), &row, def, attempts);
         {
             let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
@@ -422,7 +435,7 @@ impl Engine {
             })
             .await?;
         if created {
-            self.spawn_driver(row.id.clone());
+            self.spawn_driver(row.id.clone(), Some(row.clone()));
         }
         Ok(row)
     }

@@ -73,15 +73,25 @@ impl Scope {
     }
 }
 
-/// Secrets from the environment, by name.
-pub fn secrets() -> Value {
-    let map: Map<String, Value> = std::env::vars()
+/// The server's secrets (`MESHFLOW_SECRET_<NAME>`), by name, read once: a process's environment
+/// does not change under it.
+static SECRETS: std::sync::LazyLock<Vec<(String, String)>> = std::sync::LazyLock::new(|| {
+    std::env::vars()
         .filter_map(|(k, v)| {
             k.strip_prefix(SECRET_PREFIX)
-                .map(|name| (name.to_string(), Value::String(v)))
+                .map(|name| (name.to_string(), v))
         })
-        .collect();
-    Value::Object(map)
+        .collect()
+});
+
+/// Secrets from the environment, by name.
+pub fn secrets() -> Value {
+    Value::Object(
+        SECRETS
+            .iter()
+            .map(|(name, v)| (name.clone(), Value::String(v.clone())))
+            .collect(),
+    )
 }
 
 /// Evaluates one expression.
@@ -201,12 +211,8 @@ pub fn resolve_value(
 
 /// Replaces every secret value (of 4 characters or more) inside strings with `[REDACTED]`.
 pub fn redact(value: &mut Value) {
-    let secrets: Vec<String> = std::env::vars()
-        .filter(|(k, v)| k.starts_with(SECRET_PREFIX) && v.len() >= 4)
-        .map(|(_, v)| v)
-        .collect();
-    if !secrets.is_empty() {
-        redact_with(value, &secrets);
+    if SECRETS.iter().any(|(_, v)| v.len() >= 4) {
+        redact_with(value, &SECRETS);
     }
 }
 
@@ -220,11 +226,11 @@ pub fn redact_text(text: &str) -> String {
     }
 }
 
-fn redact_with(value: &mut Value, secrets: &[String]) {
+fn redact_with(value: &mut Value, secrets: &[(String, String)]) {
     match value {
         Value::String(s) => {
-            for secret in secrets {
-                if s.contains(secret.as_str()) {
+            for (_, secret) in secrets {
+                if secret.len() >= 4 && s.contains(secret.as_str()) {
                     *s = s.replace(secret.as_str(), "[REDACTED]");
                 }
             }
@@ -275,7 +281,7 @@ mod tests {
     #[test]
     fn redaction_replaces_secret_values() {
         let mut v = json!({"h": "Bearer s3cr3t-value", "n": ["s3cr3t-value"], "k": 1});
-        redact_with(&mut v, &["s3cr3t-value".to_string()]);
+        redact_with(&mut v, &[("TOKEN".into(), "s3cr3t-value".into())]);
         assert_eq!(
             v,
             json!({"h": "Bearer [REDACTED]", "n": ["[REDACTED]"], "k": 1})

@@ -1,0 +1,281 @@
+//! Group commit on an embedded SQLite file, on a connection of its own.
+//!
+//! Every state change of every execution goes through [`super::Store::commit`], so its cost is the
+//! engine's cost per step. Through the pooled driver each statement of a transaction is a round trip
+//! to the connection's worker thread, and each batch shape a fresh prepare. Here the transaction runs
+//! on the calling thread, statement by statement, each prepared once and cached for the life of the
+//! connection. The statements write the same rows, in the same formats, as the pooled path (which
+//! PostgreSQL and in-memory SQLite databases keep using), so either path reads what the other wrote.
+//!
+//! The connection waits out a competing writer in short sleeps, not SQLite's default steps of
+//! milliseconds: the competing writes (a new execution, a lease) are short.
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use serde_json::Value;
+
+use super::{Commit, CommitOutcome, MetricsDelta, StoreError, entity::metrics};
+
+/// How the pooled connections store a time: the text both paths compare and sort.
+pub(super) fn time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, false)
+}
+
+fn json(v: &Value) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn busy(count: i32) -> bool {
+    // About ten seconds in all, like the pooled connections' busy timeout.
+    let (pause, limit) = if count < 100 {
+        (Duration::from_micros(50), true)
+    } else {
+        (Duration::from_millis(1), count < 100 + 10_000)
+    };
+    if limit {
+        std::thread::sleep(pause);
+    }
+    limit
+}
+
+/// Opens the writer's connection to the database file at `path` (migrated already).
+pub(super) fn open(path: &Path, synchronous: &str) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_handler(Some(busy))?;
+    // The journal mode is stored in the file; these two are per connection.
+    conn.execute_batch(&format!(
+        "PRAGMA foreign_keys = ON; PRAGMA synchronous = {synchronous};"
+    ))?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+const FENCE: &str = "UPDATE workflow_executions SET update_time = ?1,
+    status = COALESCE(?2, status), variables = COALESCE(?3, variables),
+    output = COALESCE(?4, output), error = COALESCE(?5, error),
+    wake_at = CASE WHEN ?6 THEN ?7 ELSE wake_at END,
+    start_time = COALESCE(?8, start_time), end_time = COALESCE(?9, end_time),
+    last_sequence = COALESCE(?10, last_sequence),
+    lease_owner = CASE WHEN ?11 THEN NULL ELSE lease_owner END,
+    lease_expires_at = CASE WHEN ?11 THEN NULL ELSE lease_expires_at END
+    WHERE id = ?12 AND lease_owner = ?13";
+
+const STEP: &str = "INSERT INTO step_executions (id, execution_id, step_id, step_path, step_type,
+    status, attempt, input, output, error, logs, start_time, end_time, duration_ms, next_attempt_at)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+    ON CONFLICT (id) DO UPDATE SET status = excluded.status, input = excluded.input,
+    output = excluded.output, error = excluded.error, logs = excluded.logs,
+    start_time = excluded.start_time, end_time = excluded.end_time,
+    duration_ms = excluded.duration_ms, next_attempt_at = excluded.next_attempt_at";
+
+const EVENT: &str = "INSERT INTO execution_events (execution_id, sequence, time, event_type,
+    step_path, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+const CONSUME: &str = "UPDATE execution_signals SET consumed_by = ?1 WHERE id = ?2";
+
+const METRICS_READ: &str = "SELECT total, active, completed, failed, cancelled, timed_out, skipped,
+    attempts, duration_histogram FROM orchestration_metrics WHERE workflow_id = ?1 AND step_id = ?2";
+
+const METRICS_WRITE: &str =
+    "INSERT INTO orchestration_metrics (workflow_id, step_id, total, active,
+    completed, failed, cancelled, timed_out, skipped, attempts, duration_histogram, update_time)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+    ON CONFLICT (workflow_id, step_id) DO UPDATE SET total = excluded.total,
+    active = excluded.active, completed = excluded.completed, failed = excluded.failed,
+    cancelled = excluded.cancelled, timed_out = excluded.timed_out, skipped = excluded.skipped,
+    attempts = excluded.attempts, duration_histogram = excluded.duration_histogram,
+    update_time = excluded.update_time";
+
+/// [`super::Store::commit`] on the writer's connection: the same rows, the same fencing, the same
+/// handling of `carried` step metrics.
+pub(super) fn commit(
+    conn: &mut Connection,
+    batch: &[Commit],
+    carried: &mut Vec<(String, MetricsDelta)>,
+    flush: bool,
+    now: DateTime<Utc>,
+) -> Result<Vec<CommitOutcome>, StoreError> {
+    let mut step_metrics = std::mem::take(carried);
+    let carried_len = step_metrics.len();
+    let result = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(StoreError::from)
+        .and_then(|tx| {
+            let written = write(&tx, batch, &mut step_metrics, flush, now)?;
+            tx.commit()?;
+            Ok(written)
+        });
+    match result {
+        Ok((outcomes, flushed)) => {
+            if !flushed {
+                *carried = step_metrics;
+            }
+            Ok(outcomes)
+        }
+        Err(err) => {
+            // Nothing of this batch is written; keep the earlier increments for the next one.
+            step_metrics.truncate(carried_len);
+            *carried = step_metrics;
+            Err(err)
+        }
+    }
+}
+
+/// The statements of one group commit; returns the outcomes and whether step metrics were written.
+fn write(
+    tx: &Connection,
+    batch: &[Commit],
+    step_metrics: &mut Vec<(String, MetricsDelta)>,
+    flush: bool,
+    now: DateTime<Utc>,
+) -> Result<(Vec<CommitOutcome>, bool), StoreError> {
+    let now_text = time(now);
+    let mut outcomes = vec![CommitOutcome::Done; batch.len()];
+    let mut execution_metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
+    for (execution_id, members) in super::by_execution(batch) {
+        let (patch, last_sequence) = super::merged_patch(members.iter().map(|&k| &batch[k]));
+        let fenced = tx.prepare_cached(FENCE)?.execute(params![
+            now_text,
+            patch.status.map(|s| s.as_str_name()),
+            patch.variables.as_ref().map(json).transpose()?,
+            patch.output.as_ref().map(json).transpose()?,
+            patch.error.as_ref().map(json).transpose()?,
+            patch.wake_at.is_some(),
+            patch.wake_at.flatten().map(time),
+            patch.start_time.map(time),
+            patch.end_time.map(time),
+            last_sequence,
+            patch.release_lease,
+            execution_id,
+            batch[members[0]].owner,
+        ])?;
+        if fenced == 0 {
+            for k in members {
+                outcomes[k] = CommitOutcome::LeaseLost;
+            }
+            continue;
+        }
+        let mut step = tx.prepare_cached(STEP)?;
+        let mut event = tx.prepare_cached(EVENT)?;
+        for &k in &members {
+            let c = &batch[k];
+            for r in &c.steps {
+                step.execute(params![
+                    r.id,
+                    execution_id,
+                    r.step_id,
+                    r.step_path,
+                    r.step_type,
+                    r.status.as_str_name(),
+                    r.attempt,
+                    r.input.as_ref().map(json).transpose()?,
+                    r.output.as_ref().map(json).transpose()?,
+                    r.error.as_ref().map(json).transpose()?,
+                    json(&r.logs)?,
+                    r.start_time.map(time),
+                    r.end_time.map(time),
+                    super::duration_ms(r),
+                    r.next_attempt_at.map(time),
+                ])?;
+            }
+            for e in &c.events {
+                let at = e
+                    .time
+                    .as_ref()
+                    .and_then(meshflow_kit::convert::from_timestamp)
+                    .map(time);
+                let payload =
+                    serde_json::to_string(e).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+                event.execute(params![
+                    execution_id,
+                    e.sequence,
+                    at.as_deref().unwrap_or(now_text.as_str()),
+                    super::event_type_name(e),
+                    Some(e.step_path.as_str()).filter(|p| !p.is_empty()),
+                    payload,
+                ])?;
+            }
+            if let Some((signal_id, consumer)) = &c.consume_signal {
+                tx.prepare_cached(CONSUME)?
+                    .execute(params![consumer, signal_id])?;
+            }
+            super::split_metrics(c, &mut execution_metrics, step_metrics);
+        }
+    }
+    let flush = flush || !execution_metrics.is_empty();
+    for (workflow_id, delta, durations) in &execution_metrics {
+        add_metrics(tx, workflow_id, delta, durations, now)?;
+    }
+    if flush {
+        for (workflow_id, delta, durations) in &super::merged_metrics(step_metrics) {
+            add_metrics(tx, workflow_id, delta, durations, now)?;
+        }
+    }
+    Ok((outcomes, flush))
+}
+
+/// Adds merged increments to one metrics row.
+pub(super) fn add_metrics(
+    tx: &Connection,
+    workflow_id: &str,
+    d: &MetricsDelta,
+    durations: &[i64],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let current = tx
+        .prepare_cached(METRICS_READ)?
+        .query_row(params![workflow_id, d.step_id], |r| {
+            Ok(metrics::Model {
+                workflow_id: workflow_id.to_string(),
+                step_id: d.step_id.clone(),
+                total: r.get(0)?,
+                active: r.get(1)?,
+                completed: r.get(2)?,
+                failed: r.get(3)?,
+                cancelled: r.get(4)?,
+                timed_out: r.get(5)?,
+                skipped: r.get(6)?,
+                attempts: r.get(7)?,
+                duration_histogram: serde_json::from_str(&r.get::<_, String>(8)?)
+                    .unwrap_or(Value::Null),
+                update_time: now,
+            })
+        })
+        .optional()?;
+    let m = super::next_metrics(current, workflow_id, d, durations, now);
+    tx.prepare_cached(METRICS_WRITE)?.execute(params![
+        m.workflow_id,
+        m.step_id,
+        m.total,
+        m.active,
+        m.completed,
+        m.failed,
+        m.cancelled,
+        m.timed_out,
+        m.skipped,
+        m.attempts,
+        json(&m.duration_histogram)?,
+        time(m.update_time),
+    ])?;
+    Ok(())
+}
+
+/// [`super::Store::add_metrics`] on the writer's connection.
+pub(super) fn add_all_metrics(
+    conn: &mut Connection,
+    merged: &[(String, MetricsDelta, Vec<i64>)],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    for (workflow_id, delta, durations) in merged {
+        add_metrics(&tx, workflow_id, delta, durations, now)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
