@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use meshflow_migrations::{Migrator, MigratorTrait};
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous as Sync};
-use sea_orm::{ConnectOptions, Database, DatabaseConnection, DbErr};
+use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbErr};
 
 use crate::config::{ServerConfig, SqliteSynchronous};
 
@@ -42,7 +42,10 @@ pub async fn connect_url(
             if memory {
                 o
             } else {
+                // Checkpoints run in the background (see `checkpoint_in_background`), never in
+                // the commit that happens to cross the WAL's size threshold.
                 o.journal_mode(SqliteJournalMode::Wal)
+                    .pragma("wal_autocheckpoint", "0")
             }
         });
         if memory {
@@ -61,5 +64,34 @@ pub async fn connect_url(
     }
     let db = Database::connect(opts).await?;
     Migrator::up(&db, None).await?;
+    if url.starts_with("sqlite:") && !url.contains(":memory:") && !url.contains("mode=memory") {
+        checkpoint_in_background(db.clone());
+    }
     Ok(db)
+}
+
+/// How often the WAL of a SQLite file is copied back into the database.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Copies the WAL back into the database file every [`CHECKPOINT_EVERY`], on a pooled connection,
+/// until the pool closes. A passive checkpoint never blocks a writer or a reader, so commits keep
+/// their latency; SQLite's automatic checkpoint would instead run inside whichever commit crosses
+/// the threshold and stall it for milliseconds.
+fn checkpoint_in_background(db: DatabaseConnection) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if db.get_sqlite_connection_pool().is_closed() {
+                return;
+            }
+            if let Err(err) = db
+                .execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)")
+                .await
+            {
+                tracing::debug!(error = %err, "WAL checkpoint skipped");
+            }
+        }
+    });
 }

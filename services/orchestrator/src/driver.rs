@@ -296,7 +296,8 @@ impl Run {
         epb::ExecutionEvent {
             execution_id: self.id.clone(),
             sequence: st.seq,
-            time: Some(timestamp(Utc::now())),
+            // Stamped by the writer with the time of the commit.
+            time: None,
             r#type: ty as i32,
             execution_status: st.status as i32,
             ..Default::default()

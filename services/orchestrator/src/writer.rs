@@ -94,10 +94,15 @@ async fn run(
         // Refuse commits of drivers that already had one fail; the rest go in one transaction.
         let mut waiting = Vec::with_capacity(batch.len());
         let mut commits = Vec::with_capacity(batch.len());
-        for (token, commit, ack) in batch.drain(..) {
+        let committed_at = Some(meshflow_kit::convert::timestamp(chrono::Utc::now()));
+        for (token, mut commit, ack) in batch.drain(..) {
             if poisoned.contains(&token) {
                 let _ = ack.send(Err("an earlier change of this execution failed".into()));
             } else {
+                // An event's time is when it was committed: the time of its group commit.
+                for e in &mut commit.events {
+                    e.time = committed_at;
+                }
                 waiting.push((token, ack));
                 commits.push(commit);
             }

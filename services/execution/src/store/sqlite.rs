@@ -48,9 +48,11 @@ pub(super) fn open(path: &Path, synchronous: &str) -> Result<Connection, StoreEr
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     conn.busy_handler(Some(busy))?;
-    // The journal mode is stored in the file; these two are per connection.
+    // The journal mode is stored in the file; the rest is per connection. Checkpoints run in the
+    // background (`meshflow_kit::db`), not inside a commit.
     conn.execute_batch(&format!(
-        "PRAGMA foreign_keys = ON; PRAGMA synchronous = {synchronous};"
+        "PRAGMA foreign_keys = ON; PRAGMA synchronous = {synchronous}; \
+         PRAGMA wal_autocheckpoint = 0;"
     ))?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
