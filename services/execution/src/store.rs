@@ -221,7 +221,7 @@ pub fn quantile_ms(histogram: &[i64], q: f64) -> Option<i64> {
 }
 
 /// The connection of the SQLite write path, opened on first use.
-type SqliteWriter = std::sync::Arc<std::sync::Mutex<rusqlite::Connection>>;
+type SqliteWriter = std::sync::Arc<tokio::sync::Mutex<rusqlite::Connection>>;
 
 /// The execution store.
 #[derive(Clone)]
@@ -263,7 +263,7 @@ impl Store {
                     .unwrap_or(1);
                 let mode = if synchronous >= 2 { "FULL" } else { "NORMAL" };
                 let conn = sqlite::open(path, mode)?;
-                Ok(Some(std::sync::Arc::new(std::sync::Mutex::new(conn))))
+                Ok(Some(std::sync::Arc::new(tokio::sync::Mutex::new(conn))))
             })
             .await
             .cloned()
@@ -305,6 +305,25 @@ impl Store {
             end_time: None,
             update_time: new.now,
         };
+        let started = MetricsDelta {
+            total: 1,
+            active: 1,
+            ..Default::default()
+        };
+        if let Some(writer) = self.sqlite_writer().await? {
+            let mut conn = writer.lock().await;
+            if sqlite::insert_execution(&mut conn, &row, &started)? {
+                return Ok((row, true));
+            }
+            drop(conn);
+            return match &new.request_id {
+                Some(rid) => match self.execution_by_request(rid).await? {
+                    Some(existing) => Ok((existing, false)),
+                    None => Err(StoreError::Corrupt(format!("execution {} exists", row.id))),
+                },
+                None => Err(StoreError::Corrupt(format!("execution {} exists", row.id))),
+            };
+        }
         let model = sea_orm::ActiveModelTrait::reset_all(execution::ActiveModel::from(row.clone()));
         let txn = self.db.begin().await?;
         match execution::Entity::insert(model)
@@ -324,18 +343,7 @@ impl Store {
                 other?;
             }
         }
-        upsert_metrics(
-            &txn,
-            &new.workflow_id,
-            &MetricsDelta {
-                total: 1,
-                active: 1,
-                ..Default::default()
-            },
-            &[],
-            new.now,
-        )
-        .await?;
+        upsert_metrics(&txn, &new.workflow_id, &started, &[], new.now).await?;
         txn.commit().await?;
         Ok((row, true))
     }
@@ -456,9 +464,7 @@ impl Store {
     ) -> Result<Vec<CommitOutcome>, StoreError> {
         let now = Utc::now();
         if let Some(writer) = self.sqlite_writer().await? {
-            let mut conn = writer
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut conn = writer.lock().await;
             return sqlite::commit(&mut conn, batch, carried, flush, now);
         }
         let txn = self.db.begin().await?;
@@ -571,9 +577,7 @@ impl Store {
         }
         let now = Utc::now();
         if let Some(writer) = self.sqlite_writer().await? {
-            let mut conn = writer
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut conn = writer.lock().await;
             return sqlite::add_all_metrics(&mut conn, &merged, now);
         }
         let txn = self.db.begin().await?;

@@ -452,6 +452,11 @@ impl Run {
         self.changed.notify_one();
     }
 
+    /// Whether the execution reached a terminal status.
+    pub fn is_finished(&self) -> bool {
+        meshflow_execution::state::is_terminal(self.lock().status)
+    }
+
     /// Drives the execution until it ends or parks.
     pub async fn drive(self: Arc<Self>) -> Halt {
         let result = self.clone().drive_inner().await;

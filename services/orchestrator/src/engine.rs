@@ -281,7 +281,7 @@ impl Engine {
             }
             running.insert(id.to_string(), run.clone());
         }
-        let halt = run.drive().await;
+        let halt = run.clone().drive().await;
         self.running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -295,6 +295,7 @@ impl Engine {
                 tracing::warn!(execution_id = %id, error = %e, "storage failed; the execution resumes when its lease expires");
                 Ok(false)
             }
+            _ if run.is_finished() => Ok(false),
             _ => {
                 // Claimed for this replica, or woken, while the driver was concluding: drive again.
                 let Some(row) = self.shared.store.execution(id).await? else {

@@ -17,7 +17,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
-use super::{Commit, CommitOutcome, MetricsDelta, StoreError, entity::metrics};
+use super::entity::{execution, metrics};
+use super::{Commit, CommitOutcome, MetricsDelta, StoreError};
 
 /// How the pooled connections store a time: the text both paths compare and sort.
 pub(super) fn time(t: DateTime<Utc>) -> String {
@@ -58,6 +59,12 @@ pub(super) fn open(path: &Path, synchronous: &str) -> Result<Connection, StoreEr
     Ok(conn)
 }
 
+const INSERT_EXECUTION: &str = "INSERT INTO workflow_executions (id, workflow_id,
+    workflow_version, status, input, variables, output, error, request_id, last_sequence,
+    lease_owner, lease_expires_at, wake_at, deadline_at, create_time, start_time, end_time,
+    update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+    ?17, ?18)";
+
 const FENCE: &str = "UPDATE workflow_executions SET update_time = ?1,
     status = COALESCE(?2, status), variables = COALESCE(?3, variables),
     output = COALESCE(?4, output), error = COALESCE(?5, error),
@@ -93,6 +100,50 @@ const METRICS_WRITE: &str =
     cancelled = excluded.cancelled, timed_out = excluded.timed_out, skipped = excluded.skipped,
     attempts = excluded.attempts, duration_histogram = excluded.duration_histogram,
     update_time = excluded.update_time";
+
+/// Inserts a new execution and counts its start, in one transaction. `false`: an execution with
+/// that id or request id exists (nothing is written).
+pub(super) fn insert_execution(
+    conn: &mut Connection,
+    row: &execution::Model,
+    started: &MetricsDelta,
+) -> Result<bool, StoreError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let inserted = tx.prepare_cached(INSERT_EXECUTION)?.execute(params![
+        row.id,
+        row.workflow_id,
+        row.workflow_version,
+        row.status,
+        json(&row.input)?,
+        json(&row.variables)?,
+        row.output.as_ref().map(json).transpose()?,
+        row.error.as_ref().map(json).transpose()?,
+        row.request_id,
+        row.last_sequence,
+        row.lease_owner,
+        row.lease_expires_at.map(time),
+        row.wake_at.map(time),
+        row.deadline_at.map(time),
+        time(row.create_time),
+        row.start_time.map(time),
+        row.end_time.map(time),
+        time(row.update_time),
+    ]);
+    match inserted {
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.code == rusqlite::ErrorCode::ConstraintViolation
+                && e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
+        {
+            return Ok(false);
+        }
+        other => {
+            other?;
+        }
+    }
+    add_metrics(&tx, &row.workflow_id, started, &[], row.create_time)?;
+    tx.commit()?;
+    Ok(true)
+}
 
 /// [`super::Store::commit`] on the writer's connection: the same rows, the same fencing, the same
 /// handling of `carried` step metrics.
