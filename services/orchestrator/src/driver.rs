@@ -153,6 +153,9 @@ struct State {
     status: ExecutionStatus,
     /// Latest stored attempt per step path, as loaded at start.
     memo: HashMap<String, step::Model>,
+    /// When each step path first started, as loaded at start: a step's timeout counts from there,
+    /// across restarts.
+    first_start: HashMap<String, DateTime<Utc>>,
     /// Attempts not final yet (running, waiting, retry scheduled), by path.
     open: HashMap<String, StepRow>,
     /// Steps doing work (not waiting).
@@ -250,7 +253,12 @@ impl Run {
         attempts: Vec<step::Model>,
     ) -> Arc<Self> {
         let mut memo: HashMap<String, step::Model> = HashMap::new();
+        let mut first_start: HashMap<String, DateTime<Utc>> = HashMap::new();
         for a in attempts {
+            if let Some(t) = a.start_time {
+                let first = first_start.entry(a.step_path.clone()).or_insert(t);
+                *first = (*first).min(t);
+            }
             match memo.get(&a.step_path) {
                 Some(m) if m.attempt > a.attempt => {}
                 _ => {
@@ -274,6 +282,7 @@ impl Run {
                 vars: exec.variables.clone(),
                 status,
                 memo,
+                first_start,
                 open: HashMap::new(),
                 busy: 0,
                 waits: HashMap::new(),
@@ -796,16 +805,19 @@ impl Run {
             .run_step_inner(step.clone(), path.clone(), frame);
         match timeout {
             None => work.await,
-            Some(limit) => match tokio::time::timeout(limit, work).await {
-                Ok(r) => r,
-                Err(_) => {
-                    let err = StepError::fatal(
-                        "timeout",
-                        format!("step did not finish within {}ms", limit.as_millis()),
-                    );
-                    self.record_failure(&step, &path, err).await
+            Some(limit) => {
+                let began = self.lock().first_start.get(&path).copied();
+                match tokio::time::timeout(remaining(limit, began, Utc::now()), work).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let err = StepError::fatal(
+                            "timeout",
+                            format!("step did not finish within {}ms", limit.as_millis()),
+                        );
+                        self.record_failure(&step, &path, err).await
+                    }
                 }
-            },
+            }
         }
     }
 
@@ -1655,6 +1667,15 @@ impl Run {
 }
 
 /// Finds a step by id anywhere in a definition.
+/// What is left of a step's `limit` at `now` when it first started at `began` (`None`: it starts
+/// now). A step that started before a restart keeps its deadline.
+fn remaining(limit: Duration, began: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Duration {
+    match began {
+        Some(t) => limit.saturating_sub((now - t).to_std().unwrap_or(Duration::ZERO)),
+        None => limit,
+    }
+}
+
 fn find_step<'a>(steps: &'a [pb::Step], id: &str) -> Option<&'a pb::Step> {
     for s in steps {
         if s.id == id {
@@ -1702,6 +1723,20 @@ pub fn traceparent(execution_id: &str, path: &str, attempt: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_timeout_counts_from_the_first_start() {
+        let now = Utc::now();
+        let limit = Duration::from_secs(10);
+        assert_eq!(remaining(limit, None, now), limit);
+        let began = now - chrono::Duration::seconds(4);
+        assert_eq!(remaining(limit, Some(began), now), Duration::from_secs(6));
+        let long_ago = now - chrono::Duration::seconds(60);
+        assert_eq!(remaining(limit, Some(long_ago), now), Duration::ZERO);
+        // A clock that went backwards leaves the whole limit.
+        let ahead = now + chrono::Duration::seconds(5);
+        assert_eq!(remaining(limit, Some(ahead), now), limit);
+    }
 
     #[test]
     fn traceparent_is_w3c_shaped_and_stable() {

@@ -343,3 +343,56 @@ async fn secrets_are_sent_but_never_stored_or_streamed() {
     assert!(!everything.contains(SECRET), "the secret leaked");
     assert!(everything.contains("Bearer [REDACTED]"));
 }
+
+#[tokio::test]
+async fn a_step_timeout_keeps_its_deadline_through_a_restart() {
+    let target = Target::start().await.expect("target");
+    let url = shared_database_url().await;
+    let mut first = Proc::spawn(&url, FLAGS);
+    let channel = first.channel().await;
+    let base = &target.base;
+    // `held` never gets an answer (the gate stays shut); `tick` marks a second into it.
+    let workflow = active_workflow(&channel, json!({"name": "step-timeout", "steps": [
+        {"id": "held", "timeout": "2s", "onError": "ON_ERROR_CONTINUE",
+         "http": {"method": "POST", "url": format!("{base}/gate")}},
+        {"id": "tick", "wait": {"duration": "1s"}}]}))
+    .await;
+    let id = start(&channel, &workflow).await;
+    wait_for(&channel, &id, |e| {
+        e.step_path == "tick" && e.r#type == E::StepSucceeded as i32
+    })
+    .await;
+    drop(channel);
+    first.signal_and_wait("KILL").await;
+
+    let second = Proc::spawn(&url, FLAGS);
+    let channel = second.channel().await;
+    let events = finish(&channel, &id).await;
+    crate::support::assert_consecutive(&events, 1);
+    assert_eq!(
+        events.last().map(|e| e.r#type),
+        Some(E::ExecutionCompleted as i32)
+    );
+    let held = |ty: E| {
+        events
+            .iter()
+            .find(|e| e.step_path == "held" && e.r#type == ty as i32)
+            .unwrap_or_else(|| panic!("held: no {ty:?}"))
+    };
+    let failed = held(E::StepFailed);
+    assert_eq!(
+        failed.error.as_ref().map(|e| e.code.as_str()),
+        Some("timeout")
+    );
+    // Counted from the first start, before the kill: a restarted timer would end a second later.
+    let took = at(&failed.time) - at(&held(E::StepStarted).time);
+    assert!(
+        took >= chrono::Duration::seconds(2) && took < chrono::Duration::milliseconds(2900),
+        "the step timed out {took} after it first started"
+    );
+    assert_eq!(
+        target.counts().get(&format!("{id}/held")),
+        Some(&2),
+        "the call in flight at the kill was sent again once, with its key"
+    );
+}
