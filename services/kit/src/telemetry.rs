@@ -2,12 +2,18 @@
 //! tracing-opentelemetry when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (service name from
 //! `OTEL_SERVICE_NAME`, default `meshflow`). W3C `traceparent` is the propagation format.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use opentelemetry::propagation::TextMapPropagator;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -74,16 +80,38 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<Guard> {
         }
         None => None,
     };
-    let otel = provider
-        .as_ref()
-        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("meshflow")));
+    // Spans are exported at INFO whatever the log filter says: quiet logs keep their traces.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("meshflow"))
+            .with_filter(LevelFilter::INFO)
+    });
+    EXPORTING.store(provider.is_some(), Ordering::Relaxed);
 
     tracing_subscriber::registry()
-        .with(filter)
-        .with(fmt)
+        .with(fmt.with_filter(filter))
         .with(otel)
         .try_init()?;
     Ok(Guard { provider })
+}
+
+static EXPORTING: AtomicBool = AtomicBool::new(false);
+
+/// Whether spans are exported (`OTEL_EXPORTER_OTLP_ENDPOINT` was set at [`init`]).
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// Makes `span` a child of the remote span a W3C `traceparent` names, and returns the
+/// `traceparent` that names `span` itself (for the requests it makes), or `None` when the span is
+/// not exported.
+pub fn continue_trace(span: &tracing::Span, parent: &str) -> Option<String> {
+    let propagator = TraceContextPropagator::new();
+    let carrier = HashMap::from([("traceparent".to_string(), parent.to_string())]);
+    span.set_parent(propagator.extract(&carrier)).ok()?;
+    let mut out: HashMap<String, String> = HashMap::new();
+    propagator.inject_context(&span.context(), &mut out);
+    out.remove("traceparent")
 }
 
 /// Reads a W3C trace context from request headers.

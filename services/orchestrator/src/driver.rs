@@ -921,6 +921,31 @@ impl Run {
         self.changed.notify_one();
     }
 
+    /// The span of one attempt of a leaf step, in the execution's trace, and the `traceparent` its
+    /// requests carry: the span's own when spans are exported, else a stable one derived from the
+    /// execution id, step path and attempt.
+    fn attempt_span(&self, step: &pb::Step, path: &str, attempt: i32) -> (tracing::Span, String) {
+        let stable = traceparent(&self.id, path, attempt);
+        if !meshflow_kit::telemetry::exporting() {
+            return (tracing::Span::none(), stable);
+        }
+        let span = tracing::info_span!(
+            "step attempt",
+            otel.name = %format!("step {path}"),
+            execution_id = %self.id,
+            workflow_id = %self.workflow_id,
+            step_id = %step.id,
+            step_path = %path,
+            step_type = step_type(step).as_str_name(),
+            attempt,
+            otel.status_code = tracing::field::Empty,
+            error.code = tracing::field::Empty,
+        );
+        // The parent is the execution's root (never exported itself): one trace per execution.
+        let own = meshflow_kit::telemetry::continue_trace(&span, &traceparent(&self.id, "", 0));
+        (span, own.unwrap_or(stable))
+    }
+
     /// Leaf steps, with retries scheduled on stored `next_attempt_at`.
     async fn leaf(&self, step: &pb::Step, path: &str, frame: &Arc<Frame>) -> Result<Outcome, Halt> {
         let policy = Policy::resolve(
@@ -966,7 +991,7 @@ impl Run {
                 .await?;
             }
             let scope = self.scope(frame);
-            let traceparent = traceparent(&self.id, path, attempt);
+            let (span, traceparent) = self.attempt_span(step, path, attempt);
             let call = CallContext {
                 idempotency_key: &idempotency_key,
                 traceparent: &traceparent,
@@ -1043,6 +1068,11 @@ impl Run {
                 }
             });
             let ended = Utc::now();
+            if let Err(e) = &result {
+                span.record("otel.status_code", "ERROR");
+                span.record("error.code", e.code);
+            }
+            drop(span);
             let mut r = row(&row_id, step, path, StepStatus::Running, attempt);
             r.start_time = Some(started);
             r.end_time = Some(ended);

