@@ -80,18 +80,23 @@ pub fn init(format: LogFormat, filter: &str) -> anyhow::Result<Guard> {
         }
         None => None,
     };
-    // Spans are exported at INFO whatever the log filter says: quiet logs keep their traces.
-    let otel = provider.as_ref().map(|p| {
-        tracing_opentelemetry::layer()
-            .with_tracer(p.tracer("meshflow"))
-            .with_filter(LevelFilter::INFO)
-    });
     EXPORTING.store(provider.is_some(), Ordering::Relaxed);
-
-    tracing_subscriber::registry()
-        .with(fmt.with_filter(filter))
-        .with(otel)
-        .try_init()?;
+    match &provider {
+        // Spans are exported at INFO whatever the log filter says: quiet logs keep their traces.
+        Some(p) => tracing_subscriber::registry()
+            .with(fmt.with_filter(filter))
+            .with(
+                tracing_opentelemetry::layer()
+                    .with_tracer(p.tracer("meshflow"))
+                    .with_filter(LevelFilter::INFO),
+            )
+            .try_init()?,
+        // One global filter: callsites it disables cost nothing at all.
+        None => tracing_subscriber::registry()
+            .with(fmt)
+            .with(filter)
+            .try_init()?,
+    }
     Ok(Guard { provider })
 }
 
