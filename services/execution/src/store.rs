@@ -316,13 +316,14 @@ impl Store {
                 return Ok((row, true));
             }
             drop(conn);
-            return match &new.request_id {
-                Some(rid) => match self.execution_by_request(rid).await? {
-                    Some(existing) => Ok((existing, false)),
-                    None => Err(StoreError::Corrupt(format!("execution {} exists", row.id))),
-                },
-                None => Err(StoreError::Corrupt(format!("execution {} exists", row.id))),
+            // Started concurrently with the same request id: that execution is the answer.
+            let existing = match &new.request_id {
+                Some(rid) => self.execution_by_request(rid).await?,
+                None => None,
             };
+            return existing
+                .map(|e| (e, false))
+                .ok_or_else(|| StoreError::Corrupt(format!("execution {} exists", row.id)));
         }
         let model = sea_orm::ActiveModelTrait::reset_all(execution::ActiveModel::from(row.clone()));
         let txn = self.db.begin().await?;
