@@ -28,8 +28,9 @@ pub async fn connect_url(
     opts.sqlx_logging(false)
         .connect_timeout(Duration::from_secs(10))
         .acquire_timeout(Duration::from_secs(10));
-    if url.starts_with("sqlite:") {
-        let memory = url.contains(":memory:") || url.contains("mode=memory");
+    let sqlite = url.starts_with("sqlite:");
+    let memory = sqlite && (url.contains(":memory:") || url.contains("mode=memory"));
+    if sqlite {
         let sync = match synchronous {
             SqliteSynchronous::Normal => Sync::Normal,
             SqliteSynchronous::Full => Sync::Full,
@@ -64,7 +65,7 @@ pub async fn connect_url(
     }
     let db = Database::connect(opts).await?;
     Migrator::up(&db, None).await?;
-    if url.starts_with("sqlite:") && !url.contains(":memory:") && !url.contains("mode=memory") {
+    if sqlite && !memory {
         checkpoint_in_background(db.clone());
     }
     Ok(db)

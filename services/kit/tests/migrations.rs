@@ -72,16 +72,14 @@ async fn connecting_migrates_and_is_idempotent() {
         .len();
     assert_eq!(applied, Migrator::migrations().len());
     // Connecting again to the same database applies nothing new.
-    {
-        let again = meshflow_kit::db::connect_url(&url, synchronous, 4)
+    let again = meshflow_kit::db::connect_url(&url, synchronous, 4)
+        .await
+        .expect("second connect");
+    assert_eq!(
+        Migrator::get_applied_migrations(&again)
             .await
-            .expect("second connect");
-        assert_eq!(
-            Migrator::get_applied_migrations(&again)
-                .await
-                .expect("applied")
-                .len(),
-            applied
-        );
-    }
+            .expect("applied")
+            .len(),
+        applied
+    );
 }

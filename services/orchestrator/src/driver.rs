@@ -1696,7 +1696,6 @@ impl Run {
     }
 }
 
-/// Finds a step by id anywhere in a definition.
 /// What is left of a step's `limit` at `now` when it first started at `began` (`None`: it starts
 /// now). A step that started before a restart keeps its deadline.
 fn remaining(limit: Duration, began: Option<DateTime<Utc>>, now: DateTime<Utc>) -> Duration {
@@ -1706,6 +1705,7 @@ fn remaining(limit: Duration, began: Option<DateTime<Utc>>, now: DateTime<Utc>) 
     }
 }
 
+/// Finds a step by id anywhere in a definition.
 fn find_step<'a>(steps: &'a [pb::Step], id: &str) -> Option<&'a pb::Step> {
     for s in steps {
         if s.id == id {

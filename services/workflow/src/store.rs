@@ -75,6 +75,18 @@ fn is_unique_violation(err: &DbErr) -> bool {
     matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
+/// A rename's error: a unique-constraint violation means another `kind` has the name already.
+fn name_taken_or(err: DbErr, kind: &'static str, name: &str) -> Error {
+    if is_unique_violation(&err) {
+        Error::NameTaken {
+            kind,
+            name: name.to_string(),
+        }
+    } else {
+        err.into()
+    }
+}
+
 /// `LIKE` pattern matching `text` anywhere, with `%`, `_` and `\` escaped.
 fn contains_pattern(text: &str) -> String {
     let escaped = text
@@ -355,16 +367,8 @@ impl Store {
             .filter(workflow::Column::Id.eq(id.as_str()))
             .filter(workflow::Column::Revision.eq(update.expected_revision))
             .exec(&txn)
-            .await;
-        let result = match result {
-            Err(err) if is_unique_violation(&err) => {
-                return Err(Error::NameTaken {
-                    kind: "workflow",
-                    name: w.name.clone(),
-                });
-            }
-            other => other?,
-        };
+            .await
+            .map_err(|err| name_taken_or(err, "workflow", &w.name))?;
         if result.rows_affected == 0 {
             return Err(Error::StaleEtag {
                 kind: "workflow",
@@ -731,16 +735,8 @@ impl Store {
             .filter(rule::Column::Id.eq(r.rule_id.as_str()))
             .filter(rule::Column::Revision.eq(expected_revision))
             .exec(&self.db)
-            .await;
-        let result = match result {
-            Err(err) if is_unique_violation(&err) => {
-                return Err(Error::NameTaken {
-                    kind: "transformation rule",
-                    name: r.name.clone(),
-                });
-            }
-            other => other?,
-        };
+            .await
+            .map_err(|err| name_taken_or(err, "transformation rule", &r.name))?;
         if result.rows_affected == 0 {
             self.get_rule(&r.rule_id).await?;
             return Err(Error::StaleEtag {
