@@ -15,6 +15,7 @@ use sea_orm::{
 use serde_json::Value;
 
 pub mod entity;
+mod postgres;
 mod sqlite;
 
 use entity::{event, execution, metrics, signal, step};
@@ -228,6 +229,7 @@ type SqliteWriter = std::sync::Arc<tokio::sync::Mutex<rusqlite::Connection>>;
 pub struct Store {
     db: DatabaseConnection,
     sqlite: std::sync::Arc<tokio::sync::OnceCell<Option<SqliteWriter>>>,
+    postgres: std::sync::Arc<tokio::sync::OnceCell<sea_orm::sqlx::PgPool>>,
 }
 
 impl Store {
@@ -236,7 +238,15 @@ impl Store {
         Self {
             db,
             sqlite: Default::default(),
+            postgres: Default::default(),
         }
+    }
+
+    /// The writer's own PostgreSQL connection (see [`postgres::writer_pool`]), opened on first use.
+    async fn postgres_writer(&self) -> Result<&sea_orm::sqlx::PgPool, StoreError> {
+        self.postgres
+            .get_or_try_init(|| postgres::writer_pool(self.db.get_postgres_connection_pool()))
+            .await
     }
 
     /// The writer's own connection when the database is a SQLite file; `None` for PostgreSQL and
@@ -468,6 +478,10 @@ impl Store {
             let mut conn = writer.lock().await;
             return sqlite::commit(&mut conn, batch, carried, flush, now);
         }
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            let pool = self.postgres_writer().await?;
+            return postgres::commit(pool, batch, carried, flush, now).await;
+        }
         let txn = self.db.begin().await?;
         let mut outcomes = vec![CommitOutcome::Done; batch.len()];
         let mut steps: Vec<step::ActiveModel> = Vec::new();
@@ -580,6 +594,10 @@ impl Store {
         if let Some(writer) = self.sqlite_writer().await? {
             let mut conn = writer.lock().await;
             return sqlite::add_all_metrics(&mut conn, &merged, now);
+        }
+        if self.db.get_database_backend() == DbBackend::Postgres {
+            let pool = self.postgres_writer().await?;
+            return postgres::add_metrics(pool, &merged, now).await;
         }
         let txn = self.db.begin().await?;
         for (workflow_id, delta, durations) in &merged {
@@ -866,6 +884,21 @@ async fn fence<'a, C: ConnectionTrait>(
     Ok(update.exec(txn).await?.rows_affected > 0)
 }
 
+/// A time as text: as sqlx stores it in SQLite (so the SQLite path's rows compare and sort with the
+/// pooled path's), and as PostgreSQL reads a `timestamptz`.
+fn time_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
+}
+
+/// Counts of `durations` per bucket of [`BUCKETS_MS`] (and the open last one).
+fn histogram_of(durations: &[i64]) -> Vec<i64> {
+    let mut histogram = vec![0; BUCKETS_MS.len() + 1];
+    for ms in durations {
+        histogram[bucket_of(*ms)] += 1;
+    }
+    histogram
+}
+
 /// The executions of a batch in first-commit order, each with the indexes of its commits.
 fn by_execution(batch: &[Commit]) -> Vec<(&str, Vec<usize>)> {
     let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
@@ -1019,10 +1052,10 @@ fn next_metrics(
     let mut histogram: Vec<i64> = current
         .as_ref()
         .and_then(|m| serde_json::from_value(m.duration_histogram.clone()).ok())
-        .unwrap_or_else(|| vec![0; BUCKETS_MS.len() + 1]);
+        .unwrap_or_default();
     histogram.resize(BUCKETS_MS.len() + 1, 0);
-    for ms in durations {
-        histogram[bucket_of(*ms)] += 1;
+    for (count, added) in histogram.iter_mut().zip(histogram_of(durations)) {
+        *count += added;
     }
     let base = current.unwrap_or(metrics::Model {
         workflow_id: workflow_id.to_string(),

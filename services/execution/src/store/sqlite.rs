@@ -13,17 +13,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
 use serde_json::Value;
 
 use super::entity::{execution, metrics};
-use super::{Commit, CommitOutcome, MetricsDelta, StoreError};
-
-/// How the pooled connections store a time: the text both paths compare and sort.
-pub(super) fn time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::AutoSi, false)
-}
+use super::{Commit, CommitOutcome, MetricsDelta, StoreError, time_text as time};
 
 fn json(v: &Value) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))

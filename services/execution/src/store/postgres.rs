@@ -1,0 +1,382 @@
+//! Group commit on PostgreSQL in one round trip.
+//!
+//! A batch is one statement: the fenced update of every execution's row, the attempt upserts and the
+//! event inserts are data-modifying CTEs over `UNNEST`ed arrays, and the attempts and events of an
+//! execution whose fence failed are filtered out by the update's `RETURNING`. One statement is one
+//! transaction, and its text never changes with the batch's size, so it is prepared once per
+//! connection. When the batch also carries metrics, they are added in a second statement of the same
+//! transaction, as increments (a histogram is added bucket by bucket), so no row is read back first.
+//!
+//! The writer has a connection of its own whose plans are generic: its statements' plans do not
+//! depend on the batch, and planning a custom plan at every bind cost as much as running them.
+
+use std::collections::HashSet;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sqlx::{self, PgPool, Postgres, Row};
+use serde_json::Value;
+
+use super::{Commit, CommitOutcome, MetricsDelta, StoreError, time_text as time};
+
+const COMMIT: &str = "WITH fenced AS (
+    UPDATE workflow_executions AS e SET
+        update_time = $1::timestamptz,
+        status = COALESCE(v.status, e.status),
+        variables = COALESCE(v.variables::jsonb, e.variables),
+        output = COALESCE(v.output::jsonb, e.output),
+        error = COALESCE(v.error::jsonb, e.error),
+        wake_at = CASE WHEN v.set_wake THEN v.wake_at::timestamptz ELSE e.wake_at END,
+        start_time = COALESCE(v.start_time::timestamptz, e.start_time),
+        end_time = COALESCE(v.end_time::timestamptz, e.end_time),
+        last_sequence = COALESCE(v.last_sequence, e.last_sequence),
+        lease_owner = CASE WHEN v.release THEN NULL ELSE e.lease_owner END,
+        lease_expires_at = CASE WHEN v.release THEN NULL ELSE e.lease_expires_at END
+    FROM UNNEST($2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
+                $8::bool[], $9::text[], $10::text[], $11::text[], $12::bigint[], $13::bool[])
+        AS v(id, owner, status, variables, output, error, set_wake, wake_at, start_time, end_time,
+             last_sequence, release)
+    WHERE e.id = v.id AND e.lease_owner = v.owner
+    RETURNING e.id
+), steps AS (
+    INSERT INTO step_executions (id, execution_id, step_id, step_path, step_type, status, attempt,
+        input, output, error, logs, start_time, end_time, duration_ms, next_attempt_at)
+    SELECT s.id, s.execution_id, s.step_id, s.step_path, s.step_type, s.status, s.attempt,
+        s.input::jsonb, s.output::jsonb, s.error::jsonb, s.logs::jsonb,
+        s.start_time::timestamptz, s.end_time::timestamptz, s.duration_ms,
+        s.next_attempt_at::timestamptz
+    FROM UNNEST($14::text[], $15::text[], $16::text[], $17::text[], $18::text[], $19::text[],
+                $20::int[], $21::text[], $22::text[], $23::text[], $24::text[], $25::text[],
+                $26::text[], $27::bigint[], $28::text[])
+        AS s(id, execution_id, step_id, step_path, step_type, status, attempt, input, output, error,
+             logs, start_time, end_time, duration_ms, next_attempt_at)
+    WHERE s.execution_id IN (SELECT id FROM fenced)
+    ON CONFLICT (id) DO UPDATE SET status = excluded.status, input = excluded.input,
+        output = excluded.output, error = excluded.error, logs = excluded.logs,
+        start_time = excluded.start_time, end_time = excluded.end_time,
+        duration_ms = excluded.duration_ms, next_attempt_at = excluded.next_attempt_at
+), events AS (
+    INSERT INTO execution_events (execution_id, sequence, time, event_type, step_path, payload)
+    SELECT x.execution_id, x.sequence, x.time::timestamptz, x.event_type, x.step_path,
+        x.payload::jsonb
+    FROM UNNEST($29::text[], $30::bigint[], $31::text[], $32::text[], $33::text[], $34::text[])
+        AS x(execution_id, sequence, time, event_type, step_path, payload)
+    WHERE x.execution_id IN (SELECT id FROM fenced)
+), signals AS (
+    UPDATE execution_signals AS g SET consumed_by = c.consumer
+    FROM UNNEST($35::text[], $36::text[], $37::text[]) AS c(id, consumer, execution_id)
+    WHERE g.id = c.id AND c.execution_id IN (SELECT id FROM fenced)
+)
+SELECT id FROM fenced";
+
+const METRICS: &str = "INSERT INTO orchestration_metrics AS m (workflow_id, step_id, total,
+    active, completed, failed, cancelled, timed_out, skipped, attempts, duration_histogram,
+    update_time)
+SELECT d.workflow_id, d.step_id, d.total, d.active, d.completed, d.failed, d.cancelled,
+    d.timed_out, d.skipped, d.attempts, d.histogram::jsonb, $1::timestamptz
+FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
+            $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[])
+    AS d(workflow_id, step_id, total, active, completed, failed, cancelled, timed_out, skipped,
+         attempts, histogram)
+ON CONFLICT (workflow_id, step_id) DO UPDATE SET
+    total = m.total + excluded.total, active = m.active + excluded.active,
+    completed = m.completed + excluded.completed, failed = m.failed + excluded.failed,
+    cancelled = m.cancelled + excluded.cancelled, timed_out = m.timed_out + excluded.timed_out,
+    skipped = m.skipped + excluded.skipped, attempts = m.attempts + excluded.attempts,
+    duration_histogram = (
+        SELECT jsonb_agg(COALESCE((m.duration_histogram ->> i)::bigint, 0)
+                         + COALESCE((excluded.duration_histogram ->> i)::bigint, 0) ORDER BY i)
+        FROM generate_series(0, jsonb_array_length(excluded.duration_histogram) - 1) AS i),
+    update_time = excluded.update_time";
+
+/// A one-connection pool to the same server as `pool`, for the writer, with generic plans.
+pub(super) async fn writer_pool(pool: &PgPool) -> Result<PgPool, StoreError> {
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("plan_cache_mode", "force_generic_plan")]);
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .connect_with(options)
+        .await
+        .map_err(db)
+}
+
+fn json(v: &Value) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn opt_json(v: &Option<Value>) -> Result<Option<String>, StoreError> {
+    v.as_ref().map(json).transpose()
+}
+
+fn db(err: sqlx::Error) -> StoreError {
+    StoreError::Db(sea_orm::DbErr::Exec(sea_orm::RuntimeErr::SqlxError(
+        std::sync::Arc::new(err),
+    )))
+}
+
+/// [`super::Store::commit`] on PostgreSQL: the same rows, fencing and handling of `carried` step
+/// metrics, in one statement (two in one transaction when metrics are due).
+pub(super) async fn commit(
+    pool: &PgPool,
+    batch: &[Commit],
+    carried: &mut Vec<(String, MetricsDelta)>,
+    flush: bool,
+    now: DateTime<Utc>,
+) -> Result<Vec<CommitOutcome>, StoreError> {
+    let groups = super::by_execution(batch);
+    // Execution-level increments go with their commit (the concurrency limit reads them); step-level
+    // ones wait for a flush. Only fenced executions' increments count, so they are sorted after.
+    let has_execution_metrics = batch
+        .iter()
+        .any(|c| c.metrics.iter().any(|d| d.step_id.is_empty()));
+    let has_step_metrics = !carried.is_empty()
+        || batch
+            .iter()
+            .any(|c| c.metrics.iter().any(|d| !d.step_id.is_empty()));
+    let with_metrics = has_execution_metrics || (flush && has_step_metrics);
+    let statement = batch_statement(batch, &groups, now)?;
+    let fenced: HashSet<String> = if with_metrics {
+        let mut tx = pool.begin().await.map_err(db)?;
+        let fenced = fenced_ids(statement.fetch_all(&mut *tx).await.map_err(db)?)?;
+        let mut execution_metrics = Vec::new();
+        let mut step_metrics = carried.clone();
+        for (execution_id, members) in &groups {
+            if fenced.contains(*execution_id) {
+                for &k in members {
+                    super::split_metrics(&batch[k], &mut execution_metrics, &mut step_metrics);
+                }
+            }
+        }
+        execution_metrics.extend(super::merged_metrics(&step_metrics));
+        metrics_statement(&execution_metrics, now)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        carried.clear();
+        fenced
+    } else {
+        let fenced = fenced_ids(statement.fetch_all(pool).await.map_err(db)?)?;
+        for (execution_id, members) in &groups {
+            if fenced.contains(*execution_id) {
+                for &k in members {
+                    super::split_metrics(&batch[k], &mut Vec::new(), carried);
+                }
+            }
+        }
+        fenced
+    };
+    let mut outcomes = vec![CommitOutcome::Done; batch.len()];
+    for (execution_id, members) in groups {
+        if !fenced.contains(execution_id) {
+            for k in members {
+                outcomes[k] = CommitOutcome::LeaseLost;
+            }
+        }
+    }
+    Ok(outcomes)
+}
+
+/// [`super::Store::add_metrics`] on PostgreSQL: one statement of increments.
+pub(super) async fn add_metrics(
+    pool: &PgPool,
+    merged: &[(String, MetricsDelta, Vec<i64>)],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    metrics_statement(merged, now)
+        .execute(pool)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+fn fenced_ids(rows: Vec<sqlx::postgres::PgRow>) -> Result<HashSet<String>, StoreError> {
+    rows.iter()
+        .map(|r| r.try_get::<String, _>(0).map_err(db))
+        .collect()
+}
+
+type Query<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
+
+fn batch_statement<'q>(
+    batch: &[Commit],
+    groups: &[(&str, Vec<usize>)],
+    now: DateTime<Utc>,
+) -> Result<Query<'q>, StoreError> {
+    // The fenced row update of each execution.
+    let n = groups.len();
+    let (mut id, mut owner, mut status) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut variables, mut output, mut error) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut set_wake, mut wake_at, mut start, mut end) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut last_sequence, mut release) = (Vec::new(), Vec::new());
+    for (execution_id, members) in groups {
+        let (p, last) = super::merged_patch(members.iter().map(|&k| &batch[k]));
+        id.push(execution_id.to_string());
+        owner.push(batch[members[0]].owner.clone());
+        status.push(p.status.map(|s| s.as_str_name().to_string()));
+        variables.push(opt_json(&p.variables)?);
+        output.push(opt_json(&p.output)?);
+        error.push(opt_json(&p.error)?);
+        set_wake.push(p.wake_at.is_some());
+        wake_at.push(p.wake_at.flatten().map(time));
+        start.push(p.start_time.map(time));
+        end.push(p.end_time.map(time));
+        last_sequence.push(last);
+        release.push(p.release_lease);
+    }
+    // Attempts, the last write of each id winning (one statement may touch a row only once).
+    let mut rows: Vec<(&str, &super::StepRow)> = Vec::new();
+    for c in batch {
+        for r in &c.steps {
+            match rows.iter().position(|(_, s)| s.id == r.id) {
+                Some(at) => rows[at] = (&c.execution_id, r),
+                None => rows.push((&c.execution_id, r)),
+            }
+        }
+    }
+    let (mut s_id, mut s_execution, mut s_step_id) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut s_path, mut s_type) = (Vec::new(), Vec::new());
+    let (mut s_status, mut s_attempt) = (Vec::new(), Vec::new());
+    let (mut s_input, mut s_output, mut s_error, mut s_logs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut s_start, mut s_end, mut s_duration, mut s_next) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (execution_id, r) in rows {
+        s_id.push(r.id.clone());
+        s_execution.push(execution_id.to_string());
+        s_step_id.push(r.step_id.clone());
+        s_path.push(r.step_path.clone());
+        s_type.push(r.step_type.clone());
+        s_status.push(r.status.as_str_name().to_string());
+        s_attempt.push(r.attempt);
+        s_input.push(opt_json(&r.input)?);
+        s_output.push(opt_json(&r.output)?);
+        s_error.push(opt_json(&r.error)?);
+        s_logs.push(json(&r.logs)?);
+        s_start.push(r.start_time.map(time));
+        s_end.push(r.end_time.map(time));
+        s_duration.push(super::duration_ms(r));
+        s_next.push(r.next_attempt_at.map(time));
+    }
+    // Events.
+    let now_text = time(now);
+    let (mut e_execution, mut e_sequence, mut e_time) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut e_type, mut e_path, mut e_payload) = (Vec::new(), Vec::new(), Vec::new());
+    // Signals consumed.
+    let (mut g_id, mut g_consumer, mut g_execution) = (Vec::new(), Vec::new(), Vec::new());
+    for c in batch {
+        for e in &c.events {
+            e_execution.push(c.execution_id.clone());
+            e_sequence.push(e.sequence);
+            e_time.push(
+                e.time
+                    .as_ref()
+                    .and_then(meshflow_kit::convert::from_timestamp)
+                    .map(time)
+                    .unwrap_or_else(|| now_text.clone()),
+            );
+            e_type.push(super::event_type_name(e).to_string());
+            e_path.push(Some(e.step_path.clone()).filter(|p| !p.is_empty()));
+            e_payload.push(
+                serde_json::to_string(e).map_err(|err| StoreError::Corrupt(err.to_string()))?,
+            );
+        }
+        if let Some((signal_id, consumer)) = &c.consume_signal {
+            g_id.push(signal_id.clone());
+            g_consumer.push(consumer.clone());
+            g_execution.push(c.execution_id.clone());
+        }
+    }
+    Ok(sqlx::query(COMMIT)
+        .bind(now_text)
+        .bind(id)
+        .bind(owner)
+        .bind(status)
+        .bind(variables)
+        .bind(output)
+        .bind(error)
+        .bind(set_wake)
+        .bind(wake_at)
+        .bind(start)
+        .bind(end)
+        .bind(last_sequence)
+        .bind(release)
+        .bind(s_id)
+        .bind(s_execution)
+        .bind(s_step_id)
+        .bind(s_path)
+        .bind(s_type)
+        .bind(s_status)
+        .bind(s_attempt)
+        .bind(s_input)
+        .bind(s_output)
+        .bind(s_error)
+        .bind(s_logs)
+        .bind(s_start)
+        .bind(s_end)
+        .bind(s_duration)
+        .bind(s_next)
+        .bind(e_execution)
+        .bind(e_sequence)
+        .bind(e_time)
+        .bind(e_type)
+        .bind(e_path)
+        .bind(e_payload)
+        .bind(g_id)
+        .bind(g_consumer)
+        .bind(g_execution))
+}
+
+fn metrics_statement<'q>(
+    merged: &[(String, MetricsDelta, Vec<i64>)],
+    now: DateTime<Utc>,
+) -> Query<'q> {
+    let mut cols: [Vec<i64>; 8] = Default::default();
+    let (mut workflow, mut step, mut histogram) = (Vec::new(), Vec::new(), Vec::new());
+    for (workflow_id, d, durations) in merged {
+        workflow.push(workflow_id.clone());
+        step.push(d.step_id.clone());
+        for (col, v) in cols.iter_mut().zip([
+            d.total,
+            d.active,
+            d.completed,
+            d.failed,
+            d.cancelled,
+            d.timed_out,
+            d.skipped,
+            d.attempts,
+        ]) {
+            col.push(v);
+        }
+        histogram.push(Value::from(super::histogram_of(durations)).to_string());
+    }
+    let [
+        total,
+        active,
+        completed,
+        failed,
+        cancelled,
+        timed_out,
+        skipped,
+        attempts,
+    ] = cols;
+    sqlx::query(METRICS)
+        .bind(time(now))
+        .bind(workflow)
+        .bind(step)
+        .bind(total)
+        .bind(active)
+        .bind(completed)
+        .bind(failed)
+        .bind(cancelled)
+        .bind(timed_out)
+        .bind(skipped)
+        .bind(attempts)
+        .bind(histogram)
+}
