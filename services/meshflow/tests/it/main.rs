@@ -8,6 +8,7 @@ mod executions;
 mod orchestrator;
 mod process;
 mod rules;
+mod store;
 mod support;
 mod templates;
 mod traces;

@@ -1,0 +1,151 @@
+//! Group commit as each backend writes it (SQLite's own connection, PostgreSQL's single statement):
+//! a commit whose writer no longer holds the execution's lease writes nothing, and the rest of its
+//! batch still lands.
+
+use chrono::Utc;
+use meshflow_execution::store::{
+    Commit, CommitOutcome, ExecutionPatch, MetricsDelta, NewExecution, StepRow, Store,
+};
+use meshflow_kit::config::SqliteSynchronous;
+use meshflow_proto::execution::v1 as epb;
+use serde_json::json;
+
+use crate::support;
+
+async fn execution(store: &Store, workflow_id: &str, owner: &str) -> String {
+    let now = Utc::now();
+    let (row, created) = store
+        .insert_execution(NewExecution {
+            id: meshflow_kit::id::new_id(),
+            workflow_id: workflow_id.to_string(),
+            workflow_version: 1,
+            input: json!({}),
+            variables: json!({}),
+            request_id: None,
+            deadline_at: None,
+            now,
+            lease: Some((owner.to_string(), now + chrono::Duration::seconds(60))),
+        })
+        .await
+        .expect("insert");
+    assert!(created);
+    row.id
+}
+
+fn commit(execution_id: &str, workflow_id: &str, owner: &str) -> Commit {
+    let now = Utc::now();
+    Commit {
+        execution_id: execution_id.to_string(),
+        workflow_id: workflow_id.to_string(),
+        owner: owner.to_string(),
+        patch: ExecutionPatch {
+            status: Some(epb::ExecutionStatus::Running),
+            variables: Some(json!({"seen": true})),
+            start_time: Some(now),
+            ..Default::default()
+        },
+        steps: vec![StepRow {
+            id: meshflow_kit::id::new_id(),
+            step_id: "fetch".into(),
+            step_path: "fetch".into(),
+            step_type: "STEP_TYPE_HTTP_REQUEST".into(),
+            status: epb::StepStatus::Running,
+            attempt: 1,
+            input: None,
+            output: None,
+            error: None,
+            logs: json!([]),
+            start_time: Some(now),
+            end_time: None,
+            next_attempt_at: None,
+        }],
+        events: vec![epb::ExecutionEvent {
+            execution_id: execution_id.to_string(),
+            sequence: 1,
+            r#type: epb::EventType::ExecutionStarted as i32,
+            ..Default::default()
+        }],
+        consume_signal: None,
+        metrics: vec![MetricsDelta {
+            step_id: "fetch".into(),
+            attempts: 1,
+            ..Default::default()
+        }],
+    }
+}
+
+#[tokio::test]
+async fn a_commit_without_the_lease_writes_nothing_and_the_batch_still_lands() {
+    let url = meshflow_kit::testing::fresh_database_url()
+        .await
+        .expect("database");
+    let db = meshflow_kit::db::connect_url(&url, SqliteSynchronous::Normal, 4)
+        .await
+        .expect("connect");
+    let workflow = meshflow_workflow::store::Store::new(db.clone())
+        .create_workflow(&support::workflow("fenced"), None)
+        .await
+        .expect("workflow");
+    let store = Store::new(db);
+    let taken = execution(&store, &workflow.workflow_id, "replica-a").await;
+    let ours = execution(&store, &workflow.workflow_id, "replica-b").await;
+
+    // replica-b writes to both: it holds only `ours`.
+    let mut carried = Vec::new();
+    let outcomes = store
+        .commit(
+            &[
+                commit(&taken, &workflow.workflow_id, "replica-b"),
+                commit(&ours, &workflow.workflow_id, "replica-b"),
+            ],
+            &mut carried,
+            true,
+        )
+        .await
+        .expect("commit");
+    assert_eq!(outcomes, [CommitOutcome::LeaseLost, CommitOutcome::Done]);
+
+    let row = store.execution(&taken).await.expect("read").expect("row");
+    assert_eq!(
+        (row.status.as_str(), row.last_sequence, row.variables),
+        ("EXECUTION_STATUS_PENDING", 0, json!({}))
+    );
+    assert!(
+        store
+            .events_after(&taken, 0, 10)
+            .await
+            .expect("events")
+            .is_empty()
+    );
+    assert!(
+        store
+            .list_steps(&taken, None, None, 10)
+            .await
+            .expect("steps")
+            .is_empty()
+    );
+
+    let row = store.execution(&ours).await.expect("read").expect("row");
+    assert_eq!(
+        (row.status.as_str(), row.last_sequence, row.variables),
+        ("EXECUTION_STATUS_RUNNING", 1, json!({"seen": true}))
+    );
+    let events = store.events_after(&ours, 0, 10).await.expect("events");
+    assert_eq!(events.len(), 1);
+    let steps = store
+        .list_steps(&ours, None, None, 10)
+        .await
+        .expect("steps");
+    assert_eq!(
+        steps.iter().map(|s| s.status.as_str()).collect::<Vec<_>>(),
+        ["STEP_STATUS_RUNNING"]
+    );
+    // Only the fenced commit's step metrics were counted, written with the flush.
+    assert!(carried.is_empty());
+    let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
+    let fetch = metrics
+        .iter()
+        .find(|m| m.step_id == "fetch")
+        .expect("fetch");
+    assert_eq!(fetch.attempts, 1);
+}
