@@ -41,6 +41,27 @@ pub struct NewExecution {
     pub now: DateTime<Utc>,
     /// The replica that will drive it at once, and until when it holds the lease.
     pub lease: Option<(String, DateTime<Utc>)>,
+    /// Refused (nothing written) when this many executions are active already; checked in the
+    /// inserting transaction.
+    pub max_active: u64,
+}
+
+/// What [`Store::insert_execution`] came to.
+#[derive(Debug, Clone)]
+pub enum Inserted {
+    /// A new execution.
+    Created(execution::Model),
+    /// The execution started earlier with the same request id.
+    Existing(execution::Model),
+    /// `max_active` executions are active: nothing was written.
+    AtCapacity,
+}
+
+/// The SQLite path's insert, before a duplicate is looked up.
+enum InsertOutcome {
+    Created,
+    Duplicate,
+    AtCapacity,
 }
 
 /// Changes to an execution row; `None` leaves a column as it is.
@@ -286,14 +307,11 @@ impl Store {
 
     /// Inserts a PENDING execution (no events yet: sequence 0). Returns the existing execution, and
     /// `false`, when `request_id` was used before.
-    pub async fn insert_execution(
-        &self,
-        new: NewExecution,
-    ) -> Result<(execution::Model, bool), StoreError> {
+    pub async fn insert_execution(&self, new: NewExecution) -> Result<Inserted, StoreError> {
         if let Some(rid) = &new.request_id
             && let Some(existing) = self.execution_by_request(rid).await?
         {
-            return Ok((existing, false));
+            return Ok(Inserted::Existing(existing));
         }
         let row = execution::Model {
             id: new.id.clone(),
@@ -320,43 +338,54 @@ impl Store {
             active: 1,
             ..Default::default()
         };
-        if let Some(writer) = self.sqlite_writer().await? {
-            let mut conn = writer.lock().await;
-            if sqlite::insert_execution(&mut conn, &row, &started)? {
-                return Ok((row, true));
+        let outcome = match self.sqlite_writer().await? {
+            Some(writer) => {
+                let mut conn = writer.lock().await;
+                sqlite::insert_execution(&mut conn, &row, &started, new.max_active)?
             }
-            drop(conn);
-            // Started concurrently with the same request id: that execution is the answer.
-            let existing = match &new.request_id {
-                Some(rid) => self.execution_by_request(rid).await?,
-                None => None,
-            };
-            return existing
-                .map(|e| (e, false))
-                .ok_or_else(|| StoreError::Corrupt(format!("execution {} exists", row.id)));
-        }
-        let model = sea_orm::ActiveModelTrait::reset_all(execution::ActiveModel::from(row.clone()));
-        let txn = self.db.begin().await?;
-        match execution::Entity::insert(model)
-            .exec_without_returning(&txn)
-            .await
-        {
-            Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
-                drop(txn);
-                if let Some(rid) = &new.request_id
-                    && let Some(existing) = self.execution_by_request(rid).await?
-                {
-                    return Ok((existing, false));
+            None => {
+                let model =
+                    sea_orm::ActiveModelTrait::reset_all(execution::ActiveModel::from(row.clone()));
+                let txn = self.db.begin().await?;
+                if active_in(&txn).await? >= new.max_active {
+                    InsertOutcome::AtCapacity
+                } else {
+                    match execution::Entity::insert(model)
+                        .exec_without_returning(&txn)
+                        .await
+                    {
+                        Err(err)
+                            if matches!(
+                                err.sql_err(),
+                                Some(SqlErr::UniqueConstraintViolation(_))
+                            ) =>
+                        {
+                            InsertOutcome::Duplicate
+                        }
+                        Err(err) => return Err(err.into()),
+                        Ok(_) => {
+                            upsert_metrics(&txn, &new.workflow_id, &started, &[], new.now).await?;
+                            txn.commit().await?;
+                            InsertOutcome::Created
+                        }
+                    }
                 }
-                return Err(err.into());
             }
-            other => {
-                other?;
+        };
+        match outcome {
+            InsertOutcome::Created => Ok(Inserted::Created(row)),
+            InsertOutcome::AtCapacity => Ok(Inserted::AtCapacity),
+            InsertOutcome::Duplicate => {
+                // Started concurrently with the same request id: that execution is the answer.
+                let existing = match &new.request_id {
+                    Some(rid) => self.execution_by_request(rid).await?,
+                    None => None,
+                };
+                existing
+                    .map(Inserted::Existing)
+                    .ok_or_else(|| StoreError::Corrupt(format!("execution {} exists", row.id)))
             }
         }
-        upsert_metrics(&txn, &new.workflow_id, &started, &[], new.now).await?;
-        txn.commit().await?;
-        Ok((row, true))
     }
 
     /// The execution started with `request_id`, if any.
@@ -788,15 +817,6 @@ impl Store {
         Ok(ids)
     }
 
-    /// Number of executions that are not terminal (from the maintained `active` counters).
-    pub async fn active_count(&self) -> Result<u64, StoreError> {
-        let rows = metrics::Entity::find()
-            .filter(metrics::Column::StepId.eq(""))
-            .all(&self.db)
-            .await?;
-        Ok(rows.iter().map(|r| r.active.max(0) as u64).sum())
-    }
-
     /// The oldest unconsumed signal of a name.
     pub async fn pending_signal(
         &self,
@@ -1039,6 +1059,15 @@ fn merge_into(
     m.skipped += d.skipped;
     m.attempts += d.attempts;
     durations.extend(d.duration_ms);
+}
+
+/// Number of executions that are not terminal (from the maintained `active` counters).
+async fn active_in<C: ConnectionTrait>(c: &C) -> Result<u64, StoreError> {
+    let rows = metrics::Entity::find()
+        .filter(metrics::Column::StepId.eq(""))
+        .all(c)
+        .await?;
+    Ok(rows.iter().map(|r| r.active.max(0) as u64).sum())
 }
 
 /// A metrics row after adding merged increments to its current value (`None`: a new row).

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use meshflow_execution::store::entity::execution;
-use meshflow_execution::store::{NewExecution, Store as ExecStore};
+use meshflow_execution::store::{Inserted, NewExecution, Store as ExecStore};
 use meshflow_kit::Violation;
 use meshflow_kit::convert::{struct_to_json, to_json};
 use meshflow_proto::execution::v1::{self as epb, EventType};
@@ -403,10 +403,6 @@ impl Engine {
             vars.extend(o);
         }
         let limits = &self.config.limits;
-        let active_now = self.shared.store.active_count().await?;
-        if active_now >= limits.max_concurrent_executions as u64 {
-            return Err(Error::TooManyExecutions(limits.max_concurrent_executions));
-        }
         let now = Utc::now();
         let timeout = def
             .timeout
@@ -418,7 +414,7 @@ impl Engine {
         let lease_until = now
             + chrono::Duration::from_std(self.config.lease_ttl)
                 .unwrap_or(chrono::Duration::seconds(15));
-        let (row, created) = self
+        let inserted = self
             .shared
             .store
             .insert_execution(NewExecution {
@@ -433,12 +429,17 @@ impl Engine {
                 ),
                 now,
                 lease: Some((self.config.owner.clone(), lease_until)),
+                max_active: limits.max_concurrent_executions as u64,
             })
             .await?;
-        if created {
-            self.spawn_driver(row.id.clone(), Some(row.clone()));
+        match inserted {
+            Inserted::Created(row) => {
+                self.spawn_driver(row.id.clone(), Some(row.clone()));
+                Ok(row)
+            }
+            Inserted::Existing(row) => Ok(row),
+            Inserted::AtCapacity => Err(Error::TooManyExecutions(limits.max_concurrent_executions)),
         }
-        Ok(row)
     }
 
     /// The execution, if it exists.

@@ -18,7 +18,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, pa
 use serde_json::Value;
 
 use super::entity::{execution, metrics};
-use super::{Commit, CommitOutcome, MetricsDelta, StoreError, time_text as time};
+use super::{Commit, CommitOutcome, InsertOutcome, MetricsDelta, StoreError, time_text as time};
 
 fn json(v: &Value) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -60,6 +60,9 @@ const INSERT_EXECUTION: &str = "INSERT INTO workflow_executions (id, workflow_id
     update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
     ?17, ?18)";
 
+const ACTIVE: &str = "SELECT COALESCE(SUM(MAX(active, 0)), 0) FROM orchestration_metrics
+    WHERE step_id = ''";
+
 const FENCE: &str = "UPDATE workflow_executions SET update_time = ?1,
     status = COALESCE(?2, status), variables = COALESCE(?3, variables),
     output = COALESCE(?4, output), error = COALESCE(?5, error),
@@ -96,14 +99,19 @@ const METRICS_WRITE: &str =
     attempts = excluded.attempts, duration_histogram = excluded.duration_histogram,
     update_time = excluded.update_time";
 
-/// Inserts a new execution and counts its start, in one transaction. `false`: an execution with
-/// that id or request id exists (nothing is written).
+/// Inserts a new execution and counts its start, in one transaction, unless `max_active`
+/// executions are active or an execution with that id or request id exists.
 pub(super) fn insert_execution(
     conn: &mut Connection,
     row: &execution::Model,
     started: &MetricsDelta,
-) -> Result<bool, StoreError> {
+    max_active: u64,
+) -> Result<InsertOutcome, StoreError> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let active: i64 = tx.prepare_cached(ACTIVE)?.query_row([], |r| r.get(0))?;
+    if u64::try_from(active).unwrap_or(0) >= max_active {
+        return Ok(InsertOutcome::AtCapacity);
+    }
     let inserted = tx.prepare_cached(INSERT_EXECUTION)?.execute(params![
         row.id,
         row.workflow_id,
@@ -129,7 +137,7 @@ pub(super) fn insert_execution(
             if e.code == rusqlite::ErrorCode::ConstraintViolation
                 && e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE =>
         {
-            return Ok(false);
+            return Ok(InsertOutcome::Duplicate);
         }
         other => {
             other?;
@@ -137,7 +145,7 @@ pub(super) fn insert_execution(
     }
     add_metrics(&tx, &row.workflow_id, started, &[], row.create_time)?;
     tx.commit()?;
-    Ok(true)
+    Ok(InsertOutcome::Created)
 }
 
 /// [`super::Store::commit`] on the writer's connection: the same rows, the same fencing, the same

@@ -4,7 +4,7 @@
 
 use chrono::Utc;
 use meshflow_execution::store::{
-    Commit, CommitOutcome, ExecutionPatch, MetricsDelta, NewExecution, StepRow, Store,
+    Commit, CommitOutcome, ExecutionPatch, Inserted, MetricsDelta, NewExecution, StepRow, Store,
 };
 use meshflow_kit::config::SqliteSynchronous;
 use meshflow_proto::execution::v1 as epb;
@@ -14,7 +14,7 @@ use crate::support;
 
 async fn execution(store: &Store, workflow_id: &str, owner: &str) -> String {
     let now = Utc::now();
-    let (row, created) = store
+    let inserted = store
         .insert_execution(NewExecution {
             id: meshflow_kit::id::new_id(),
             workflow_id: workflow_id.to_string(),
@@ -25,11 +25,14 @@ async fn execution(store: &Store, workflow_id: &str, owner: &str) -> String {
             deadline_at: None,
             now,
             lease: Some((owner.to_string(), now + chrono::Duration::seconds(60))),
+            max_active: 10,
         })
         .await
         .expect("insert");
-    assert!(created);
-    row.id
+    match inserted {
+        Inserted::Created(row) => row.id,
+        other => panic!("not created: {other:?}"),
+    }
 }
 
 fn commit(execution_id: &str, workflow_id: &str, owner: &str) -> Commit {
