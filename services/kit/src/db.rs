@@ -71,8 +71,10 @@ pub async fn connect_url(
     Ok(db)
 }
 
-/// How often the WAL of a SQLite file is copied back into the database.
-const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+/// How often the WAL of a SQLite file is copied back into the database. A checkpoint's writes and
+/// fsync slow the commits beside it a little; once a second keeps that off most commits' latency
+/// while the WAL stays a second of writes long.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 /// Copies the WAL back into the database file every [`CHECKPOINT_EVERY`], on a pooled connection,
 /// until the pool closes. A passive checkpoint never blocks a writer or a reader, so commits keep
