@@ -489,27 +489,17 @@ impl Store {
 
     /// Writes a batch of commits in one transaction. Commits of one execution are merged: one fenced
     /// update of its row (a replica that lost the lease writes nothing for it), then every attempt row
-    /// and every event of the batch in one statement each. Execution-level metrics (`step_id == ""`,
-    /// which the concurrency limit reads) are written in the same transaction; step-level increments
-    /// are returned for the caller to aggregate and write with [`Store::add_metrics`].
-    ///
-    /// `carried` holds step-level increments not yet written; this batch's are added to it, and all
-    /// of them are written in this transaction when `flush` is set or the batch ends an execution (so
-    /// a terminal event is never published before its metrics).
-    pub async fn commit(
-        &self,
-        batch: &[Commit],
-        carried: &mut Vec<(String, MetricsDelta)>,
-        flush: bool,
-    ) -> Result<Vec<CommitOutcome>, StoreError> {
+    /// and every event of the batch. The metric increments of the written commits, merged per
+    /// workflow and step, go in the same transaction, so metrics are exact across crashes.
+    pub async fn commit(&self, batch: &[Commit]) -> Result<Vec<CommitOutcome>, StoreError> {
         let now = Utc::now();
         if let Some(writer) = self.sqlite_writer().await? {
             let mut conn = writer.lock().await;
-            return sqlite::commit(&mut conn, batch, carried, flush, now);
+            return sqlite::commit(&mut conn, batch, now);
         }
         if self.db.get_database_backend() == DbBackend::Postgres {
             let pool = self.postgres_writer().await?;
-            return postgres::commit(pool, batch, carried, flush, now).await;
+            return postgres::commit(pool, batch, now).await;
         }
         let txn = self.db.begin().await?;
         let mut outcomes = vec![CommitOutcome::Done; batch.len()];
@@ -518,9 +508,7 @@ impl Store {
             std::collections::HashMap::new();
         let mut events: Vec<event::ActiveModel> = Vec::new();
         let mut signals: Vec<(String, String)> = Vec::new();
-        let mut execution_metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
-        let mut step_metrics: Vec<(String, MetricsDelta)> = std::mem::take(carried);
-        let carried_len = step_metrics.len();
+        let mut metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
         for (execution_id, members) in by_execution(batch) {
             let first = &batch[members[0]];
             if !fence(
@@ -553,7 +541,9 @@ impl Store {
                     events.push(event_model(&c.execution_id, e, now)?);
                 }
                 signals.extend(c.consume_signal.clone());
-                split_metrics(c, &mut execution_metrics, &mut step_metrics);
+                for d in &c.metrics {
+                    merge_into(&mut metrics, &c.workflow_id, d);
+                }
             }
         }
         if !steps.is_empty() {
@@ -588,52 +578,11 @@ impl Store {
                 .exec(&txn)
                 .await?;
         }
-        let flush = flush || !execution_metrics.is_empty();
-        for (workflow_id, delta, durations) in &execution_metrics {
-            upsert_metrics(&txn, workflow_id, delta, durations, now).await?;
-        }
-        if flush {
-            for (workflow_id, delta, durations) in &merged_metrics(&step_metrics) {
-                upsert_metrics(&txn, workflow_id, delta, durations, now).await?;
-            }
-        }
-        match txn.commit().await {
-            Ok(()) => {
-                if !flush {
-                    *carried = step_metrics;
-                }
-                Ok(outcomes)
-            }
-            Err(err) => {
-                // Nothing of this batch is written; keep the earlier increments for the next one.
-                step_metrics.truncate(carried_len);
-                *carried = step_metrics;
-                Err(err.into())
-            }
-        }
-    }
-
-    /// Adds aggregated metric increments (one write per workflow and step id).
-    pub async fn add_metrics(&self, deltas: &[(String, MetricsDelta)]) -> Result<(), StoreError> {
-        let merged = merged_metrics(deltas);
-        if merged.is_empty() {
-            return Ok(());
-        }
-        let now = Utc::now();
-        if let Some(writer) = self.sqlite_writer().await? {
-            let mut conn = writer.lock().await;
-            return sqlite::add_all_metrics(&mut conn, &merged, now);
-        }
-        if self.db.get_database_backend() == DbBackend::Postgres {
-            let pool = self.postgres_writer().await?;
-            return postgres::add_metrics(pool, &merged, now).await;
-        }
-        let txn = self.db.begin().await?;
-        for (workflow_id, delta, durations) in &merged {
+        for (workflow_id, delta, durations) in &metrics {
             upsert_metrics(&txn, workflow_id, delta, durations, now).await?;
         }
         txn.commit().await?;
-        Ok(())
+        Ok(outcomes)
     }
 
     /// Claims up to `limit` executions that need work, for `owner` until `until`: those due
@@ -949,31 +898,6 @@ fn merged_patch<'a>(commits: impl Iterator<Item = &'a Commit>) -> (ExecutionPatc
         last_sequence = c.events.last().map(|e| e.sequence).or(last_sequence);
     }
     (p, last_sequence)
-}
-
-/// Sorts a commit's metric increments: execution-level ones merged per workflow (written with the
-/// commit), step-level ones appended to those waiting for the next flush.
-fn split_metrics(
-    c: &Commit,
-    execution_metrics: &mut Vec<(String, MetricsDelta, Vec<i64>)>,
-    step_metrics: &mut Vec<(String, MetricsDelta)>,
-) {
-    for d in &c.metrics {
-        if d.step_id.is_empty() {
-            merge_into(execution_metrics, &c.workflow_id, d);
-        } else {
-            step_metrics.push((c.workflow_id.clone(), d.clone()));
-        }
-    }
-}
-
-/// Increments merged per (workflow, step id).
-fn merged_metrics(deltas: &[(String, MetricsDelta)]) -> Vec<(String, MetricsDelta, Vec<i64>)> {
-    let mut merged = Vec::new();
-    for (workflow_id, d) in deltas {
-        merge_into(&mut merged, workflow_id, d);
-    }
-    merged
 }
 
 fn duration_ms(s: &StepRow) -> Option<i64> {

@@ -5,28 +5,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use meshflow_execution::store::{Commit, CommitOutcome, MetricsDelta, Store};
+use meshflow_execution::store::{Commit, CommitOutcome, Store};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::hub::Hub;
 
 /// Most commits in one transaction.
 const MAX_BATCH: usize = 512;
-
-/// How often step-level metric increments are written (execution-level ones go with their commit).
-const METRICS_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
-
-async fn flush(store: &Store, metrics: &mut Vec<(String, MetricsDelta)>) {
-    if metrics.is_empty() {
-        return;
-    }
-    match store.add_metrics(metrics).await {
-        Ok(()) => metrics.clear(),
-        Err(err) => {
-            tracing::warn!(error = %err, "writing step metrics failed; retrying with the next flush")
-        }
-    }
-}
 
 /// What a commit came to.
 pub type Ack = Result<CommitOutcome, String>;
@@ -64,24 +49,8 @@ async fn run(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     let mut poisoned: HashSet<u64> = HashSet::new();
-    let mut metrics: Vec<(String, MetricsDelta)> = Vec::new();
-    let mut last_flush = std::time::Instant::now();
     loop {
-        // Idle with step metrics pending: flush them once they are due.
-        let first = if metrics.is_empty() {
-            rx.recv().await
-        } else {
-            match tokio::time::timeout(METRICS_EVERY, rx.recv()).await {
-                Ok(next) => next,
-                Err(_) => {
-                    flush(&store, &mut metrics).await;
-                    last_flush = std::time::Instant::now();
-                    continue;
-                }
-            }
-        };
-        let Some(first) = first else {
-            flush(&store, &mut metrics).await;
+        let Some(first) = rx.recv().await else {
             return;
         };
         batch.push(first);
@@ -110,12 +79,8 @@ async fn run(
         if commits.is_empty() {
             continue;
         }
-        let due = last_flush.elapsed() >= METRICS_EVERY || metrics.len() > 10_000;
-        if due {
-            last_flush = std::time::Instant::now();
-        }
         let started = std::time::Instant::now();
-        let result = store.commit(&commits, &mut metrics, due).await;
+        let result = store.commit(&commits).await;
         tracing::debug!(
             commits = commits.len(),
             micros = started.elapsed().as_micros() as u64,

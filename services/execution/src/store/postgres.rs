@@ -2,10 +2,10 @@
 //!
 //! A batch is one statement: the fenced update of every execution's row, the attempt upserts and the
 //! event inserts are data-modifying CTEs over `UNNEST`ed arrays, and the attempts and events of an
-//! execution whose fence failed are filtered out by the update's `RETURNING`. One statement is one
-//! transaction, and its text never changes with the batch's size, so it is prepared once per
-//! connection. When the batch also carries metrics, they are added in a second statement of the same
-//! transaction, as increments (a histogram is added bucket by bucket), so no row is read back first.
+//! execution whose fence failed are filtered out by the update's `RETURNING`. Metric increments of
+//! the fenced executions are summed per workflow and step and added to their rows (a histogram
+//! bucket by bucket), so no row is read first. One statement is one transaction, and its text never
+//! changes with the batch's size, so it is prepared once per connection.
 //!
 //! The writer has a connection of its own whose plans are generic: its statements' plans do not
 //! depend on the batch, and planning a custom plan at every bind cost as much as running them.
@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::sqlx::{self, PgPool, Postgres, Row};
 use serde_json::Value;
 
-use super::{Commit, CommitOutcome, MetricsDelta, StoreError, time_text as time};
+use super::{Commit, CommitOutcome, StoreError, time_text as time};
 
 const COMMIT: &str = "WITH fenced AS (
     UPDATE workflow_executions AS e SET
@@ -65,28 +65,39 @@ const COMMIT: &str = "WITH fenced AS (
     UPDATE execution_signals AS g SET consumed_by = c.consumer
     FROM UNNEST($35::text[], $36::text[], $37::text[]) AS c(id, consumer, execution_id)
     WHERE g.id = c.id AND c.execution_id IN (SELECT id FROM fenced)
+), deltas AS (
+    SELECT d.workflow_id, d.step_id, SUM(d.total) AS total, SUM(d.active) AS active,
+        SUM(d.completed) AS completed, SUM(d.failed) AS failed, SUM(d.cancelled) AS cancelled,
+        SUM(d.timed_out) AS timed_out, SUM(d.skipped) AS skipped, SUM(d.attempts) AS attempts,
+        array_agg(d.bucket) FILTER (WHERE d.bucket IS NOT NULL) AS buckets
+    FROM UNNEST($38::text[], $39::text[], $40::text[], $41::bigint[], $42::bigint[],
+                $43::bigint[], $44::bigint[], $45::bigint[], $46::bigint[], $47::bigint[],
+                $48::bigint[], $49::int[])
+        AS d(execution_id, workflow_id, step_id, total, active, completed, failed, cancelled,
+             timed_out, skipped, attempts, bucket)
+    WHERE d.execution_id IN (SELECT id FROM fenced)
+    GROUP BY d.workflow_id, d.step_id
+), metrics AS (
+    INSERT INTO orchestration_metrics AS m (workflow_id, step_id, total, active, completed, failed,
+        cancelled, timed_out, skipped, attempts, duration_histogram, update_time)
+    SELECT a.workflow_id, a.step_id, a.total, a.active, a.completed, a.failed, a.cancelled,
+        a.timed_out, a.skipped, a.attempts,
+        (SELECT jsonb_agg((SELECT count(*) FROM unnest(a.buckets) AS b WHERE b = i) ORDER BY i)
+         FROM generate_series(0, $50::int - 1) AS i),
+        $1::timestamptz
+    FROM deltas AS a
+    ON CONFLICT (workflow_id, step_id) DO UPDATE SET
+        total = m.total + excluded.total, active = m.active + excluded.active,
+        completed = m.completed + excluded.completed, failed = m.failed + excluded.failed,
+        cancelled = m.cancelled + excluded.cancelled, timed_out = m.timed_out + excluded.timed_out,
+        skipped = m.skipped + excluded.skipped, attempts = m.attempts + excluded.attempts,
+        duration_histogram = (
+            SELECT jsonb_agg(COALESCE((m.duration_histogram ->> i)::bigint, 0)
+                             + COALESCE((excluded.duration_histogram ->> i)::bigint, 0) ORDER BY i)
+            FROM generate_series(0, $50::int - 1) AS i),
+        update_time = excluded.update_time
 )
 SELECT id FROM fenced";
-
-const METRICS: &str = "INSERT INTO orchestration_metrics AS m (workflow_id, step_id, total,
-    active, completed, failed, cancelled, timed_out, skipped, attempts, duration_histogram,
-    update_time)
-SELECT d.workflow_id, d.step_id, d.total, d.active, d.completed, d.failed, d.cancelled,
-    d.timed_out, d.skipped, d.attempts, d.histogram::jsonb, $1::timestamptz
-FROM UNNEST($2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[],
-            $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[], $12::text[])
-    AS d(workflow_id, step_id, total, active, completed, failed, cancelled, timed_out, skipped,
-         attempts, histogram)
-ON CONFLICT (workflow_id, step_id) DO UPDATE SET
-    total = m.total + excluded.total, active = m.active + excluded.active,
-    completed = m.completed + excluded.completed, failed = m.failed + excluded.failed,
-    cancelled = m.cancelled + excluded.cancelled, timed_out = m.timed_out + excluded.timed_out,
-    skipped = m.skipped + excluded.skipped, attempts = m.attempts + excluded.attempts,
-    duration_histogram = (
-        SELECT jsonb_agg(COALESCE((m.duration_histogram ->> i)::bigint, 0)
-                         + COALESCE((excluded.duration_histogram ->> i)::bigint, 0) ORDER BY i)
-        FROM generate_series(0, jsonb_array_length(excluded.duration_histogram) - 1) AS i),
-    update_time = excluded.update_time";
 
 /// A one-connection pool to the same server as `pool`, for the writer, with generic plans.
 pub(super) async fn writer_pool(pool: &PgPool) -> Result<PgPool, StoreError> {
@@ -115,58 +126,18 @@ fn db(err: sqlx::Error) -> StoreError {
     )))
 }
 
-/// [`super::Store::commit`] on PostgreSQL: the same rows, fencing and handling of `carried` step
-/// metrics, in one statement (two in one transaction when metrics are due).
+/// [`super::Store::commit`] on PostgreSQL: the same rows, fencing and metrics, in one statement.
 pub(super) async fn commit(
     pool: &PgPool,
     batch: &[Commit],
-    carried: &mut Vec<(String, MetricsDelta)>,
-    flush: bool,
     now: DateTime<Utc>,
 ) -> Result<Vec<CommitOutcome>, StoreError> {
     let groups = super::by_execution(batch);
-    // Execution-level increments go with their commit (the concurrency limit reads them); step-level
-    // ones wait for a flush. Only fenced executions' increments count, so they are sorted after.
-    let has_execution_metrics = batch
-        .iter()
-        .any(|c| c.metrics.iter().any(|d| d.step_id.is_empty()));
-    let has_step_metrics = !carried.is_empty()
-        || batch
-            .iter()
-            .any(|c| c.metrics.iter().any(|d| !d.step_id.is_empty()));
-    let with_metrics = has_execution_metrics || (flush && has_step_metrics);
-    let statement = batch_statement(batch, &groups, now)?;
-    let fenced: HashSet<String> = if with_metrics {
-        let mut tx = pool.begin().await.map_err(db)?;
-        let fenced = fenced_ids(statement.fetch_all(&mut *tx).await.map_err(db)?)?;
-        let mut execution_metrics = Vec::new();
-        let mut step_metrics = carried.clone();
-        for (execution_id, members) in &groups {
-            if fenced.contains(*execution_id) {
-                for &k in members {
-                    super::split_metrics(&batch[k], &mut execution_metrics, &mut step_metrics);
-                }
-            }
-        }
-        execution_metrics.extend(super::merged_metrics(&step_metrics));
-        metrics_statement(&execution_metrics, now)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        tx.commit().await.map_err(db)?;
-        carried.clear();
-        fenced
-    } else {
-        let fenced = fenced_ids(statement.fetch_all(pool).await.map_err(db)?)?;
-        for (execution_id, members) in &groups {
-            if fenced.contains(*execution_id) {
-                for &k in members {
-                    super::split_metrics(&batch[k], &mut Vec::new(), carried);
-                }
-            }
-        }
-        fenced
-    };
+    let rows = batch_statement(batch, &groups, now)?
+        .fetch_all(pool)
+        .await
+        .map_err(db)?;
+    let fenced = fenced_ids(rows)?;
     let mut outcomes = vec![CommitOutcome::Done; batch.len()];
     for (execution_id, members) in groups {
         if !fenced.contains(execution_id) {
@@ -176,19 +147,6 @@ pub(super) async fn commit(
         }
     }
     Ok(outcomes)
-}
-
-/// [`super::Store::add_metrics`] on PostgreSQL: one statement of increments.
-pub(super) async fn add_metrics(
-    pool: &PgPool,
-    merged: &[(String, MetricsDelta, Vec<i64>)],
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    metrics_statement(merged, now)
-        .execute(pool)
-        .await
-        .map_err(db)?;
-    Ok(())
 }
 
 fn fenced_ids(rows: Vec<sqlx::postgres::PgRow>) -> Result<HashSet<String>, StoreError> {
@@ -293,6 +251,41 @@ fn batch_statement<'q>(
             g_execution.push(c.execution_id.clone());
         }
     }
+    // Metric increments, one row each: summed per workflow and step in the statement.
+    let (mut m_execution, mut m_workflow, mut m_step) = (Vec::new(), Vec::new(), Vec::new());
+    let mut m_counts: [Vec<i64>; 8] = Default::default();
+    let mut m_bucket: Vec<Option<i32>> = Vec::new();
+    for c in batch {
+        for d in &c.metrics {
+            m_execution.push(c.execution_id.clone());
+            m_workflow.push(c.workflow_id.clone());
+            m_step.push(d.step_id.clone());
+            let counts = [
+                d.total,
+                d.active,
+                d.completed,
+                d.failed,
+                d.cancelled,
+                d.timed_out,
+                d.skipped,
+                d.attempts,
+            ];
+            for (column, n) in m_counts.iter_mut().zip(counts) {
+                column.push(n);
+            }
+            m_bucket.push(d.duration_ms.map(|ms| super::bucket_of(ms) as i32));
+        }
+    }
+    let [
+        m_total,
+        m_active,
+        m_completed,
+        m_failed,
+        m_cancelled,
+        m_timed_out,
+        m_skipped,
+        m_attempts,
+    ] = m_counts;
     Ok(sqlx::query(COMMIT)
         .bind(now_text)
         .bind(id)
@@ -330,53 +323,18 @@ fn batch_statement<'q>(
         .bind(e_payload)
         .bind(g_id)
         .bind(g_consumer)
-        .bind(g_execution))
-}
-
-fn metrics_statement<'q>(
-    merged: &[(String, MetricsDelta, Vec<i64>)],
-    now: DateTime<Utc>,
-) -> Query<'q> {
-    let mut cols: [Vec<i64>; 8] = Default::default();
-    let (mut workflow, mut step, mut histogram) = (Vec::new(), Vec::new(), Vec::new());
-    for (workflow_id, d, durations) in merged {
-        workflow.push(workflow_id.clone());
-        step.push(d.step_id.clone());
-        for (col, v) in cols.iter_mut().zip([
-            d.total,
-            d.active,
-            d.completed,
-            d.failed,
-            d.cancelled,
-            d.timed_out,
-            d.skipped,
-            d.attempts,
-        ]) {
-            col.push(v);
-        }
-        histogram.push(Value::from(super::histogram_of(durations)).to_string());
-    }
-    let [
-        total,
-        active,
-        completed,
-        failed,
-        cancelled,
-        timed_out,
-        skipped,
-        attempts,
-    ] = cols;
-    sqlx::query(METRICS)
-        .bind(time(now))
-        .bind(workflow)
-        .bind(step)
-        .bind(total)
-        .bind(active)
-        .bind(completed)
-        .bind(failed)
-        .bind(cancelled)
-        .bind(timed_out)
-        .bind(skipped)
-        .bind(attempts)
-        .bind(histogram)
+        .bind(g_execution)
+        .bind(m_execution)
+        .bind(m_workflow)
+        .bind(m_step)
+        .bind(m_total)
+        .bind(m_active)
+        .bind(m_completed)
+        .bind(m_failed)
+        .bind(m_cancelled)
+        .bind(m_timed_out)
+        .bind(m_skipped)
+        .bind(m_attempts)
+        .bind(m_bucket)
+        .bind((super::BUCKETS_MS.len() + 1) as i32))
 }

@@ -148,52 +148,27 @@ pub(super) fn insert_execution(
     Ok(InsertOutcome::Created)
 }
 
-/// [`super::Store::commit`] on the writer's connection: the same rows, the same fencing, the same
-/// handling of `carried` step metrics.
+/// [`super::Store::commit`] on the writer's connection: the same rows, fencing and metrics.
 pub(super) fn commit(
     conn: &mut Connection,
     batch: &[Commit],
-    carried: &mut Vec<(String, MetricsDelta)>,
-    flush: bool,
     now: DateTime<Utc>,
 ) -> Result<Vec<CommitOutcome>, StoreError> {
-    let mut step_metrics = std::mem::take(carried);
-    let carried_len = step_metrics.len();
-    let result = conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(StoreError::from)
-        .and_then(|tx| {
-            let written = write(&tx, batch, &mut step_metrics, flush, now)?;
-            tx.commit()?;
-            Ok(written)
-        });
-    match result {
-        Ok((outcomes, flushed)) => {
-            if !flushed {
-                *carried = step_metrics;
-            }
-            Ok(outcomes)
-        }
-        Err(err) => {
-            // Nothing of this batch is written; keep the earlier increments for the next one.
-            step_metrics.truncate(carried_len);
-            *carried = step_metrics;
-            Err(err)
-        }
-    }
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let outcomes = write(&tx, batch, now)?;
+    tx.commit()?;
+    Ok(outcomes)
 }
 
-/// The statements of one group commit; returns the outcomes and whether step metrics were written.
+/// The statements of one group commit.
 fn write(
     tx: &Connection,
     batch: &[Commit],
-    step_metrics: &mut Vec<(String, MetricsDelta)>,
-    flush: bool,
     now: DateTime<Utc>,
-) -> Result<(Vec<CommitOutcome>, bool), StoreError> {
+) -> Result<Vec<CommitOutcome>, StoreError> {
     let now_text = time(now);
     let mut outcomes = vec![CommitOutcome::Done; batch.len()];
-    let mut execution_metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
+    let mut metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
     for (execution_id, members) in super::by_execution(batch) {
         let (patch, last_sequence) = super::merged_patch(members.iter().map(|&k| &batch[k]));
         let fenced = tx.prepare_cached(FENCE)?.execute(params![
@@ -261,19 +236,15 @@ fn write(
                 tx.prepare_cached(CONSUME)?
                     .execute(params![consumer, signal_id])?;
             }
-            super::split_metrics(c, &mut execution_metrics, step_metrics);
+            for d in &c.metrics {
+                super::merge_into(&mut metrics, &c.workflow_id, d);
+            }
         }
     }
-    let flush = flush || !execution_metrics.is_empty();
-    for (workflow_id, delta, durations) in &execution_metrics {
+    for (workflow_id, delta, durations) in &metrics {
         add_metrics(tx, workflow_id, delta, durations, now)?;
     }
-    if flush {
-        for (workflow_id, delta, durations) in &super::merged_metrics(step_metrics) {
-            add_metrics(tx, workflow_id, delta, durations, now)?;
-        }
-    }
-    Ok((outcomes, flush))
+    Ok(outcomes)
 }
 
 /// Adds merged increments to one metrics row.
@@ -319,19 +290,5 @@ pub(super) fn add_metrics(
         json(&m.duration_histogram)?,
         time(m.update_time),
     ])?;
-    Ok(())
-}
-
-/// [`super::Store::add_metrics`] on the writer's connection.
-pub(super) fn add_all_metrics(
-    conn: &mut Connection,
-    merged: &[(String, MetricsDelta, Vec<i64>)],
-    now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    for (workflow_id, delta, durations) in merged {
-        add_metrics(&tx, workflow_id, delta, durations, now)?;
-    }
-    tx.commit()?;
     Ok(())
 }

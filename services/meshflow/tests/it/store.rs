@@ -1,6 +1,6 @@
 //! Group commit as each backend writes it (SQLite's own connection, PostgreSQL's single statement):
 //! a commit whose writer no longer holds the execution's lease writes nothing, and the rest of its
-//! batch still lands.
+//! batch still lands; metric increments are written with their commit and add up bucket by bucket.
 
 use chrono::Utc;
 use meshflow_execution::store::{
@@ -72,13 +72,15 @@ fn commit(execution_id: &str, workflow_id: &str, owner: &str) -> Commit {
         metrics: vec![MetricsDelta {
             step_id: "fetch".into(),
             attempts: 1,
+            completed: 1,
+            duration_ms: Some(3),
             ..Default::default()
         }],
     }
 }
 
 #[tokio::test]
-async fn a_commit_without_the_lease_writes_nothing_and_the_batch_still_lands() {
+async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() {
     let url = meshflow_kit::testing::fresh_database_url()
         .await
         .expect("database");
@@ -94,16 +96,11 @@ async fn a_commit_without_the_lease_writes_nothing_and_the_batch_still_lands() {
     let ours = execution(&store, &workflow.workflow_id, "replica-b").await;
 
     // replica-b writes to both: it holds only `ours`.
-    let mut carried = Vec::new();
     let outcomes = store
-        .commit(
-            &[
-                commit(&taken, &workflow.workflow_id, "replica-b"),
-                commit(&ours, &workflow.workflow_id, "replica-b"),
-            ],
-            &mut carried,
-            true,
-        )
+        .commit(&[
+            commit(&taken, &workflow.workflow_id, "replica-b"),
+            commit(&ours, &workflow.workflow_id, "replica-b"),
+        ])
         .await
         .expect("commit");
     assert_eq!(outcomes, [CommitOutcome::LeaseLost, CommitOutcome::Done]);
@@ -143,12 +140,36 @@ async fn a_commit_without_the_lease_writes_nothing_and_the_batch_still_lands() {
         steps.iter().map(|s| s.status.as_str()).collect::<Vec<_>>(),
         ["STEP_STATUS_RUNNING"]
     );
-    // Only the fenced commit's step metrics were counted, written with the flush.
-    assert!(carried.is_empty());
+    // Only the fenced commit's increments count, written with it.
     let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
     let fetch = metrics
         .iter()
         .find(|m| m.step_id == "fetch")
         .expect("fetch");
-    assert_eq!(fetch.attempts, 1);
+    assert_eq!((fetch.attempts, fetch.completed), (1, 1));
+    let three_ms = meshflow_execution::store::BUCKETS_MS
+        .iter()
+        .position(|b| 3 <= *b)
+        .expect("bucket");
+    assert_eq!(fetch.duration_histogram[three_ms], json!(1));
+
+    // Increments add up, histograms bucket by bucket.
+    let mut again = commit(&ours, &workflow.workflow_id, "replica-b");
+    again.events[0].sequence = 2;
+    again.steps[0].attempt = 2;
+    let outcomes = store.commit(&[again]).await.expect("commit");
+    assert_eq!(outcomes, [CommitOutcome::Done]);
+    let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
+    let fetch = metrics
+        .iter()
+        .find(|m| m.step_id == "fetch")
+        .expect("fetch");
+    assert_eq!((fetch.attempts, fetch.completed), (2, 2));
+    let histogram = fetch.duration_histogram.as_array().expect("histogram");
+    assert_eq!(
+        histogram.len(),
+        meshflow_execution::store::BUCKETS_MS.len() + 1
+    );
+    assert_eq!(histogram[three_ms], json!(2));
+    assert_eq!(histogram.iter().filter_map(|n| n.as_i64()).sum::<i64>(), 2);
 }
