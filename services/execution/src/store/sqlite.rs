@@ -14,10 +14,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use serde_json::Value;
 
-use super::entity::{execution, metrics};
+use super::entity::execution;
 use super::{Commit, CommitOutcome, InsertOutcome, MetricsDelta, StoreError, time_text as time};
 
 fn json(v: &Value) -> Result<String, StoreError> {
@@ -86,17 +86,22 @@ const EVENT: &str = "INSERT INTO execution_events (execution_id, sequence, time,
 
 const CONSUME: &str = "UPDATE execution_signals SET consumed_by = ?1 WHERE id = ?2";
 
-const METRICS_READ: &str = "SELECT total, active, completed, failed, cancelled, timed_out, skipped,
-    attempts, duration_histogram FROM orchestration_metrics WHERE workflow_id = ?1 AND step_id = ?2";
-
-const METRICS_WRITE: &str =
-    "INSERT INTO orchestration_metrics (workflow_id, step_id, total, active,
+/// Adds increments to a metrics row (creating it): counts in SQL, the histogram bucket by bucket, so
+/// nothing is read back first.
+const METRICS_ADD: &str = "INSERT INTO orchestration_metrics (workflow_id, step_id, total, active,
     completed, failed, cancelled, timed_out, skipped, attempts, duration_histogram, update_time)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-    ON CONFLICT (workflow_id, step_id) DO UPDATE SET total = excluded.total,
-    active = excluded.active, completed = excluded.completed, failed = excluded.failed,
-    cancelled = excluded.cancelled, timed_out = excluded.timed_out, skipped = excluded.skipped,
-    attempts = excluded.attempts, duration_histogram = excluded.duration_histogram,
+    ON CONFLICT (workflow_id, step_id) DO UPDATE SET total = total + excluded.total,
+    active = active + excluded.active, completed = completed + excluded.completed,
+    failed = failed + excluded.failed, cancelled = cancelled + excluded.cancelled,
+    timed_out = timed_out + excluded.timed_out, skipped = skipped + excluded.skipped,
+    attempts = attempts + excluded.attempts,
+    duration_histogram = CASE WHEN ?13 THEN (
+        SELECT json_group_array(
+            COALESCE(json_extract(orchestration_metrics.duration_histogram, '$[' || j.key || ']'), 0)
+            + j.value ORDER BY j.key)
+        FROM json_each(excluded.duration_histogram) AS j)
+        ELSE duration_histogram END,
     update_time = excluded.update_time";
 
 /// Inserts a new execution and counts its start, in one transaction, unless `max_active`
@@ -255,40 +260,21 @@ pub(super) fn add_metrics(
     durations: &[i64],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let current = tx
-        .prepare_cached(METRICS_READ)?
-        .query_row(params![workflow_id, d.step_id], |r| {
-            Ok(metrics::Model {
-                workflow_id: workflow_id.to_string(),
-                step_id: d.step_id.clone(),
-                total: r.get(0)?,
-                active: r.get(1)?,
-                completed: r.get(2)?,
-                failed: r.get(3)?,
-                cancelled: r.get(4)?,
-                timed_out: r.get(5)?,
-                skipped: r.get(6)?,
-                attempts: r.get(7)?,
-                duration_histogram: serde_json::from_str(&r.get::<_, String>(8)?)
-                    .unwrap_or(Value::Null),
-                update_time: now,
-            })
-        })
-        .optional()?;
-    let m = super::next_metrics(current, workflow_id, d, durations, now);
-    tx.prepare_cached(METRICS_WRITE)?.execute(params![
-        m.workflow_id,
-        m.step_id,
-        m.total,
-        m.active,
-        m.completed,
-        m.failed,
-        m.cancelled,
-        m.timed_out,
-        m.skipped,
-        m.attempts,
-        json(&m.duration_histogram)?,
-        time(m.update_time),
+    let histogram = Value::from(super::histogram_of(durations));
+    tx.prepare_cached(METRICS_ADD)?.execute(params![
+        workflow_id,
+        d.step_id,
+        d.total,
+        d.active,
+        d.completed,
+        d.failed,
+        d.cancelled,
+        d.timed_out,
+        d.skipped,
+        d.attempts,
+        json(&histogram)?,
+        time(now),
+        !durations.is_empty(),
     ])?;
     Ok(())
 }
