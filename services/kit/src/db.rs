@@ -61,7 +61,10 @@ pub async fn connect_url(
                 .min_connections(1);
         }
     } else {
-        opts.max_connections(max_connections);
+        // Every statement here is a short lookup or write by key: plan it once per connection, not
+        // at every execution (a custom plan per bind cost more than running most of them).
+        opts.max_connections(max_connections)
+            .map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_generic_plan")]));
     }
     let db = Database::connect(opts).await?;
     Migrator::up(&db, None).await?;
