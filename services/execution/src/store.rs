@@ -859,6 +859,11 @@ fn time_text(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false)
 }
 
+/// A JSON value as the text both write paths store.
+fn json_text(v: &Value) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
 /// Counts of `durations` per bucket of [`BUCKETS_MS`] (and the open last one).
 fn histogram_of(durations: &[i64]) -> Vec<i64> {
     let mut histogram = vec![0; BUCKETS_MS.len() + 1];

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use sea_orm::sqlx::{self, PgPool, Postgres, Row};
 use serde_json::Value;
 
-use super::{Commit, CommitOutcome, StoreError, time_text as time};
+use super::{Commit, CommitOutcome, StoreError, json_text as json, time_text as time};
 
 /// The batch statement: its histogram expressions are spelled out bucket by bucket (plain
 /// expressions plan and run far faster than a subquery per bucket).
@@ -124,10 +124,6 @@ pub(super) async fn writer_pool(pool: &PgPool) -> Result<PgPool, StoreError> {
         .map_err(db)
 }
 
-fn json(v: &Value) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
 fn opt_json(v: &Option<Value>) -> Result<Option<String>, StoreError> {
     v.as_ref().map(json).transpose()
 }
@@ -202,11 +198,15 @@ fn batch_statement<'q>(
     }
     // Attempts, the last write of each id winning (one statement may touch a row only once).
     let mut rows: Vec<(&str, &super::StepRow)> = Vec::new();
+    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for c in batch {
         for r in &c.steps {
-            match rows.iter().position(|(_, s)| s.id == r.id) {
-                Some(at) => rows[at] = (&c.execution_id, r),
-                None => rows.push((&c.execution_id, r)),
+            match index.get(r.id.as_str()) {
+                Some(&at) => rows[at] = (&c.execution_id, r),
+                None => {
+                    index.insert(&r.id, rows.len());
+                    rows.push((&c.execution_id, r));
+                }
             }
         }
     }

@@ -18,11 +18,10 @@ use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
 use serde_json::Value;
 
 use super::entity::execution;
-use super::{Commit, CommitOutcome, InsertOutcome, MetricsDelta, StoreError, time_text as time};
-
-fn json(v: &Value) -> Result<String, StoreError> {
-    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
+use super::{
+    Commit, CommitOutcome, InsertOutcome, MetricsDelta, StoreError, json_text as json,
+    time_text as time,
+};
 
 fn busy(count: i32) -> bool {
     // About ten seconds in all, like the pooled connections' busy timeout.
