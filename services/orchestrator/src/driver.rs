@@ -865,6 +865,11 @@ impl Run {
         let error = err.to_json(path);
         let now = Utc::now();
         let open = self.lock().open.get(path).cloned();
+        // An HTTP or webhook attempt cut short here counts now: attempts count when they end.
+        let cut_short = open
+            .as_ref()
+            .is_some_and(|o| o.status == StepStatus::Running)
+            && matches!(step.config, Some(Config::Http(_) | Config::WebhookCall(_)));
         let mut r = open.unwrap_or_else(|| {
             row(
                 &meshflow_kit::id::new_id(),
@@ -892,6 +897,7 @@ impl Run {
             change.steps.push(r);
             change.metrics.push(MetricsDelta {
                 step_id: step.id.clone(),
+                attempts: i64::from(cut_short),
                 failed: 1,
                 ..Default::default()
             });
@@ -972,13 +978,9 @@ impl Run {
                     r.start_time = Some(started);
                     r
                 };
+                // The attempt is counted when it ends: one that a restart sends again counts once.
                 self.commit(|run, st, change| {
                     change.steps.push(r);
-                    change.metrics.push(MetricsDelta {
-                        step_id: step.id.clone(),
-                        attempts: 1,
-                        ..Default::default()
-                    });
                     vec![run.step_event(
                         st,
                         EventType::StepStarted,
@@ -1120,6 +1122,7 @@ impl Run {
                         change.steps.push(r);
                         change.metrics.push(MetricsDelta {
                             step_id: step.id.clone(),
+                            attempts: i64::from(external),
                             completed: 1,
                             duration_ms: Some(duration_ms),
                             ..Default::default()
@@ -1161,11 +1164,12 @@ impl Run {
                         e.next_attempt_time = next.map(timestamp);
                         events.push(e);
                         change.steps.push(r);
-                        if next.is_none() {
+                        if external || next.is_none() {
                             change.metrics.push(MetricsDelta {
                                 step_id: step.id.clone(),
-                                failed: 1,
-                                duration_ms: Some(duration_ms),
+                                attempts: i64::from(external),
+                                failed: i64::from(next.is_none()),
+                                duration_ms: next.is_none().then_some(duration_ms),
                                 ..Default::default()
                             });
                         }

@@ -245,6 +245,29 @@ async fn a_killed_server_resumes_every_execution_without_repeating_succeeded_ste
             }
         }
     }
+    // Metrics are written with each commit: exact through the kill. The attempt in flight at the
+    // kill was sent twice but is one attempt.
+    let metrics = ExecutionServiceClient::new(channel.clone())
+        .get_workflow_metrics(epb::GetWorkflowMetricsRequest {
+            workflow_id: in_flight.clone(),
+        })
+        .await
+        .expect("metrics")
+        .into_inner()
+        .metrics
+        .expect("metrics");
+    assert_eq!(
+        (metrics.total, metrics.completed, metrics.active),
+        (3, 3, 0)
+    );
+    for id in ["one", "held", "three"] {
+        let step = metrics
+            .steps
+            .iter()
+            .find(|s| s.step_id == id)
+            .expect("per step");
+        assert_eq!((step.attempts, step.succeeded), (3, 3), "{id}");
+    }
     let execution = ExecutionServiceClient::new(channel.clone())
         .get_execution(epb::GetExecutionRequest {
             execution_id: ids["in-flight"][0].clone(),
