@@ -252,7 +252,7 @@ fn write(
 }
 
 /// Adds merged increments to one metrics row.
-pub(super) fn add_metrics(
+fn add_metrics(
     tx: &Connection,
     workflow_id: &str,
     d: &MetricsDelta,
