@@ -864,9 +864,9 @@ fn json_text(v: &Value) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// Counts of `durations` per bucket of [`BUCKETS_MS`] (and the open last one).
-fn histogram_of(durations: &[i64]) -> Vec<i64> {
-    let mut histogram = vec![0; BUCKETS_MS.len() + 1];
+/// A stored histogram (empty for a new row) with `durations` added, bucket by bucket.
+fn histogram_plus(mut histogram: Vec<i64>, durations: &[i64]) -> Vec<i64> {
+    histogram.resize(BUCKETS_MS.len() + 1, 0);
     for ms in durations {
         histogram[bucket_of(*ms)] += 1;
     }
@@ -1007,14 +1007,13 @@ fn next_metrics(
     durations: &[i64],
     now: DateTime<Utc>,
 ) -> metrics::Model {
-    let mut histogram: Vec<i64> = current
-        .as_ref()
-        .and_then(|m| serde_json::from_value(m.duration_histogram.clone()).ok())
-        .unwrap_or_default();
-    histogram.resize(BUCKETS_MS.len() + 1, 0);
-    for (count, added) in histogram.iter_mut().zip(histogram_of(durations)) {
-        *count += added;
-    }
+    let histogram = histogram_plus(
+        current
+            .as_ref()
+            .and_then(|m| serde_json::from_value(m.duration_histogram.clone()).ok())
+            .unwrap_or_default(),
+        durations,
+    );
     let base = current.unwrap_or(metrics::Model {
         workflow_id: workflow_id.to_string(),
         step_id: d.step_id.clone(),

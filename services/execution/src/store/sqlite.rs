@@ -14,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use rusqlite::{Connection, OpenFlags, TransactionBehavior, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use serde_json::Value;
 
 use super::entity::execution;
@@ -85,8 +85,8 @@ const EVENT: &str = "INSERT INTO execution_events (execution_id, sequence, time,
 
 const CONSUME: &str = "UPDATE execution_signals SET consumed_by = ?1 WHERE id = ?2";
 
-/// Adds increments to a metrics row (creating it): counts in SQL, the histogram bucket by bucket, so
-/// nothing is read back first.
+/// Adds increments to a metrics row (creating it). Counts add up in SQL; the histogram is read and
+/// added to here, inside the transaction that holds the write lock.
 const METRICS_ADD: &str = "INSERT INTO orchestration_metrics (workflow_id, step_id, total, active,
     completed, failed, cancelled, timed_out, skipped, attempts, duration_histogram, update_time)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
@@ -95,13 +95,12 @@ const METRICS_ADD: &str = "INSERT INTO orchestration_metrics (workflow_id, step_
     failed = failed + excluded.failed, cancelled = cancelled + excluded.cancelled,
     timed_out = timed_out + excluded.timed_out, skipped = skipped + excluded.skipped,
     attempts = attempts + excluded.attempts,
-    duration_histogram = CASE WHEN ?13 THEN (
-        SELECT json_group_array(
-            COALESCE(json_extract(orchestration_metrics.duration_histogram, '$[' || j.key || ']'), 0)
-            + j.value ORDER BY j.key)
-        FROM json_each(excluded.duration_histogram) AS j)
+    duration_histogram = CASE WHEN ?13 THEN excluded.duration_histogram
         ELSE duration_histogram END,
     update_time = excluded.update_time";
+
+const HISTOGRAM: &str = "SELECT duration_histogram FROM orchestration_metrics
+    WHERE workflow_id = ?1 AND step_id = ?2";
 
 /// Inserts a new execution and counts its start, in one transaction, unless `max_active`
 /// executions are active or an execution with that id or request id exists.
@@ -111,7 +110,15 @@ pub(super) fn insert_execution(
     started: &MetricsDelta,
     max_active: u64,
 ) -> Result<InsertOutcome, StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    immediate(conn, |tx| insert_in(tx, row, started, max_active))
+}
+
+fn insert_in(
+    tx: &Connection,
+    row: &execution::Model,
+    started: &MetricsDelta,
+    max_active: u64,
+) -> Result<InsertOutcome, StoreError> {
     let active: i64 = tx.prepare_cached(ACTIVE)?.query_row([], |r| r.get(0))?;
     if u64::try_from(active).unwrap_or(0) >= max_active {
         return Ok(InsertOutcome::AtCapacity);
@@ -147,8 +154,7 @@ pub(super) fn insert_execution(
             other?;
         }
     }
-    add_metrics(&tx, &row.workflow_id, started, &[], row.create_time)?;
-    tx.commit()?;
+    add_metrics(tx, &row.workflow_id, started, &[], row.create_time)?;
     Ok(InsertOutcome::Created)
 }
 
@@ -158,10 +164,25 @@ pub(super) fn commit(
     batch: &[Commit],
     now: DateTime<Utc>,
 ) -> Result<Vec<CommitOutcome>, StoreError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let outcomes = write(&tx, batch, now)?;
-    tx.commit()?;
-    Ok(outcomes)
+    immediate(conn, |tx| write(tx, batch, now))
+}
+
+/// Runs `body` in an immediate transaction (the write lock taken at its start), committing what it
+/// wrote if it succeeds and rolling everything back if it fails. `BEGIN` and `COMMIT` are cached
+/// statements like the rest, not parsed again for every transaction.
+fn immediate<T>(
+    conn: &mut Connection,
+    body: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    let result = body(conn).and_then(|value| {
+        conn.prepare_cached("COMMIT")?.execute([])?;
+        Ok(value)
+    });
+    if result.is_err() && !conn.is_autocommit() {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    result
 }
 
 /// The statements of one group commit.
@@ -259,7 +280,20 @@ fn add_metrics(
     durations: &[i64],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
-    let histogram = Value::from(super::histogram_of(durations));
+    // Without durations the stored histogram stays; a new row starts at zero.
+    let stored: Option<String> = if durations.is_empty() {
+        None
+    } else {
+        tx.prepare_cached(HISTOGRAM)?
+            .query_row(params![workflow_id, d.step_id], |r| r.get(0))
+            .optional()?
+    };
+    let stored = match stored {
+        Some(text) => serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("duration histogram: {e}")))?,
+        None => Vec::new(),
+    };
+    let histogram = Value::from(super::histogram_plus(stored, durations));
     tx.prepare_cached(METRICS_ADD)?.execute(params![
         workflow_id,
         d.step_id,
