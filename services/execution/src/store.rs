@@ -9,9 +9,10 @@ use meshflow_proto::execution::v1 as pb;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, SqlErr, Statement,
-    TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, SqlErr,
+    Statement, TransactionTrait,
 };
+use meshflow_kit::db::SelectUnique;
 use serde_json::Value;
 
 pub mod entity;
@@ -44,6 +45,32 @@ pub struct NewExecution {
     /// Refused (nothing written) when this many executions are active already; checked in the
     /// inserting transaction.
     pub max_active: u64,
+}
+
+impl NewExecution {
+    /// The row [`Store::insert_execution`] writes: PENDING, due at once, leased as given.
+    pub fn row(&self) -> execution::Model {
+        execution::Model {
+            id: self.id.clone(),
+            workflow_id: self.workflow_id.clone(),
+            workflow_version: self.workflow_version,
+            status: pb::ExecutionStatus::Pending.as_str_name().to_string(),
+            input: self.input.clone(),
+            variables: self.variables.clone(),
+            output: None,
+            error: None,
+            request_id: self.request_id.clone(),
+            last_sequence: 0,
+            lease_owner: self.lease.as_ref().map(|l| l.0.clone()),
+            lease_expires_at: self.lease.as_ref().map(|l| l.1),
+            wake_at: Some(self.now),
+            deadline_at: self.deadline_at,
+            create_time: self.now,
+            start_time: None,
+            end_time: None,
+            update_time: self.now,
+        }
+    }
 }
 
 /// What [`Store::insert_execution`] came to.
@@ -313,26 +340,7 @@ impl Store {
         {
             return Ok(Inserted::Existing(existing));
         }
-        let row = execution::Model {
-            id: new.id.clone(),
-            workflow_id: new.workflow_id.clone(),
-            workflow_version: new.workflow_version,
-            status: pb::ExecutionStatus::Pending.as_str_name().to_string(),
-            input: new.input,
-            variables: new.variables,
-            output: None,
-            error: None,
-            request_id: new.request_id.clone(),
-            last_sequence: 0,
-            lease_owner: new.lease.as_ref().map(|l| l.0.clone()),
-            lease_expires_at: new.lease.as_ref().map(|l| l.1),
-            wake_at: Some(new.now),
-            deadline_at: new.deadline_at,
-            create_time: new.now,
-            start_time: None,
-            end_time: None,
-            update_time: new.now,
-        };
+        let row = new.row();
         let started = MetricsDelta {
             total: 1,
             active: 1,
@@ -395,14 +403,14 @@ impl Store {
     ) -> Result<Option<execution::Model>, StoreError> {
         Ok(execution::Entity::find()
             .filter(execution::Column::RequestId.eq(request_id))
-            .one(&self.db)
+            .unique(&self.db)
             .await?)
     }
 
     /// Reads an execution row.
     pub async fn execution(&self, id: &str) -> Result<Option<execution::Model>, StoreError> {
         Ok(execution::Entity::find_by_id(id.to_string())
-            .one(&self.db)
+            .unique(&self.db)
             .await?)
     }
 
@@ -733,7 +741,7 @@ impl Store {
         Ok(signal::Entity::find()
             .filter(signal::Column::ExecutionId.eq(execution_id))
             .filter(signal::Column::RequestId.eq(request_id))
-            .one(&self.db)
+            .unique(&self.db)
             .await?
             .is_some())
     }
@@ -1052,7 +1060,7 @@ async fn upsert_metrics<C: ConnectionTrait>(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let current = metrics::Entity::find_by_id((workflow_id.to_string(), d.step_id.clone()))
-        .one(txn)
+        .unique(txn)
         .await?;
     let m = next_metrics(current, workflow_id, d, durations, now);
     let model = metrics::ActiveModel {

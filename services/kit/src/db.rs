@@ -101,3 +101,27 @@ fn checkpoint_in_background(db: DatabaseConnection) {
         }
     });
 }
+
+/// Lookups by a unique key.
+///
+/// [`sea_orm::Select::one`] binds its `LIMIT 1` as a parameter, and SQLite plans a statement whose
+/// `LIMIT` is a bound parameter anew every time it runs: the value feeds its planner. A unique key
+/// matches one row at most, so [`SelectUnique::unique`] reads without a limit, and the connection's
+/// prepared statement is reused as it is.
+pub trait SelectUnique<E: sea_orm::EntityTrait> {
+    /// The row the query's unique key matches, if any.
+    fn unique<C: ConnectionTrait>(
+        self,
+        db: &C,
+    ) -> impl Future<Output = Result<Option<E::Model>, DbErr>> + Send;
+}
+
+impl<E: sea_orm::EntityTrait> SelectUnique<E> for sea_orm::Select<E> {
+    fn unique<C: ConnectionTrait>(
+        self,
+        db: &C,
+    ) -> impl Future<Output = Result<Option<E::Model>, DbErr>> + Send {
+        let query = self.all(db);
+        async move { Ok(query.await?.pop()) }
+    }
+}

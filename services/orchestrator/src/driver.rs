@@ -185,6 +185,9 @@ pub struct Run {
     pub done: std::sync::atomic::AtomicBool,
     /// Identifies this driver's commits to the writer.
     token: u64,
+    /// Built before its execution was inserted: no cancellation can have been stored without
+    /// reaching it through [`Self::cancel`].
+    fresh: bool,
     /// Acknowledgements of queued commits not yet awaited.
     pending: Mutex<Vec<tokio::sync::oneshot::Receiver<crate::writer::Ack>>>,
 }
@@ -251,6 +254,7 @@ impl Run {
         exec: &meshflow_execution::store::entity::execution::Model,
         def: Arc<pb::WorkflowVersion>,
         attempts: Vec<step::Model>,
+        fresh: bool,
     ) -> Arc<Self> {
         let mut memo: HashMap<String, step::Model> = HashMap::new();
         let mut first_start: HashMap<String, DateTime<Utc>> = HashMap::new();
@@ -292,6 +296,7 @@ impl Run {
             cancel: watch::channel(None).0,
             done: std::sync::atomic::AtomicBool::new(false),
             token: TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            fresh,
             pending: Mutex::new(Vec::new()),
         })
     }
@@ -489,12 +494,13 @@ impl Run {
 
     async fn drive_inner(self: Arc<Self>) -> Result<Map<String, Value>, Halt> {
         // A cancellation requested while nobody drove the execution.
-        if let Some(sig) = self
-            .shared
-            .store
-            .pending_signal(&self.id, CANCEL_SIGNAL)
-            .await
-            .map_err(|e| Halt::Storage(e.to_string()))?
+        if !self.fresh
+            && let Some(sig) = self
+                .shared
+                .store
+                .pending_signal(&self.id, CANCEL_SIGNAL)
+                .await
+                .map_err(|e| Halt::Storage(e.to_string()))?
         {
             let reason = sig.payload.as_str().unwrap_or_default().to_string();
             return Err(Halt::Cancelled(reason));

@@ -24,6 +24,9 @@ use crate::ssrf;
 use crate::steps::{self, Env};
 use crate::writer::Writer;
 
+/// A subscription to the live events of one execution.
+pub type Live = broadcast::Receiver<Arc<epb::ExecutionEvent>>;
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -229,9 +232,9 @@ impl Engine {
         Ok(v)
     }
 
-    /// Drives an execution in a task of its own. `fresh` is the row of an execution just created
-    /// here, which has no attempts yet: nothing to read back.
-    fn spawn_driver(self: &Arc<Self>, id: String, fresh: Option<execution::Model>) {
+    /// Drives an execution in a task of its own. `fresh` is the driver of an execution just created
+    /// here, registered in `running` before its row was written: nothing to read back.
+    fn spawn_driver(self: &Arc<Self>, id: String, fresh: Option<Arc<Run>>) {
         let engine = self.clone();
         tokio::spawn(async move {
             let mut fresh = fresh;
@@ -250,37 +253,31 @@ impl Engine {
     }
 
     /// Drives an execution once; returns whether it needs driving again at once.
-    async fn drive(
-        self: &Arc<Self>,
-        id: &str,
-        fresh: Option<execution::Model>,
-    ) -> Result<bool, Error> {
-        let (row, attempts) = match fresh {
-            Some(row) => (row, Vec::new()),
+    async fn drive(self: &Arc<Self>, id: &str, fresh: Option<Arc<Run>>) -> Result<bool, Error> {
+        let run = match fresh {
+            Some(run) => run,
             None => {
                 let Some(row) = self.shared.store.execution(id).await? else {
                     return Ok(false);
                 };
+                if !active(&row.status) {
+                    return Ok(false);
+                }
                 let attempts = self
                     .shared
                     .store
                     .list_steps(id, None, None, i64::MAX as u64)
                     .await?;
-                (row, attempts)
+                let def = self.version(&row.workflow_id, row.workflow_version).await?;
+                let run = Run::new(self.shared.clone(), &row, def, attempts, false);
+                let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+                if running.contains_key(id) {
+                    return Ok(false);
+                }
+                running.insert(id.to_string(), run.clone());
+                run
             }
         };
-        if !active(&row.status) {
-            return Ok(false);
-        }
-        let def = self.version(&row.workflow_id, row.workflow_version).await?;
-        let run = Run::new(self.shared.clone(), &row, def, attempts);
-        {
-            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-            if running.contains_key(id) {
-                return Ok(false);
-            }
-            running.insert(id.to_string(), run.clone());
-        }
         let halt = run.clone().drive().await;
         self.running
             .lock()
@@ -328,6 +325,16 @@ impl Engine {
         self: &Arc<Self>,
         req: opb::StartExecutionRequest,
     ) -> Result<execution::Model, Error> {
+        Ok(self.start_watched(req, false).await?.0)
+    }
+
+    /// StartExecution, and with `watch` a subscription to the live events of the execution it
+    /// created, taken before the execution runs (`None` when `request_id` named an existing one).
+    pub async fn start_watched(
+        self: &Arc<Self>,
+        req: opb::StartExecutionRequest,
+        watch: bool,
+    ) -> Result<(execution::Model, Option<Live>), Error> {
         let mut v = Vec::new();
         if !meshflow_kit::id::is_valid(&req.workflow_id) {
             v.push(Violation::new(
@@ -352,7 +359,7 @@ impl Engine {
         if let Some(rid) = &request_id
             && let Some(existing) = self.shared.store.execution_by_request(rid).await?
         {
-            return Ok(existing);
+            return Ok((existing, None));
         }
         let (status, current) = self.shared.rules.head(&req.workflow_id).await?;
         if status != wpb::WorkflowStatus::Active {
@@ -414,11 +421,8 @@ impl Engine {
         let lease_until = now
             + chrono::Duration::from_std(self.config.lease_ttl)
                 .unwrap_or(chrono::Duration::seconds(15));
-        let inserted = self
-            .shared
-            .store
-            .insert_execution(NewExecution {
-                id: meshflow_kit::id::new_id(),
+        let new = NewExecution {
+            id: meshflow_kit::id::new_id(),
                 workflow_id: req.workflow_id.clone(),
                 workflow_version: version,
                 input,
@@ -430,14 +434,29 @@ impl Engine {
                 now,
                 lease: Some((self.config.owner.clone(), lease_until)),
                 max_active: limits.max_concurrent_executions as u64,
-            })
-            .await?;
-        match inserted {
+        };
+        // The driver is registered before the row exists, so a cancellation can only find the
+        // execution once its driver can hear it; a watcher subscribed now misses no event.
+        let id = new.id.clone();
+        let run = Run::new(self.shared.clone(), &new.row(), def, Vec::new(), true);
+        self.running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone(), run.clone());
+        let live = watch.then(|| self.hub.subscribe(&id));
+        let inserted = self.shared.store.insert_execution(new).await;
+        if !matches!(inserted, Ok(Inserted::Created(_))) {
+            self.running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&id);
+        }
+        match inserted? {
             Inserted::Created(row) => {
-                self.spawn_driver(row.id.clone(), Some(row.clone()));
-                Ok(row)
+                self.spawn_driver(id, Some(run));
+                Ok((row, live))
             }
-            Inserted::Existing(row) => Ok(row),
+            Inserted::Existing(row) => Ok((row, None)),
             Inserted::AtCapacity => Err(Error::TooManyExecutions(limits.max_concurrent_executions)),
         }
     }
@@ -554,24 +573,29 @@ impl Engine {
         self: &Arc<Self>,
         id: String,
         after: i64,
+        live: Option<Live>,
     ) -> mpsc::Receiver<Result<epb::ExecutionEvent, tonic::Status>> {
         let (tx, rx) = mpsc::channel(64);
         let engine = self.clone();
         tokio::spawn(async move {
-            if let Err(status) = engine.watch_loop(&id, after, &tx).await {
+            if let Err(status) = engine.watch_loop(&id, after, live, &tx).await {
                 let _ = tx.send(Err(status)).await;
             }
         });
         rx
     }
 
+    /// Streams events after `after`. `live`, a subscription taken before the execution ran (see
+    /// [`Self::start_watched`]), has every event from the first: no history to read first.
     async fn watch_loop(
         &self,
         id: &str,
         after: i64,
+        live: Option<Live>,
         tx: &mpsc::Sender<Result<epb::ExecutionEvent, tonic::Status>>,
     ) -> Result<(), tonic::Status> {
-        let mut live = self.hub.subscribe(id);
+        let from_start = live.is_some();
+        let mut live = live.unwrap_or_else(|| self.hub.subscribe(id));
         let mut last = after;
         // Sends history after `last`; returns true when the terminal event was sent.
         async fn catch_up(
@@ -601,11 +625,12 @@ impl Engine {
                 }
             }
         }
-        if catch_up(&self.shared.store, id, &mut last, tx).await? {
+        if !from_start && catch_up(&self.shared.store, id, &mut last, tx).await? {
             return Ok(());
         }
         // A terminal execution whose history ended before `after`: nothing more will come.
-        if let Some(row) = self
+        if !from_start
+            && let Some(row) = self
             .shared
             .store
             .execution(id)

@@ -51,22 +51,25 @@ impl OrchestratorService for Grpc {
         req: Request<pb::ExecuteWorkflowRequest>,
     ) -> Result<Response<Self::ExecuteWorkflowStream>, Status> {
         let r = req.into_inner();
-        let row = self
+        let (row, live) = self
             .0
-            .start_execution(pb::StartExecutionRequest {
-                workflow_id: r.workflow_id,
-                version: r.version,
-                input: r.input,
-                variables: r.variables,
-                request_id: r.request_id,
-            })
+            .start_watched(
+                pb::StartExecutionRequest {
+                    workflow_id: r.workflow_id,
+                    version: r.version,
+                    input: r.input,
+                    variables: r.variables,
+                    request_id: r.request_id,
+                },
+                true,
+            )
             .await?;
         let first = pb::ExecuteWorkflowResponse {
             payload: Some(pb::execute_workflow_response::Payload::Execution(
                 convert::execution(&row),
             )),
         };
-        let events = ReceiverStream::new(self.0.watch(row.id, 0)).map(|e| {
+        let events = ReceiverStream::new(self.0.watch(row.id, 0, live)).map(|e| {
             e.map(|event| pb::ExecuteWorkflowResponse {
                 payload: Some(pb::execute_workflow_response::Payload::Event(event)),
             })
@@ -91,7 +94,7 @@ impl OrchestratorService for Grpc {
             .into());
         }
         let row = self.0.get(&r.execution_id).await?;
-        let events = ReceiverStream::new(self.0.watch(row.id, r.after_sequence))
+        let events = ReceiverStream::new(self.0.watch(row.id, r.after_sequence, None))
             .map(|e| e.map(|event| pb::WatchExecutionResponse { event: Some(event) }));
         Ok(Response::new(Box::pin(events)))
     }

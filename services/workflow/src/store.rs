@@ -4,6 +4,7 @@
 
 use chrono::Utc;
 use meshflow_kit::convert::timestamp;
+use meshflow_kit::db::SelectUnique;
 use meshflow_proto::workflow::v1 as pb;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
@@ -161,7 +162,7 @@ impl Store {
     ) -> Result<Option<pb::Workflow>, Error> {
         let row = workflow::Entity::find()
             .filter(workflow::Column::RequestId.eq(request_id))
-            .one(&self.db)
+            .unique(&self.db)
             .await?;
         match row {
             Some(row) => self.get_workflow(&row.id, 0).await.map(Some),
@@ -232,7 +233,7 @@ impl Store {
     /// Reads a workflow at its current version (`version == 0`) or a given one.
     pub async fn get_workflow(&self, id: &str, version_no: i64) -> Result<pb::Workflow, Error> {
         let row = workflow::Entity::find_by_id(id.to_string())
-            .one(&self.db)
+            .unique(&self.db)
             .await?
             .ok_or_else(|| Error::WorkflowNotFound(id.to_string()))?;
         let wanted = if version_no == 0 {
@@ -241,7 +242,7 @@ impl Store {
             version_no
         };
         let version_row = version::Entity::find_by_id((id.to_string(), wanted))
-            .one(&self.db)
+            .unique(&self.db)
             .await?
             .ok_or_else(|| Error::VersionNotFound {
                 id: id.to_string(),
@@ -406,7 +407,7 @@ impl Store {
         }
         if delete.exec(&self.db).await?.rows_affected == 0 {
             let exists = workflow::Entity::find_by_id(id.to_string())
-                .one(&self.db)
+                .unique(&self.db)
                 .await?
                 .is_some();
             return Err(if exists {
@@ -424,7 +425,7 @@ impl Store {
     /// The revision behind a workflow's etag.
     pub async fn workflow_revision(&self, id: &str) -> Result<i64, Error> {
         workflow::Entity::find_by_id(id.to_string())
-            .one(&self.db)
+            .unique(&self.db)
             .await?
             .map(|r| r.revision)
             .ok_or_else(|| Error::WorkflowNotFound(id.to_string()))
@@ -433,7 +434,7 @@ impl Store {
     /// A workflow's status and current version, without its definition.
     pub async fn head(&self, id: &str) -> Result<(pb::WorkflowStatus, i64), Error> {
         let row = workflow::Entity::find_by_id(id.to_string())
-            .one(&self.db)
+            .unique(&self.db)
             .await?
             .ok_or_else(|| Error::WorkflowNotFound(id.to_string()))?;
         let status = pb::WorkflowStatus::from_str_name(&row.status)
@@ -444,7 +445,7 @@ impl Store {
     /// One immutable version of a workflow.
     pub async fn version(&self, id: &str, version_no: i64) -> Result<pb::WorkflowVersion, Error> {
         let row = version::Entity::find_by_id((id.to_string(), version_no))
-            .one(&self.db)
+            .unique(&self.db)
             .await?
             .ok_or_else(|| Error::VersionNotFound {
                 id: id.to_string(),
@@ -487,7 +488,7 @@ impl Store {
         if let Some(rid) = request_id
             && let Some(row) = template::Entity::find()
                 .filter(template::Column::RequestId.eq(rid))
-                .one(&self.db)
+                .unique(&self.db)
                 .await?
         {
             return self.get_template(&row.id).await;
@@ -514,7 +515,7 @@ impl Store {
                 if let Some(rid) = request_id
                     && let Some(row) = template::Entity::find()
                         .filter(template::Column::RequestId.eq(rid))
-                        .one(&self.db)
+                        .unique(&self.db)
                         .await?
                 {
                     return self.get_template(&row.id).await;
@@ -543,7 +544,7 @@ impl Store {
     /// Reads a template.
     pub async fn get_template(&self, id: &str) -> Result<pb::WorkflowTemplate, Error> {
         let row = template::Entity::find_by_id(id.to_string())
-            .one(&self.db)
+            .unique(&self.db)
             .await?
             .ok_or_else(|| Error::TemplateNotFound(id.to_string()))?;
         let tags = template_tag::Entity::find()
@@ -622,7 +623,7 @@ impl Store {
         if let Some(rid) = request_id
             && let Some(row) = rule::Entity::find()
                 .filter(rule::Column::RequestId.eq(rid))
-                .one(&self.db)
+                .unique(&self.db)
                 .await?
         {
             return rule_from_row(row);
@@ -648,7 +649,7 @@ impl Store {
                 if let Some(rid) = request_id
                     && let Some(row) = rule::Entity::find()
                         .filter(rule::Column::RequestId.eq(rid))
-                        .one(&self.db)
+                        .unique(&self.db)
                         .await?
                 {
                     return rule_from_row(row);
@@ -666,7 +667,7 @@ impl Store {
     /// Reads a rule.
     pub async fn get_rule(&self, id: &str) -> Result<pb::TransformationRule, Error> {
         let row = rule::Entity::find_by_id(id.to_string())
-            .one(&self.db)
+            .unique(&self.db)
             .await?
             .ok_or_else(|| Error::RuleNotFound(id.to_string()))?;
         rule_from_row(row)
@@ -750,7 +751,7 @@ impl Store {
     /// The revision behind a rule's etag.
     pub async fn rule_revision(&self, id: &str) -> Result<i64, Error> {
         rule::Entity::find_by_id(id.to_string())
-            .one(&self.db)
+            .unique(&self.db)
             .await?
             .map(|r| r.revision)
             .ok_or_else(|| Error::RuleNotFound(id.to_string()))
