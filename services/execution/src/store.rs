@@ -499,12 +499,16 @@ impl Store {
     /// update of its row (a replica that lost the lease writes nothing for it), then every attempt row
     /// and every event of the batch. The metric increments of the written commits, merged per
     /// workflow and step, go in the same transaction, so metrics are exact across crashes.
-    pub async fn commit(&self, batch: &[Commit]) -> Result<Vec<CommitOutcome>, StoreError> {
-        let now = Utc::now();
+    ///
+    /// Every event's `time` is set to the time of its commit, taken as late before the commit as
+    /// each backend allows.
+    pub async fn commit(&self, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, StoreError> {
         if let Some(writer) = self.sqlite_writer().await? {
             let mut conn = writer.lock().await;
-            return sqlite::commit(&mut conn, batch, now);
+            return sqlite::commit(&mut conn, batch);
         }
+        let now = Utc::now();
+        stamp(batch.iter_mut(), now);
         if self.db.get_database_backend() == DbBackend::Postgres {
             let pool = self.postgres_writer().await?;
             return postgres::commit(pool, batch, now).await;
@@ -879,6 +883,16 @@ fn histogram_plus(mut histogram: Vec<i64>, durations: &[i64]) -> Vec<i64> {
         histogram[bucket_of(*ms)] += 1;
     }
     histogram
+}
+
+/// Sets the time of every event of `commits` to `at`.
+fn stamp<'a>(commits: impl Iterator<Item = &'a mut Commit>, at: DateTime<Utc>) {
+    let at = Some(meshflow_kit::convert::timestamp(at));
+    for c in commits {
+        for e in &mut c.events {
+            e.time = at;
+        }
+    }
 }
 
 /// The executions of a batch in first-commit order, each with the indexes of its commits.

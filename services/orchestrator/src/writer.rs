@@ -63,15 +63,10 @@ async fn run(
         // Refuse commits of drivers that already had one fail; the rest go in one transaction.
         let mut waiting = Vec::with_capacity(batch.len());
         let mut commits = Vec::with_capacity(batch.len());
-        let committed_at = Some(meshflow_kit::convert::timestamp(chrono::Utc::now()));
-        for (token, mut commit, ack) in batch.drain(..) {
+        for (token, commit, ack) in batch.drain(..) {
             if poisoned.contains(&token) {
                 let _ = ack.send(Err("an earlier change of this execution failed".into()));
             } else {
-                // An event's time is when it was committed: the time of its group commit.
-                for e in &mut commit.events {
-                    e.time = committed_at;
-                }
                 waiting.push((token, ack));
                 commits.push(commit);
             }
@@ -80,7 +75,8 @@ async fn run(
             continue;
         }
         let started = std::time::Instant::now();
-        let result = store.commit(&commits).await;
+        // The store stamps each event with the time of its group commit.
+        let result = store.commit(&mut commits).await;
         tracing::debug!(
             commits = commits.len(),
             micros = started.elapsed().as_micros() as u64,

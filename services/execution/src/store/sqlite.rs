@@ -161,10 +161,9 @@ fn insert_in(
 /// [`super::Store::commit`] on the writer's connection: the same rows, fencing and metrics.
 pub(super) fn commit(
     conn: &mut Connection,
-    batch: &[Commit],
-    now: DateTime<Utc>,
+    batch: &mut [Commit],
 ) -> Result<Vec<CommitOutcome>, StoreError> {
-    immediate(conn, |tx| write(tx, batch, now))
+    immediate(conn, |tx| write(tx, batch))
 }
 
 /// Runs `body` in an immediate transaction (the write lock taken at its start), committing what it
@@ -185,12 +184,11 @@ fn immediate<T>(
     result
 }
 
-/// The statements of one group commit.
-fn write(
-    tx: &Connection,
-    batch: &[Commit],
-    now: DateTime<Utc>,
-) -> Result<Vec<CommitOutcome>, StoreError> {
+/// The statements of one group commit. The events go last, stamped with the time just before
+/// they are written: only their own inserts and the commit itself come between that time and
+/// their being durable.
+fn write(tx: &Connection, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, StoreError> {
+    let now = Utc::now();
     let now_text = time(now);
     let mut outcomes = vec![CommitOutcome::Done; batch.len()];
     let mut metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
@@ -218,7 +216,6 @@ fn write(
             continue;
         }
         let mut step = tx.prepare_cached(STEP)?;
-        let mut event = tx.prepare_cached(EVENT)?;
         for &k in &members {
             let c = &batch[k];
             for r in &c.steps {
@@ -240,23 +237,6 @@ fn write(
                     r.next_attempt_at.map(time),
                 ])?;
             }
-            for e in &c.events {
-                let at = e
-                    .time
-                    .as_ref()
-                    .and_then(meshflow_kit::convert::from_timestamp)
-                    .map(time);
-                let payload =
-                    serde_json::to_string(e).map_err(|err| StoreError::Corrupt(err.to_string()))?;
-                event.execute(params![
-                    execution_id,
-                    e.sequence,
-                    at.as_deref().unwrap_or(now_text.as_str()),
-                    super::event_type_name(e),
-                    Some(e.step_path.as_str()).filter(|p| !p.is_empty()),
-                    payload,
-                ])?;
-            }
             if let Some((signal_id, consumer)) = &c.consume_signal {
                 tx.prepare_cached(CONSUME)?
                     .execute(params![consumer, signal_id])?;
@@ -268,6 +248,34 @@ fn write(
     }
     for (workflow_id, delta, durations) in &metrics {
         add_metrics(tx, workflow_id, delta, durations, now)?;
+    }
+    let at = Utc::now();
+    let at_text = time(at);
+    super::stamp(
+        batch
+            .iter_mut()
+            .zip(&outcomes)
+            .filter(|(_, o)| **o == CommitOutcome::Done)
+            .map(|(c, _)| c),
+        at,
+    );
+    let mut event = tx.prepare_cached(EVENT)?;
+    for (c, outcome) in batch.iter().zip(&outcomes) {
+        if *outcome != CommitOutcome::Done {
+            continue;
+        }
+        for e in &c.events {
+            let payload =
+                serde_json::to_string(e).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+            event.execute(params![
+                c.execution_id,
+                e.sequence,
+                at_text,
+                super::event_type_name(e),
+                Some(e.step_path.as_str()).filter(|p| !p.is_empty()),
+                payload,
+            ])?;
+        }
     }
     Ok(outcomes)
 }

@@ -97,7 +97,7 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
 
     // replica-b writes to both: it holds only `ours`.
     let outcomes = store
-        .commit(&[
+        .commit(&mut [
             commit(&taken, &workflow.workflow_id, "replica-b"),
             commit(&ours, &workflow.workflow_id, "replica-b"),
         ])
@@ -157,7 +157,7 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
     let mut again = commit(&ours, &workflow.workflow_id, "replica-b");
     again.events[0].sequence = 2;
     again.steps[0].attempt = 2;
-    let outcomes = store.commit(&[again]).await.expect("commit");
+    let outcomes = store.commit(&mut [again]).await.expect("commit");
     assert_eq!(outcomes, [CommitOutcome::Done]);
     let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
     let fetch = metrics
