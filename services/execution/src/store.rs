@@ -5,14 +5,14 @@
 //! the execution over, that commit is refused and the rest of the batch still lands.
 
 use chrono::{DateTime, Utc};
+use meshflow_kit::db::SelectUnique;
 use meshflow_proto::execution::v1 as pb;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, SqlErr,
-    Statement, TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, SqlErr, Statement,
+    TransactionTrait,
 };
-use meshflow_kit::db::SelectUnique;
 use serde_json::Value;
 
 pub mod entity;

@@ -14,7 +14,7 @@ use meshflow_proto::execution::v1::{self as epb, EventType};
 use meshflow_proto::orchestrator::v1 as opb;
 use meshflow_proto::workflow::v1 as wpb;
 use serde_json::Value;
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{Notify, broadcast};
 
 use crate::driver::{CANCEL_SIGNAL, Halt, Run};
 use crate::error::Error;
@@ -423,17 +423,17 @@ impl Engine {
                 .unwrap_or(chrono::Duration::seconds(15));
         let new = NewExecution {
             id: meshflow_kit::id::new_id(),
-                workflow_id: req.workflow_id.clone(),
-                workflow_version: version,
-                input,
-                variables,
-                request_id,
-                deadline_at: Some(
-                    now + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX),
-                ),
-                now,
-                lease: Some((self.config.owner.clone(), lease_until)),
-                max_active: limits.max_concurrent_executions as u64,
+            workflow_id: req.workflow_id.clone(),
+            workflow_version: version,
+            input,
+            variables,
+            request_id,
+            deadline_at: Some(
+                now + chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX),
+            ),
+            now,
+            lease: Some((self.config.owner.clone(), lease_until)),
+            max_active: limits.max_concurrent_executions as u64,
         };
         // The driver is registered before the row exists, so a cancellation can only find the
         // execution once its driver can hear it; a watcher subscribed now misses no event.
@@ -569,116 +569,132 @@ impl Engine {
 
     /// Streams events after `after`: history first, then live, without gap or duplicate, ending after
     /// the terminal event. A watcher that falls behind the live buffer reads history instead.
+    ///
+    /// `live`, a subscription taken before the execution ran (see [`Self::start_watched`]), has
+    /// every event from the first: no history is read first. The stream is polled by the response
+    /// itself, so a live event takes no extra hop between tasks on its way to the client.
     pub fn watch(
         self: &Arc<Self>,
         id: String,
         after: i64,
         live: Option<Live>,
-    ) -> mpsc::Receiver<Result<epb::ExecutionEvent, tonic::Status>> {
-        let (tx, rx) = mpsc::channel(64);
-        let engine = self.clone();
-        tokio::spawn(async move {
-            if let Err(status) = engine.watch_loop(&id, after, live, &tx).await {
-                let _ = tx.send(Err(status)).await;
-            }
-        });
-        rx
-    }
-
-    /// Streams events after `after`. `live`, a subscription taken before the execution ran (see
-    /// [`Self::start_watched`]), has every event from the first: no history to read first.
-    async fn watch_loop(
-        &self,
-        id: &str,
-        after: i64,
-        live: Option<Live>,
-        tx: &mpsc::Sender<Result<epb::ExecutionEvent, tonic::Status>>,
-    ) -> Result<(), tonic::Status> {
+    ) -> impl futures::Stream<Item = Result<epb::ExecutionEvent, tonic::Status>> + Send + 'static
+    {
         let from_start = live.is_some();
-        let mut live = live.unwrap_or_else(|| self.hub.subscribe(id));
-        let mut last = after;
-        // Sends history after `last`; returns true when the terminal event was sent.
-        async fn catch_up(
-            store: &ExecStore,
-            id: &str,
-            last: &mut i64,
-            tx: &mpsc::Sender<Result<epb::ExecutionEvent, tonic::Status>>,
-        ) -> Result<bool, tonic::Status> {
-            loop {
-                let events = store
-                    .events_after(id, *last, WATCH_PAGE)
+        let watch = Watch {
+            live: live.unwrap_or_else(|| self.hub.subscribe(&id)),
+            engine: self.clone(),
+            id,
+            last: after,
+            backlog: std::collections::VecDeque::new(),
+            more: false,
+            started: from_start,
+            ended: false,
+        };
+        futures::stream::unfold(watch, |mut w| async move {
+            match w.next().await {
+                Ok(Some(e)) => Some((Ok(e), w)),
+                Ok(None) => None,
+                Err(status) => {
+                    w.ended = true;
+                    Some((Err(status), w))
+                }
+            }
+        })
+    }
+}
+
+/// The state of one watcher.
+struct Watch {
+    engine: Arc<Engine>,
+    id: String,
+    live: Live,
+    /// The last sequence sent.
+    last: i64,
+    /// History read but not yet sent.
+    backlog: std::collections::VecDeque<epb::ExecutionEvent>,
+    /// The last page of history read was full: there may be more.
+    more: bool,
+    /// Whether history up to the subscription was read (or needs no reading).
+    started: bool,
+    /// The terminal event (or an error) was sent.
+    ended: bool,
+}
+
+impl Watch {
+    /// The next event to send; `None` once the terminal one was sent.
+    async fn next(&mut self) -> Result<Option<epb::ExecutionEvent>, tonic::Status> {
+        loop {
+            if self.ended {
+                return Ok(None);
+            }
+            if let Some(e) = self.backlog.pop_front() {
+                return Ok(Some(self.sent(e)));
+            }
+            if self.more {
+                self.read_history().await?;
+                continue;
+            }
+            if !self.started {
+                self.started = true;
+                if self.read_history().await? {
+                    continue;
+                }
+                // A terminal execution whose history ended before `after`: nothing more will come.
+                let row = self
+                    .engine
+                    .shared
+                    .store
+                    .execution(&self.id)
                     .await
                     .map_err(|e| meshflow_kit::error::storage(&e))?;
-                let n = events.len();
-                for e in events {
-                    *last = e.sequence;
-                    let terminal = is_terminal_event(&e);
-                    if tx.send(Ok(e)).await.is_err() {
-                        return Ok(true);
-                    }
-                    if terminal {
-                        return Ok(true);
-                    }
+                if row.is_some_and(|r| !active(&r.status) && r.last_sequence <= self.last) {
+                    return Ok(None);
                 }
-                if (n as u64) < WATCH_PAGE {
-                    return Ok(false);
-                }
+                continue;
             }
-        }
-        if !from_start && catch_up(&self.shared.store, id, &mut last, tx).await? {
-            return Ok(());
-        }
-        // A terminal execution whose history ended before `after`: nothing more will come.
-        if !from_start
-            && let Some(row) = self
-            .shared
-            .store
-            .execution(id)
-            .await
-            .map_err(|e| meshflow_kit::error::storage(&e))?
-            && !active(&row.status)
-            && row.last_sequence <= last
-        {
-            return Ok(());
-        }
-        loop {
             tokio::select! {
-                received = live.recv() => match received {
-                    Ok(e) => {
-                        if e.sequence <= last {
-                            continue;
-                        }
-                        if e.sequence > last + 1 && catch_up(&self.shared.store, id, &mut last, tx).await? {
-                            return Ok(());
-                        }
-                        if e.sequence == last + 1 {
-                            last = e.sequence;
-                            let terminal = is_terminal_event(&e);
-                            if tx.send(Ok((*e).clone())).await.is_err() || terminal {
-                                return Ok(());
-                            }
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        if catch_up(&self.shared.store, id, &mut last, tx).await? {
-                            return Ok(());
-                        }
+                received = self.live.recv() => match received {
+                    Ok(e) if e.sequence == self.last + 1 => return Ok(Some(self.sent((*e).clone()))),
+                    Ok(e) if e.sequence <= self.last => {}
+                    // A gap: what is missing is in history.
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.read_history().await?;
                     }
                     Err(broadcast::error::RecvError::Closed) => {
-                        live = self.hub.subscribe(id);
-                        if catch_up(&self.shared.store, id, &mut last, tx).await? {
-                            return Ok(());
-                        }
+                        self.live = self.engine.hub.subscribe(&self.id);
+                        self.read_history().await?;
                     }
                 },
                 // Events committed by another replica reach this one only through the database.
                 () = tokio::time::sleep(Duration::from_millis(500)) => {
-                    if catch_up(&self.shared.store, id, &mut last, tx).await? {
-                        return Ok(());
-                    }
+                    self.read_history().await?;
                 }
-                () = tx.closed() => return Ok(()),
             }
         }
+    }
+
+    /// Records `e` as sent.
+    fn sent(&mut self, e: epb::ExecutionEvent) -> epb::ExecutionEvent {
+        self.last = e.sequence;
+        self.ended = is_terminal_event(&e);
+        e
+    }
+
+    /// Reads a page of history after the last event sent (and not yet queued) into the backlog;
+    /// returns whether it found any.
+    async fn read_history(&mut self) -> Result<bool, tonic::Status> {
+        let after = self.backlog.back().map_or(self.last, |e| e.sequence);
+        let events = self
+            .engine
+            .shared
+            .store
+            .events_after(&self.id, after, WATCH_PAGE)
+            .await
+            .map_err(|e| meshflow_kit::error::storage(&e))?;
+        let found = !events.is_empty();
+        self.more = events.len() as u64 == WATCH_PAGE;
+        self.backlog.extend(events);
+        Ok(found)
     }
 }

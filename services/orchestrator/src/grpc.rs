@@ -10,7 +10,6 @@ use meshflow_kit::{ServerConfig, Violation, page};
 use meshflow_proto::orchestrator::v1 as pb;
 use pb::orchestrator_service_server::{OrchestratorService, OrchestratorServiceServer};
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::engine::Engine;
@@ -69,7 +68,7 @@ impl OrchestratorService for Grpc {
                 convert::execution(&row),
             )),
         };
-        let events = ReceiverStream::new(self.0.watch(row.id, 0, live)).map(|e| {
+        let events = self.0.watch(row.id, 0, live).map(|e| {
             e.map(|event| pb::ExecuteWorkflowResponse {
                 payload: Some(pb::execute_workflow_response::Payload::Event(event)),
             })
@@ -94,7 +93,9 @@ impl OrchestratorService for Grpc {
             .into());
         }
         let row = self.0.get(&r.execution_id).await?;
-        let events = ReceiverStream::new(self.0.watch(row.id, r.after_sequence, None))
+        let events = self
+            .0
+            .watch(row.id, r.after_sequence, None)
             .map(|e| e.map(|event| pb::WatchExecutionResponse { event: Some(event) }));
         Ok(Response::new(Box::pin(events)))
     }
