@@ -12,6 +12,7 @@ mod m20261126_000002_create_executions;
 mod m20261126_000003_create_circuit_breakers;
 mod m20261126_000004_create_webhooks;
 mod m20261126_000005_drop_unused_step_indexes;
+mod m20261126_000006_index_pending_signals;
 
 /// Applies and reverts every migration in order.
 pub struct Migrator;
@@ -25,6 +26,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000003_create_circuit_breakers::Migration),
             Box::new(m20261126_000004_create_webhooks::Migration),
             Box::new(m20261126_000005_drop_unused_step_indexes::Migration),
+            Box::new(m20261126_000006_index_pending_signals::Migration),
         ]
     }
 }

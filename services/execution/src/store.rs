@@ -10,8 +10,7 @@ use meshflow_proto::execution::v1 as pb;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, QueryTrait, SqlErr, Statement,
-    TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr, Statement, TransactionTrait,
 };
 use serde_json::Value;
 
@@ -760,22 +759,27 @@ impl Store {
             .is_some())
     }
 
-    /// Executions this owner drives that have unconsumed signals.
-    pub async fn signalled(&self, owner: &str) -> Result<Vec<String>, StoreError> {
-        let owned = execution::Entity::find()
-            .select_only()
-            .column(execution::Column::Id)
-            .filter(execution::Column::LeaseOwner.eq(owner))
-            .into_query();
-        let rows = signal::Entity::find()
-            .filter(signal::Column::ConsumedBy.is_null())
-            .filter(signal::Column::ExecutionId.in_subquery(owned))
+    /// The unconsumed signals of the executions `owner` holds the lease of, oldest first. Read from
+    /// the index of pending signals, each checked against its execution's row.
+    pub async fn signalled(&self, owner: &str) -> Result<Vec<signal::Model>, StoreError> {
+        let backend = self.db.get_database_backend();
+        let p = if backend == DbBackend::Postgres {
+            "$1"
+        } else {
+            "?1"
+        };
+        let sql = format!(
+            "SELECT s.* FROM execution_signals AS s \
+             JOIN workflow_executions AS e ON e.id = s.execution_id \
+             WHERE s.consumed_by IS NULL AND e.lease_owner = {p}"
+        );
+        // Sorted here: an ORDER BY would have SQLite walk every signal in id order instead.
+        let mut signals = signal::Entity::find()
+            .from_raw_sql(Statement::from_sql_and_values(backend, sql, [owner.into()]))
             .all(&self.db)
             .await?;
-        let mut ids: Vec<String> = rows.into_iter().map(|r| r.execution_id).collect();
-        ids.sort();
-        ids.dedup();
-        Ok(ids)
+        signals.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(signals)
     }
 
     /// The oldest unconsumed signal of a name.

@@ -183,9 +183,45 @@ impl Engine {
                 }
             }
             if n < 256 {
-                return Ok(());
+                break;
             }
         }
+        self.reconcile_signals().await
+    }
+
+    /// Tells the drivers here about every unconsumed signal of their executions. A signal reaches a
+    /// driver through its wake-up, which a commit of the driver racing with it (one that clears the
+    /// wake-up as it resumes) can erase; this pass, on every poll, does not depend on the wake-up.
+    async fn reconcile_signals(&self) -> Result<(), Error> {
+        let signals = self.shared.store.signalled(&self.config.owner).await?;
+        let mut told = std::collections::HashSet::new();
+        for sig in signals {
+            let Some(run) = self
+                .running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(&sig.execution_id)
+                .cloned()
+            else {
+                continue;
+            };
+            if run.done.load(std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
+            if sig.name == CANCEL_SIGNAL {
+                let reason = sig.payload.as_str().unwrap_or_default().to_string();
+                run.cancel.send_if_modified(|current| {
+                    let unset = current.is_none();
+                    if unset {
+                        *current = Some(reason);
+                    }
+                    unset
+                });
+            } else if told.insert(sig.execution_id.clone()) {
+                run.signalled.notify_one();
+            }
+        }
+        Ok(())
     }
 
     async fn lease_loop(engine: std::sync::Weak<Self>) {

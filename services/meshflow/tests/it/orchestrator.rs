@@ -411,6 +411,70 @@ async fn cancel_stops_running_and_pending_steps() {
     assert_reason(&err, Code::FailedPrecondition, "EXECUTION_ENDED");
 }
 
+/// Another replica stores a cancellation by setting the execution's wake-up, and a commit of the
+/// driver that races with it can clear that wake-up. The poller still tells the driver.
+#[tokio::test]
+async fn a_cancellation_whose_wake_up_was_erased_still_reaches_the_driver() {
+    let mut config = support::engine_config();
+    // Never parked: parking would also notice the signal.
+    config.park_after = std::time::Duration::from_secs(3600);
+    let server = support::start_services(config, meshflow::ServiceName::ALL).await;
+    let id = server
+        .active_workflow(json!({"name": "erased-wake", "steps": [
+            {"id": "hold", "wait": {"duration": "3600s"}}]}))
+        .await;
+    let execution_id = server.start_execution(&id, json!({})).await;
+    let before = server
+        .watch_until(&execution_id, |e| e.r#type == E::StepWaiting as i32)
+        .await;
+
+    // What the other replica writes, then what the racing commit undoes.
+    let db = meshflow_kit::db::connect_url(
+        &server.database_url,
+        meshflow_kit::config::SqliteSynchronous::Normal,
+        2,
+    )
+    .await
+    .expect("connect");
+    let store = meshflow_execution::store::Store::new(db);
+    store
+        .add_signal(
+            &execution_id,
+            meshflow_orchestrator::driver::CANCEL_SIGNAL,
+            json!("from another replica"),
+            None,
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("signal");
+    let row = store
+        .execution(&execution_id)
+        .await
+        .expect("read")
+        .expect("row");
+    let owner = row.lease_owner.expect("driven here");
+    store
+        .clear_wake(&execution_id, &owner)
+        .await
+        .expect("clear");
+
+    let rest = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        server.watch(&execution_id, before.len() as i64),
+    )
+    .await
+    .expect("the driver hears of the cancellation");
+    let last = rest.last().expect("events");
+    assert_eq!(
+        (last.r#type, last.reason.as_str()),
+        (E::ExecutionCancelled as i32, "from another replica")
+    );
+    assert_eq!(
+        status(&server.execution(&execution_id).await),
+        ExecutionStatus::Cancelled
+    );
+}
+
 #[tokio::test]
 async fn workflow_and_step_timeouts() {
     let target = Target::start().await.expect("target");

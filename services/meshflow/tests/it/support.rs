@@ -18,6 +18,8 @@ use tonic_types::StatusExt;
 pub struct Server {
     pub running: Running,
     pub channel: Channel,
+    /// The database it serves, for tests that write behind its back.
+    pub database_url: String,
 }
 
 impl Server {
@@ -184,6 +186,7 @@ pub async fn start_services(mut config: ServerConfig, services: &[ServiceName]) 
     config.database_url = meshflow_kit::testing::fresh_database_url()
         .await
         .expect("test database");
+    let database_url = config.database_url.clone();
     let running = meshflow::start(config, services)
         .await
         .expect("server starts");
@@ -192,7 +195,11 @@ pub async fn start_services(mut config: ServerConfig, services: &[ServiceName]) 
         .connect()
         .await
         .expect("connects");
-    Server { running, channel }
+    Server {
+        running,
+        channel,
+        database_url,
+    }
 }
 
 pub async fn start() -> Server {
