@@ -89,7 +89,8 @@ pub struct ServerConfig {
     #[arg(long, env = "MESHFLOW_LEASE_TTL", default_value = "15s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
 
-    /// How often due executions (timers, retries, abandoned leases) are looked for.
+    /// How often due executions (timers, retries, abandoned leases) and unconsumed signals are
+    /// looked for.
     #[arg(long, env = "MESHFLOW_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration)]
     pub poll_interval: Duration,
 
