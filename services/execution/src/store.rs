@@ -41,27 +41,24 @@ pub struct NewExecution {
     pub now: DateTime<Utc>,
     /// The replica that will drive it at once, and until when it holds the lease.
     pub lease: Option<(String, DateTime<Utc>)>,
-    /// Refused (nothing written) when this many executions are active already; checked in the
-    /// inserting transaction.
-    pub max_active: u64,
 }
 
 impl NewExecution {
-    /// The row [`Store::insert_execution`] writes: PENDING, due at once, leased as given.
-    pub fn row(&self) -> execution::Model {
+    /// Its row, as [`Store::insert_execution`] writes it: PENDING, due at once, leased as given.
+    pub fn row(self) -> execution::Model {
         execution::Model {
-            id: self.id.clone(),
-            workflow_id: self.workflow_id.clone(),
+            id: self.id,
+            workflow_id: self.workflow_id,
             workflow_version: self.workflow_version,
             status: pb::ExecutionStatus::Pending.as_str_name().to_string(),
-            input: self.input.clone(),
-            variables: self.variables.clone(),
+            input: self.input,
+            variables: self.variables,
             output: None,
             error: None,
-            request_id: self.request_id.clone(),
+            request_id: self.request_id,
             last_sequence: 0,
-            lease_owner: self.lease.as_ref().map(|l| l.0.clone()),
             lease_expires_at: self.lease.as_ref().map(|l| l.1),
+            lease_owner: self.lease.map(|l| l.0),
             wake_at: Some(self.now),
             deadline_at: self.deadline_at,
             create_time: self.now,
@@ -331,15 +328,19 @@ impl Store {
         &self.db
     }
 
-    /// Inserts a PENDING execution (no events yet: sequence 0). Returns the existing execution, and
-    /// `false`, when `request_id` was used before.
-    pub async fn insert_execution(&self, new: NewExecution) -> Result<Inserted, StoreError> {
-        if let Some(rid) = &new.request_id
+    /// Inserts a new execution's row (see [`NewExecution::row`]), unless its `request_id` was used
+    /// before (the existing execution is returned) or `max_active` executions are active already
+    /// (nothing is written; checked in the inserting transaction).
+    pub async fn insert_execution(
+        &self,
+        row: execution::Model,
+        max_active: u64,
+    ) -> Result<Inserted, StoreError> {
+        if let Some(rid) = &row.request_id
             && let Some(existing) = self.execution_by_request(rid).await?
         {
             return Ok(Inserted::Existing(existing));
         }
-        let row = new.row();
         let started = MetricsDelta {
             total: 1,
             active: 1,
@@ -348,13 +349,13 @@ impl Store {
         let outcome = match self.sqlite_writer().await? {
             Some(writer) => {
                 let mut conn = writer.lock().await;
-                sqlite::insert_execution(&mut conn, &row, &started, new.max_active)?
+                sqlite::insert_execution(&mut conn, &row, &started, max_active)?
             }
             None => {
                 let model =
                     sea_orm::ActiveModelTrait::reset_all(execution::ActiveModel::from(row.clone()));
                 let txn = self.db.begin().await?;
-                if active_in(&txn).await? >= new.max_active {
+                if active_in(&txn).await? >= max_active {
                     InsertOutcome::AtCapacity
                 } else {
                     match execution::Entity::insert(model)
@@ -371,7 +372,8 @@ impl Store {
                         }
                         Err(err) => return Err(err.into()),
                         Ok(_) => {
-                            upsert_metrics(&txn, &new.workflow_id, &started, &[], new.now).await?;
+                            upsert_metrics(&txn, &row.workflow_id, &started, &[], row.create_time)
+                                .await?;
                             txn.commit().await?;
                             InsertOutcome::Created
                         }
@@ -384,7 +386,7 @@ impl Store {
             InsertOutcome::AtCapacity => Ok(Inserted::AtCapacity),
             InsertOutcome::Duplicate => {
                 // Started concurrently with the same request id: that execution is the answer.
-                let existing = match &new.request_id {
+                let existing = match &row.request_id {
                     Some(rid) => self.execution_by_request(rid).await?,
                     None => None,
                 };

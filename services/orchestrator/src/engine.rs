@@ -457,7 +457,7 @@ impl Engine {
         let lease_until = now
             + chrono::Duration::from_std(self.config.lease_ttl)
                 .unwrap_or(chrono::Duration::seconds(15));
-        let new = NewExecution {
+        let row = NewExecution {
             id: meshflow_kit::id::new_id(),
             workflow_id: req.workflow_id.clone(),
             workflow_version: version,
@@ -469,18 +469,22 @@ impl Engine {
             ),
             now,
             lease: Some((self.config.owner.clone(), lease_until)),
-            max_active: limits.max_concurrent_executions as u64,
-        };
+        }
+        .row();
         // The driver is registered before the row exists, so a cancellation can only find the
         // execution once its driver can hear it; a watcher subscribed now misses no event.
-        let id = new.id.clone();
-        let run = Run::new(self.shared.clone(), &new.row(), def, Vec::new(), true);
+        let id = row.id.clone();
+        let run = Run::new(self.shared.clone(), &row, def, Vec::new(), true);
         self.running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id.clone(), run.clone());
         let live = watch.then(|| self.hub.subscribe(&id));
-        let inserted = self.shared.store.insert_execution(new).await;
+        let inserted = self
+            .shared
+            .store
+            .insert_execution(row, limits.max_concurrent_executions as u64)
+            .await;
         if !matches!(inserted, Ok(Inserted::Created(_))) {
             self.running
                 .lock()

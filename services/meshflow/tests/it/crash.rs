@@ -247,15 +247,7 @@ async fn a_killed_server_resumes_every_execution_without_repeating_succeeded_ste
     }
     // Metrics are written with each commit: exact through the kill. The attempt in flight at the
     // kill was sent twice but is one attempt.
-    let metrics = ExecutionServiceClient::new(channel.clone())
-        .get_workflow_metrics(epb::GetWorkflowMetricsRequest {
-            workflow_id: in_flight.clone(),
-        })
-        .await
-        .expect("metrics")
-        .into_inner()
-        .metrics
-        .expect("metrics");
+    let metrics = crate::support::workflow_metrics(&channel, &in_flight).await;
     assert_eq!(
         (metrics.total, metrics.completed, metrics.active),
         (3, 3, 0)

@@ -322,15 +322,7 @@ async fn executions_are_listed_and_measured() {
         std::slice::from_ref(&parked)
     );
 
-    let metrics = executions
-        .get_workflow_metrics(epb::GetWorkflowMetricsRequest {
-            workflow_id: ok.clone(),
-        })
-        .await
-        .expect("metrics")
-        .into_inner()
-        .metrics
-        .expect("metrics");
+    let metrics = server.metrics(&ok).await;
     assert_eq!(
         (
             metrics.total,

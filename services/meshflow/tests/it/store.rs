@@ -15,18 +15,21 @@ use crate::support;
 async fn execution(store: &Store, workflow_id: &str, owner: &str) -> String {
     let now = Utc::now();
     let inserted = store
-        .insert_execution(NewExecution {
-            id: meshflow_kit::id::new_id(),
-            workflow_id: workflow_id.to_string(),
-            workflow_version: 1,
-            input: json!({}),
-            variables: json!({}),
-            request_id: None,
-            deadline_at: None,
-            now,
-            lease: Some((owner.to_string(), now + chrono::Duration::seconds(60))),
-            max_active: 10,
-        })
+        .insert_execution(
+            NewExecution {
+                id: meshflow_kit::id::new_id(),
+                workflow_id: workflow_id.to_string(),
+                workflow_version: 1,
+                input: json!({}),
+                variables: json!({}),
+                request_id: None,
+                deadline_at: None,
+                now,
+                lease: Some((owner.to_string(), now + chrono::Duration::seconds(60))),
+            }
+            .row(),
+            10,
+        )
         .await
         .expect("insert");
     match inserted {

@@ -106,6 +106,10 @@ impl Server {
             .execution_id
     }
 
+    pub async fn metrics(&self, workflow_id: &str) -> epb::WorkflowMetrics {
+        workflow_metrics(&self.channel, workflow_id).await
+    }
+
     pub async fn execution(&self, id: &str) -> epb::Execution {
         self.executions()
             .get_execution(epb::GetExecutionRequest {
@@ -162,6 +166,19 @@ impl Server {
         }
         events
     }
+}
+
+/// GetWorkflowMetrics through `channel`.
+pub async fn workflow_metrics(channel: &Channel, workflow_id: &str) -> epb::WorkflowMetrics {
+    ExecutionServiceClient::new(channel.clone())
+        .get_workflow_metrics(epb::GetWorkflowMetricsRequest {
+            workflow_id: workflow_id.into(),
+        })
+        .await
+        .expect("metrics")
+        .into_inner()
+        .metrics
+        .expect("metrics")
 }
 
 pub fn config() -> ServerConfig {
