@@ -8,6 +8,9 @@ use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbE
 
 use crate::config::{ServerConfig, SqliteSynchronous};
 
+/// How long a pooled SQLite connection waits for a competing writer.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Connects to `config.database_url` and applies every pending migration.
 pub async fn connect(config: &ServerConfig) -> Result<DatabaseConnection, DbErr> {
     connect_url(
@@ -38,7 +41,7 @@ pub async fn connect_url(
         opts.map_sqlx_sqlite_opts(move |o| {
             let o = o
                 .foreign_keys(true)
-                .busy_timeout(Duration::from_secs(10))
+                .busy_timeout(BUSY_TIMEOUT)
                 .synchronous(sync);
             if memory {
                 o
@@ -75,31 +78,114 @@ pub async fn connect_url(
 }
 
 /// How often the WAL of a SQLite file is copied back into the database. A checkpoint's writes and
-/// fsync slow the commits beside it a little; once a second keeps that off most commits' latency
-/// while the WAL stays a second of writes long.
+/// fsync slow the commits beside it a little; once a second keeps that off most commits' latency.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
+/// The most the WAL file holds (bytes) before a checkpoint makes it start over, stalling commits
+/// for a moment; it is also what the file is cut back to when it starts over after a burst.
+pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
+
 /// Copies the WAL back into the database file every [`CHECKPOINT_EVERY`], on a pooled connection,
-/// until the pool closes. A passive checkpoint never blocks a writer or a reader, so commits keep
-/// their latency; SQLite's automatic checkpoint would instead run inside whichever commit crosses
-/// the threshold and stall it for milliseconds.
+/// until the pool closes, and keeps the WAL file from growing without end.
+///
+/// Passive checkpoints copy the WAL without blocking a writer or a reader, so commits keep their
+/// latency. But SQLite starts the WAL over only once it is wholly copied, and under a steady stream
+/// of commits a passive pass never catches up with the last frame: on its own the WAL would grow
+/// for as long as the load lasts, every commit appending to fresh blocks of an ever larger file.
+/// So passes repeat while they gain on the writers, and once the WAL holds more than
+/// [`WAL_SIZE_LIMIT`], a restart checkpoint copies the last few frames while holding the write lock
+/// (a stall of about two fsyncs) and starts the WAL over. It runs without a busy timeout: waiting
+/// on a reader while holding the write lock would stall every commit, so a busy restart gives up at
+/// once and is tried again a moment later. SQLite's automatic checkpoint would instead copy the
+/// whole WAL inside whichever commit crosses its threshold.
 fn checkpoint_in_background(db: DatabaseConnection) {
     tokio::spawn(async move {
+        let pool = db.get_sqlite_connection_pool().clone();
         let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            if db.get_sqlite_connection_pool().is_closed() {
+            if pool.is_closed() {
                 return;
             }
-            if let Err(err) = db
-                .execute_unprepared("PRAGMA wal_checkpoint(PASSIVE)")
-                .await
-            {
+            if let Err(err) = checkpoint(&pool, WAL_SIZE_LIMIT).await {
                 tracing::debug!(error = %err, "WAL checkpoint skipped");
             }
         }
     });
+}
+
+/// Passive passes repeat until fewer than this many frames were added since the one before.
+const CAUGHT_UP: i64 = 256;
+
+/// Passive passes per round, at most.
+const PASSIVE_PASSES: usize = 6;
+
+/// Tries of a restart checkpoint per round.
+const RESTART_TRIES: usize = 10;
+
+/// One round of [`checkpoint_in_background`]; the WAL starts over once it holds more than `limit`
+/// bytes.
+async fn checkpoint(
+    pool: &sea_orm::sqlx::SqlitePool,
+    limit: i64,
+) -> Result<(), sea_orm::sqlx::Error> {
+    use sea_orm::sqlx::{Row, SqliteConnection, query};
+    /// Runs a checkpoint: whether it was blocked, and the frames in the WAL.
+    async fn run(
+        conn: &mut SqliteConnection,
+        sql: &'static str,
+    ) -> Result<(bool, i64), sea_orm::sqlx::Error> {
+        let row = query(sql).fetch_one(conn).await?;
+        Ok((row.try_get::<i64, _>(0)? != 0, row.try_get(1)?))
+    }
+    let mut conn = pool.acquire().await?;
+    let mut frames = 0;
+    for _ in 0..PASSIVE_PASSES {
+        let (_, log) = run(&mut conn, "PRAGMA wal_checkpoint(PASSIVE)").await?;
+        let added = log - frames;
+        frames = log;
+        if added < CAUGHT_UP {
+            break;
+        }
+    }
+    let page: i64 = query("PRAGMA page_size")
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get(0)?;
+    if frames.saturating_mul(page) <= limit {
+        return Ok(());
+    }
+    // A passive pass that ends behind the writers leaves the database file unsynced, and the
+    // restart would sync all it copied while holding the write lock: sync it first, then catch up.
+    let path = pool.connect_options().get_filename().to_path_buf();
+    let synced = tokio::task::spawn_blocking(move || std::fs::File::open(path)?.sync_data()).await;
+    if let Ok(Err(err)) | Err(err) = synced.map_err(std::io::Error::other) {
+        tracing::debug!(error = %err, "database file not synced before the WAL restart");
+    }
+    run(&mut conn, "PRAGMA wal_checkpoint(PASSIVE)").await?;
+    query("PRAGMA busy_timeout = 0").execute(&mut *conn).await?;
+    let mut result = Ok(());
+    for _ in 0..RESTART_TRIES {
+        match run(&mut conn, "PRAGMA wal_checkpoint(RESTART)").await {
+            Ok((false, _)) => break,
+            Ok((true, _)) => tokio::time::sleep(Duration::from_millis(1)).await,
+            Err(err) => {
+                result = Err(err);
+                break;
+            }
+        }
+    }
+    let restore = format!("PRAGMA busy_timeout = {}", BUSY_TIMEOUT.as_millis());
+    if let Err(err) = query(sea_orm::sqlx::AssertSqlSafe(restore))
+        .execute(&mut *conn)
+        .await
+    {
+        // Never hand the pool a connection that gives up at once.
+        conn.detach();
+        return Err(err);
+    }
+    result
 }
 
 /// Lookups by a unique key.
@@ -123,5 +209,81 @@ impl<E: sea_orm::EntityTrait> SelectUnique<E> for sea_orm::Select<E> {
     ) -> impl Future<Output = Result<Option<E::Model>, DbErr>> + Send {
         let query = self.all(db);
         async move { Ok(query.await?.pop()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use sea_orm::sqlx::{Row, SqlitePool, query};
+
+    use super::*;
+
+    /// Frames in the WAL (a passive checkpoint reports them).
+    async fn wal_frames(pool: &SqlitePool) -> anyhow::Result<i64> {
+        let row = query("PRAGMA wal_checkpoint(PASSIVE)")
+            .fetch_one(pool)
+            .await?;
+        Ok(row.try_get(1)?)
+    }
+
+    #[tokio::test]
+    async fn a_wal_over_its_limit_starts_over_while_commits_continue() -> anyhow::Result<()> {
+        let dir = crate::testing::sqlite_test_dir();
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(format!("{}.sqlite", uuid::Uuid::now_v7().simple()));
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let db = connect_url(&url, SqliteSynchronous::Normal, 4).await?;
+        db.execute_unprepared("CREATE TABLE filler (id INTEGER PRIMARY KEY, body BLOB)")
+            .await?;
+        let pool = db.get_sqlite_connection_pool().clone();
+
+        // Commits without pause, as a loaded server does, until the test ends.
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = tokio::spawn({
+            let (pool, stop) = (pool.clone(), stop.clone());
+            async move {
+                let mut commits = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    query("INSERT INTO filler (body) VALUES (zeroblob(2000))")
+                        .execute(&pool)
+                        .await?;
+                    commits += 1;
+                }
+                anyhow::Ok(commits)
+            }
+        });
+
+        // Each round sees a WAL of at least 500 frames (commits keep coming), far over a
+        // one-byte limit, and must start it over: the frames counted next are a fresh start.
+        let mut restarted = false;
+        for _ in 0..5 {
+            while wal_frames(&pool).await? < 500 {
+                tokio::task::yield_now().await;
+            }
+            let before = wal_frames(&pool).await?;
+            checkpoint(&pool, 1).await?;
+            if wal_frames(&pool).await? < before {
+                restarted = true;
+                break;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(writer.await?? > 0);
+        assert!(restarted, "the WAL never started over");
+        // The connection the checkpoint used waits for writers again, like every other.
+        let conns = futures::future::try_join_all((0..4).map(|_| pool.acquire())).await?;
+        for mut conn in conns {
+            let timeout: i64 = query("PRAGMA busy_timeout")
+                .fetch_one(&mut *conn)
+                .await?
+                .try_get(0)?;
+            assert_eq!(timeout, BUSY_TIMEOUT.as_millis() as i64);
+        }
+        db.close().await?;
+        std::fs::remove_file(path)?;
+        Ok(())
     }
 }
