@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use meshflow_execution::store::entity::step;
-use meshflow_execution::store::{Commit, CommitOutcome, ExecutionPatch, MetricsDelta, StepRow};
+use meshflow_execution::store::{Commit, ExecutionPatch, MetricsDelta, StepRow};
 use meshflow_kit::convert::{from_json, timestamp};
 use meshflow_proto::execution::v1::{self as epb, EventType, ExecutionStatus, StepStatus};
 use meshflow_proto::workflow::v1::{self as pb, StepType, step::Config};
@@ -30,6 +30,7 @@ use crate::engine::Shared;
 use crate::eval::{self, Scope};
 use crate::retry::Policy;
 use crate::steps::{self, CallContext, StepError};
+use crate::writer::{Durable, Failure, Tracker};
 
 /// Signal name that requests cancellation (not a valid user signal name).
 pub const CANCEL_SIGNAL: &str = "$cancel";
@@ -82,6 +83,10 @@ struct Frame {
     outer: Option<Arc<Frame>>,
     local: Mutex<Map<String, Value>>,
     item: Option<(Value, i64)>,
+    /// The driver's commit that made this frame's results so far durable: the commit that opened
+    /// its block, then the latest that recorded a result in it. Whatever a step of the block can
+    /// read is durable once this commit is.
+    basis: std::sync::atomic::AtomicU64,
 }
 
 impl Frame {
@@ -90,16 +95,25 @@ impl Frame {
             outer: None,
             local: Mutex::new(Map::new()),
             item: None,
+            basis: 0.into(),
         })
     }
 
-    fn child(outer: &Arc<Frame>, item: Option<(Value, i64)>) -> Arc<Self> {
+    /// The frame of a block nested in `outer`, opened by the driver's commit `opened`.
+    fn child(outer: &Arc<Frame>, item: Option<(Value, i64)>, opened: u64) -> Arc<Self> {
         let item = item.or_else(|| outer.item.clone());
         Arc::new(Self {
             outer: Some(outer.clone()),
             local: Mutex::new(Map::new()),
             item,
+            basis: opened.into(),
         })
+    }
+
+    /// The commit after which everything this frame and its enclosing frames hold is durable.
+    fn basis(&self) -> u64 {
+        let own = self.basis.load(std::sync::atomic::Ordering::Acquire);
+        self.outer.as_ref().map_or(own, |o| own.max(o.basis()))
     }
 
     fn find(&self, id: &str) -> Option<Value> {
@@ -123,12 +137,15 @@ impl Frame {
         map
     }
 
-    fn record(&self, id: &str, outcome: &Outcome) {
+    /// Records a step's outcome, queued with the driver's commit `commit` or earlier.
+    fn record(&self, id: &str, outcome: &Outcome, commit: u64) {
         let v = json!({"output": outcome.output(), "status": outcome.status()});
         self.local
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id.to_string(), v);
+        self.basis
+            .fetch_max(commit, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -162,6 +179,10 @@ struct State {
     busy: usize,
     /// Waiting steps and until when (`None`: a signal without timeout).
     waits: HashMap<String, Option<DateTime<Utc>>>,
+    /// The number of the last commit queued (commits are numbered 1, 2, 3, … in queue order).
+    queued: u64,
+    /// The last commit that changed the variables.
+    vars_changed: u64,
 }
 
 /// One execution being driven.
@@ -183,16 +204,12 @@ pub struct Run {
     pub cancel: watch::Sender<Option<String>>,
     /// Set once the definition stopped running (the driver is concluding): it takes no more wake-ups.
     pub done: std::sync::atomic::AtomicBool,
-    /// Identifies this driver's commits to the writer.
-    token: u64,
     /// Built before its execution was inserted: no cancellation can have been stored without
     /// reaching it through [`Self::cancel`].
     fresh: bool,
-    /// Acknowledgements of queued commits not yet awaited.
-    pending: Mutex<Vec<tokio::sync::oneshot::Receiver<crate::writer::Ack>>>,
+    /// How far this driver's commits are durable, as the writer reports it.
+    durable: Tracker,
 }
-
-static TOKENS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 fn step_type(step: &pb::Step) -> StepType {
     match &step.config {
@@ -290,14 +307,15 @@ impl Run {
                 open: HashMap::new(),
                 busy: 0,
                 waits: HashMap::new(),
+                queued: 0,
+                vars_changed: 0,
             }),
             changed: Notify::new(),
             signalled: Notify::new(),
             cancel: watch::channel(None).0,
             done: std::sync::atomic::AtomicBool::new(false),
-            token: TOKENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             fresh,
-            pending: Mutex::new(Vec::new()),
+            durable: Arc::new(watch::channel(Durable::default()).0),
         })
     }
 
@@ -361,82 +379,94 @@ impl Run {
         });
     }
 
-    /// Builds a commit under the state lock (so sequence order is queue order), submits it, and waits
-    /// until it is durable.
-    /// Commits and waits until this and every change queued before it are durable. Used before
-    /// anything outside the engine can depend on them (an HTTP call, a terminal state, parking).
+    /// Queues a commit and waits until it, and so every change queued before it, is durable. Used
+    /// before anything outside the engine can depend on them (a terminal state, parking).
     async fn commit(
         &self,
         build: impl FnOnce(&Self, &mut State, &mut Change) -> Vec<epb::ExecutionEvent>,
     ) -> Result<(), Halt> {
-        self.queue(build)?;
-        self.flush().await
+        let number = self.queue(build)?;
+        self.durable(number).await
     }
 
-    /// Waits until every queued change is durable.
-    async fn flush(&self) -> Result<(), Halt> {
-        let pending =
-            std::mem::take(&mut *self.pending.lock().unwrap_or_else(PoisonError::into_inner));
-        for ack in pending {
-            match ack.await {
-                Ok(Ok(CommitOutcome::Done)) => {}
-                Ok(Ok(CommitOutcome::LeaseLost)) => return Err(Halt::LeaseLost),
-                Ok(Err(e)) => return Err(Halt::Storage(e)),
-                Err(_) => return Err(Halt::Storage("the writer stopped".into())),
+    /// Waits until commit `number` of this driver, and so every one before it, is durable.
+    async fn durable(&self, number: u64) -> Result<(), Halt> {
+        let verdict = |d: &Durable| -> Option<Result<(), Halt>> {
+            if d.upto >= number {
+                return Some(Ok(()));
             }
+            d.failure.as_ref().map(|f| {
+                Err(match f {
+                    Failure::LeaseLost => Halt::LeaseLost,
+                    Failure::Storage(e) => Halt::Storage(e.clone()),
+                })
+            })
+        };
+        if let Some(v) = verdict(&self.durable.borrow()) {
+            return v;
         }
-        Ok(())
+        let mut rx = self.durable.subscribe();
+        // The sender lives as long as this driver: waiting cannot fail.
+        match rx.wait_for(|d| verdict(d).is_some()).await {
+            Ok(d) => verdict(&d).unwrap_or(Ok(())),
+            Err(_) => Err(Halt::Storage("the writer stopped".into())),
+        }
     }
 
-    /// Queues a change without waiting: for steps with no effect outside the engine, whose results
-    /// may travel in the same transaction as what follows. Events still reach watchers only once
-    /// committed, and nothing external happens before a [`Self::commit`] flushes the queue.
+    /// Queues a change without waiting and returns its number. Its events reach watchers only once
+    /// it is committed; whatever must not happen before it is durable waits on [`Self::durable`].
     fn queue(
         &self,
         build: impl FnOnce(&Self, &mut State, &mut Change) -> Vec<epb::ExecutionEvent>,
-    ) -> Result<(), Halt> {
-        let ack = {
-            let mut st = self.lock();
-            let mut change = Change::default();
-            let before = st.status;
-            let events = build(self, &mut st, &mut change);
-            if let Some(to) = change.patch.status
-                && to != before
-                && !meshflow_execution::state::execution_may(before, to)
-            {
-                tracing::error!(execution_id = %self.id, from = ?before, ?to, "illegal execution transition refused");
-                st.status = before;
-                return Err(Halt::Storage(format!(
-                    "illegal transition {before:?} -> {to:?}"
-                )));
+    ) -> Result<u64, Halt> {
+        let mut st = self.lock();
+        let mut change = Change::default();
+        let before = st.status;
+        let events = build(self, &mut st, &mut change);
+        if let Some(to) = change.patch.status
+            && to != before
+            && !meshflow_execution::state::execution_may(before, to)
+        {
+            tracing::error!(execution_id = %self.id, from = ?before, ?to, "illegal execution transition refused");
+            st.status = before;
+            return Err(Halt::Storage(format!(
+                "illegal transition {before:?} -> {to:?}"
+            )));
+        }
+        for s in &change.steps {
+            if meshflow_execution::state::step_is_final(s.status) && s.next_attempt_at.is_none() {
+                st.open.remove(&s.step_path);
+            } else {
+                st.open.insert(s.step_path.clone(), s.clone());
             }
-            for s in &change.steps {
-                if meshflow_execution::state::step_is_final(s.status) && s.next_attempt_at.is_none()
-                {
-                    st.open.remove(&s.step_path);
-                } else {
-                    st.open.insert(s.step_path.clone(), s.clone());
-                }
-            }
-            self.shared.writer.submit(
-                self.token,
-                Commit {
-                    execution_id: self.id.clone(),
-                    workflow_id: self.workflow_id.clone(),
-                    owner: self.shared.owner.clone(),
-                    patch: change.patch,
-                    steps: change.steps,
-                    events,
-                    consume_signal: change.consume_signal,
-                    metrics: change.metrics,
-                },
-            )
-        };
-        self.pending
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(ack);
-        Ok(())
+        }
+        // Numbered and submitted under the state lock: number order, sequence order and queue
+        // order agree.
+        st.queued += 1;
+        let number = st.queued;
+        if change.patch.variables.is_some() {
+            st.vars_changed = number;
+        }
+        self.shared.writer.submit(
+            number,
+            &self.durable,
+            Commit {
+                execution_id: self.id.clone(),
+                workflow_id: self.workflow_id.clone(),
+                owner: self.shared.owner.clone(),
+                patch: change.patch,
+                steps: change.steps,
+                events,
+                consume_signal: change.consume_signal,
+                metrics: change.metrics,
+            },
+        );
+        Ok(number)
+    }
+
+    /// The number of the last commit queued.
+    fn queued(&self) -> u64 {
+        self.lock().queued
     }
 
     fn scope(&self, frame: &Arc<Frame>) -> Scope {
@@ -762,7 +792,7 @@ impl Run {
             }
             while let Some((i, result)) = running.next().await {
                 let outcome = result?;
-                frame.record(&steps[i].id, &outcome);
+                frame.record(&steps[i].id, &outcome, self.queued());
                 outcomes[i] = Some(outcome);
                 for &j in &dependents[i] {
                     waiting_on[j] -= 1;
@@ -985,7 +1015,7 @@ impl Run {
                     r
                 };
                 // The attempt is counted when it ends: one that a restart sends again counts once.
-                self.commit(|run, st, change| {
+                self.queue(|run, st, change| {
                     change.steps.push(r);
                     vec![run.step_event(
                         st,
@@ -995,8 +1025,13 @@ impl Run {
                         attempt,
                         StepStatus::Running,
                     )]
-                })
-                .await?;
+                })?;
+                // The request goes out once everything it is made from is durable: the results
+                // and variables its step can read. Not its own start: a restart sends a request
+                // whose start was lost again with the same Idempotency-Key, as it does one whose
+                // result was lost. So the start commits while the request is in flight.
+                let made_from = frame.basis().max(self.lock().vars_changed);
+                self.durable(made_from).await?;
             }
             let scope = self.scope(frame);
             let (span, traceparent) = self.attempt_span(step, path, attempt);
@@ -1150,7 +1185,7 @@ impl Run {
                         ended + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
                     });
                     r.next_attempt_at = next;
-                    self.queue(|run, st, change| {
+                    let scheduled = self.queue(|run, st, change| {
                         let mut events = Vec::new();
                         if !external {
                             run.started_in_result(st, change, &mut events, step, path, attempt);
@@ -1183,6 +1218,8 @@ impl Run {
                     })?;
                     match next {
                         Some(at) => {
+                            // The schedule is durable before the backoff begins.
+                            self.durable(scheduled).await?;
                             attempt += 1;
                             row_id = meshflow_kit::id::new_id();
                             resume_at = Some(at);
@@ -1480,7 +1517,8 @@ impl Run {
                 });
             }
             events
-        })
+        })?;
+        Ok(())
     }
 
     async fn conditional(
@@ -1506,6 +1544,8 @@ impl Run {
             Ok(x) => x,
             Err(e) => return self.record_failure(step, &path, e).await,
         };
+        // The block's steps read what was durable once the composite opened.
+        let opened = self.queued();
         let taken = decision["branch"].as_u64().map(|i| i as usize);
         let prefix = format!("{path}/");
         let mut not_taken: Vec<(&[pb::Step], String)> = Vec::new();
@@ -1528,7 +1568,7 @@ impl Run {
         };
         let outcomes = self
             .clone()
-            .run_block(body, prefix, Frame::child(&frame, None))
+            .run_block(body, prefix, Frame::child(&frame, None, opened))
             .await?;
         let outputs: Map<String, Value> =
             outcomes.into_iter().map(|(k, o)| (k, o.output())).collect();
@@ -1551,6 +1591,8 @@ impl Run {
             Ok(x) => x,
             Err(e) => return self.record_failure(step, &path, e).await,
         };
+        // The block's steps read what was durable once the composite opened.
+        let opened = self.queued();
         let limit = if p.max_concurrency == 0 {
             p.branches.len()
         } else {
@@ -1571,7 +1613,7 @@ impl Run {
             let steps = b.steps.clone();
             let name = b.name.clone();
             let prefix = format!("{path}[{name}]/");
-            let frame = Frame::child(&frame, None);
+            let frame = Frame::child(&frame, None, opened);
             async move { (i, name, run.run_block(&steps, prefix, frame).await) }
         };
         for b in queue.by_ref().take(limit) {
@@ -1637,6 +1679,8 @@ impl Run {
             Ok(x) => x,
             Err(e) => return self.record_failure(step, &path, e).await,
         };
+        // The block's steps read what was durable once the composite opened.
+        let opened = self.queued();
         let items: Vec<Value> = decision["items"].as_array().cloned().unwrap_or_default();
         let limit = (f.max_concurrency.max(1) as usize).min(items.len().max(1));
         let mut results: Vec<Value> = vec![Value::Null; items.len()];
@@ -1651,7 +1695,7 @@ impl Run {
             let run = self.clone();
             let steps = f.steps.clone();
             let prefix = format!("{path}[{i}]/");
-            let frame = Frame::child(&frame, Some((item, i as i64)));
+            let frame = Frame::child(&frame, Some((item, i as i64)), opened);
             async move { (i, run.run_block(&steps, prefix, frame).await) }
         };
         for x in queue.by_ref().take(limit) {

@@ -2,24 +2,41 @@
 //! one transaction (group commit), acknowledges each commit once it is durable, and only then
 //! publishes its events to watchers. A driver never acts on a change before its acknowledgement.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use meshflow_execution::store::{Commit, CommitOutcome, Store};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, watch};
 
 use crate::hub::Hub;
 
 /// Most commits in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// What a commit came to.
-pub type Ack = Result<CommitOutcome, String>;
+/// How far the commits of one driver, numbered 1, 2, 3, … in the order it queued them, are durable.
+#[derive(Debug, Clone, Default)]
+pub struct Durable {
+    /// Every commit numbered up to this one is durable.
+    pub upto: u64,
+    /// Set once a commit of the driver was refused: none queued after it is written.
+    pub failure: Option<Failure>,
+}
+
+/// Why a driver's commit was refused.
+#[derive(Debug, Clone)]
+pub enum Failure {
+    /// Another replica holds the execution's lease.
+    LeaseLost,
+    /// The database failed.
+    Storage(String),
+}
+
+/// Where the writer reports a driver's progress.
+pub type Tracker = Arc<watch::Sender<Durable>>;
 
 /// A handle to the writer task.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::UnboundedSender<(u64, Commit, oneshot::Sender<Ack>)>,
+    tx: mpsc::UnboundedSender<(u64, Tracker, Commit)>,
 }
 
 impl Writer {
@@ -30,25 +47,29 @@ impl Writer {
         Self { tx }
     }
 
-    /// Queues a commit of the driver `token`; the receiver resolves once it is durable (or refused).
-    /// Commits are written in the order they are queued. Once one commit of a driver fails, every later
-    /// one of that driver is refused, so a driver that pipelines its commits never leaves a gap.
-    pub fn submit(&self, token: u64, commit: Commit) -> oneshot::Receiver<Ack> {
-        let (ack, rx) = oneshot::channel();
-        if let Err(mpsc::error::SendError((_, _, ack))) = self.tx.send((token, commit, ack)) {
-            let _ = ack.send(Err("the writer has stopped".into()));
+    /// Queues commit number `number` of the driver that `tracker` reports on. Commits are written
+    /// in the order they are queued, and once one commit of a driver is refused, every later one is
+    /// too, so a driver that pipelines its commits never leaves a gap: a commit durable means every
+    /// one before it is.
+    pub fn submit(&self, number: u64, tracker: &Tracker, commit: Commit) {
+        if self.tx.send((number, tracker.clone(), commit)).is_err() {
+            refuse(tracker, Failure::Storage("the writer has stopped".into()));
         }
-        rx
     }
 }
 
-async fn run(
-    store: Store,
-    hub: Arc<Hub>,
-    mut rx: mpsc::UnboundedReceiver<(u64, Commit, oneshot::Sender<Ack>)>,
-) {
+fn refuse(tracker: &Tracker, failure: Failure) {
+    tracker.send_if_modified(|d| {
+        let first = d.failure.is_none();
+        if first {
+            d.failure = Some(failure);
+        }
+        first
+    });
+}
+
+async fn run(store: Store, hub: Arc<Hub>, mut rx: mpsc::UnboundedReceiver<(u64, Tracker, Commit)>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    let mut poisoned: HashSet<u64> = HashSet::new();
     loop {
         let Some(first) = rx.recv().await else {
             return;
@@ -60,14 +81,12 @@ async fn run(
                 Err(_) => break,
             }
         }
-        // Refuse commits of drivers that already had one fail; the rest go in one transaction.
+        // Refuse commits of drivers that already had one refused; the rest go in one transaction.
         let mut waiting = Vec::with_capacity(batch.len());
         let mut commits = Vec::with_capacity(batch.len());
-        for (token, commit, ack) in batch.drain(..) {
-            if poisoned.contains(&token) {
-                let _ = ack.send(Err("an earlier change of this execution failed".into()));
-            } else {
-                waiting.push((token, ack));
+        for (number, tracker, commit) in batch.drain(..) {
+            if tracker.borrow().failure.is_none() {
+                waiting.push((number, tracker));
                 commits.push(commit);
             }
         }
@@ -84,27 +103,29 @@ async fn run(
         );
         match result {
             Ok(outcomes) => {
-                for (((token, ack), commit), outcome) in
+                for (((number, tracker), commit), outcome) in
                     waiting.into_iter().zip(commits).zip(outcomes)
                 {
                     if outcome == CommitOutcome::Done {
                         hub.publish(&commit.execution_id, commit.events);
+                        tracker.send_if_modified(|d| {
+                            let later = number > d.upto;
+                            if later {
+                                d.upto = number;
+                            }
+                            later
+                        });
                     } else {
-                        poisoned.insert(token);
+                        refuse(&tracker, Failure::LeaseLost);
                     }
-                    let _ = ack.send(Ok(outcome));
                 }
             }
             Err(err) => {
                 tracing::error!(error = %err, commits = commits.len(), "group commit failed");
-                for (token, ack) in waiting {
-                    poisoned.insert(token);
-                    let _ = ack.send(Err(err.to_string()));
+                for (_, tracker) in waiting {
+                    refuse(&tracker, Failure::Storage(err.to_string()));
                 }
             }
-        }
-        if poisoned.len() > 100_000 {
-            poisoned.clear();
         }
     }
 }

@@ -403,9 +403,11 @@ async fn a_step_timeout_keeps_its_deadline_through_a_restart() {
         Some("timeout")
     );
     // Counted from the first start, before the kill: a restarted timer would end a second later.
+    // Events carry the times of their commits, and the start of an HTTP step commits while its
+    // request is in flight, so the span between them may fall short of the timeout by that much.
     let took = at(&failed.time) - at(&held(E::StepStarted).time);
     assert!(
-        took >= chrono::Duration::seconds(3) && took < chrono::Duration::milliseconds(3900),
+        took >= chrono::Duration::milliseconds(2950) && took < chrono::Duration::milliseconds(3900),
         "the step timed out {took} after it first started"
     );
     // Sent once before the kill; again after it only if the deadline had not passed yet.
