@@ -94,7 +94,7 @@ pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
 /// for as long as the load lasts, every commit appending to fresh blocks of an ever larger file.
 /// So passes repeat while they gain on the writers, and once the WAL holds more than
 /// [`WAL_SIZE_LIMIT`], a restart checkpoint copies the last few frames while holding the write lock
-/// (a stall of about two fsyncs) and starts the WAL over. It runs without a busy timeout: waiting
+/// (a stall of about two fsyncs), after which the next commit starts the WAL over. It runs without a busy timeout: waiting
 /// on a reader while holding the write lock would stall every commit, so a busy restart gives up at
 /// once and is tried again a moment later. SQLite's automatic checkpoint would instead copy the
 /// whole WAL inside whichever commit crosses its threshold.
@@ -108,8 +108,9 @@ fn checkpoint_in_background(db: DatabaseConnection) {
             if pool.is_closed() {
                 return;
             }
-            if let Err(err) = checkpoint(&pool, WAL_SIZE_LIMIT).await {
-                tracing::debug!(error = %err, "WAL checkpoint skipped");
+            match checkpoint(&pool, WAL_SIZE_LIMIT).await {
+                Ok(restarted) => tracing::trace!(restarted, "WAL checkpointed"),
+                Err(err) => tracing::debug!(error = %err, "WAL checkpoint skipped"),
             }
         }
     });
@@ -125,11 +126,11 @@ const PASSIVE_PASSES: usize = 6;
 const RESTART_TRIES: usize = 10;
 
 /// One round of [`checkpoint_in_background`]; the WAL starts over once it holds more than `limit`
-/// bytes.
+/// bytes. Returns whether a restart checkpoint started it over.
 async fn checkpoint(
     pool: &sea_orm::sqlx::SqlitePool,
     limit: i64,
-) -> Result<(), sea_orm::sqlx::Error> {
+) -> Result<bool, sea_orm::sqlx::Error> {
     use sea_orm::sqlx::{Row, SqliteConnection, query};
     /// Runs a checkpoint: whether it was blocked, and the frames in the WAL.
     async fn run(
@@ -154,7 +155,7 @@ async fn checkpoint(
         .await?
         .try_get(0)?;
     if frames.saturating_mul(page) <= limit {
-        return Ok(());
+        return Ok(false);
     }
     // A passive pass that ends behind the writers leaves the database file unsynced, and the
     // restart would sync all it copied while holding the write lock: sync it first, then catch up.
@@ -165,10 +166,13 @@ async fn checkpoint(
     }
     run(&mut conn, "PRAGMA wal_checkpoint(PASSIVE)").await?;
     query("PRAGMA busy_timeout = 0").execute(&mut *conn).await?;
-    let mut result = Ok(());
+    let mut result = Ok(false);
     for _ in 0..RESTART_TRIES {
         match run(&mut conn, "PRAGMA wal_checkpoint(RESTART)").await {
-            Ok((false, _)) => break,
+            Ok((false, _)) => {
+                result = Ok(true);
+                break;
+            }
             Ok((true, _)) => tokio::time::sleep(Duration::from_millis(1)).await,
             Err(err) => {
                 result = Err(err);
@@ -215,18 +219,20 @@ impl<E: sea_orm::EntityTrait> SelectUnique<E> for sea_orm::Select<E> {
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
-    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-    use sea_orm::sqlx::{Row, SqlitePool, query};
+    use sea_orm::sqlx::query;
 
     use super::*;
 
-    /// Frames in the WAL (a passive checkpoint reports them).
-    async fn wal_frames(pool: &SqlitePool) -> anyhow::Result<i64> {
-        let row = query("PRAGMA wal_checkpoint(PASSIVE)")
-            .fetch_one(pool)
-            .await?;
-        Ok(row.try_get(1)?)
+    /// The WAL header's checkpoint sequence number: it grows each time the WAL starts over.
+    fn wal_generation(wal: &std::path::Path) -> anyhow::Result<u32> {
+        use std::io::Read;
+        let mut header = [0u8; 16];
+        std::fs::File::open(wal)?.read_exact(&mut header)?;
+        Ok(u32::from_be_bytes([
+            header[12], header[13], header[14], header[15],
+        ]))
     }
 
     #[tokio::test]
@@ -234,6 +240,7 @@ mod tests {
         let dir = crate::testing::sqlite_test_dir();
         std::fs::create_dir_all(&dir)?;
         let path = dir.join(format!("{}.sqlite", uuid::Uuid::now_v7().simple()));
+        let wal = path.with_extension("sqlite-wal");
         let url = format!("sqlite://{}?mode=rwc", path.display());
         let db = connect_url(&url, SqliteSynchronous::Normal, 4).await?;
         db.execute_unprepared("CREATE TABLE filler (id INTEGER PRIMARY KEY, body BLOB)")
@@ -242,44 +249,51 @@ mod tests {
 
         // Commits without pause, as a loaded server does, until the test ends.
         let stop = Arc::new(AtomicBool::new(false));
+        let commits = Arc::new(AtomicU64::new(0));
         let writer = tokio::spawn({
-            let (pool, stop) = (pool.clone(), stop.clone());
+            let (pool, stop, commits) = (pool.clone(), stop.clone(), commits.clone());
             async move {
-                let mut commits = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     query("INSERT INTO filler (body) VALUES (zeroblob(2000))")
                         .execute(&pool)
                         .await?;
-                    commits += 1;
+                    commits.fetch_add(1, Ordering::Relaxed);
                 }
-                anyhow::Ok(commits)
+                anyhow::Ok(())
             }
         });
+        while commits.load(Ordering::Relaxed) < 2000 {
+            tokio::task::yield_now().await;
+        }
+        let generation = wal_generation(&wal)?;
 
-        // Each round sees a WAL of at least 500 frames (commits keep coming), far over a
-        // one-byte limit, and must start it over: the frames counted next are a fresh start.
-        let mut restarted = false;
-        for _ in 0..5 {
-            while wal_frames(&pool).await? < 500 {
+        // A WAL far over a one-byte limit is started over: a restart checkpoint gets through, and
+        // the next commit writes the WAL from its start, under a new header. A busy write lock or
+        // reader makes the restart give up at once (a loaded machine may take a few rounds, as the
+        // background loop takes a few seconds); passive passes alone never start the WAL over
+        // while commits keep coming.
+        let mut started_over = false;
+        for _ in 0..50 {
+            checkpoint(&pool, 1).await?;
+            let deadline = commits.load(Ordering::Relaxed) + 500;
+            while wal_generation(&wal)? == generation && commits.load(Ordering::Relaxed) < deadline
+            {
                 tokio::task::yield_now().await;
             }
-            let before = wal_frames(&pool).await?;
-            checkpoint(&pool, 1).await?;
-            if wal_frames(&pool).await? < before {
-                restarted = true;
+            if wal_generation(&wal)? > generation {
+                started_over = true;
                 break;
             }
         }
         stop.store(true, Ordering::Relaxed);
-        assert!(writer.await?? > 0);
-        assert!(restarted, "the WAL never started over");
+        writer.await??;
+        assert!(started_over, "the WAL never started over");
+
         // The connection the checkpoint used waits for writers again, like every other.
         let conns = futures::future::try_join_all((0..4).map(|_| pool.acquire())).await?;
         for mut conn in conns {
-            let timeout: i64 = query("PRAGMA busy_timeout")
-                .fetch_one(&mut *conn)
-                .await?
-                .try_get(0)?;
+            let row = query("PRAGMA busy_timeout").fetch_one(&mut *conn).await?;
+            let timeout: i64 = sea_orm::sqlx::Row::try_get(&row, 0)?;
             assert_eq!(timeout, BUSY_TIMEOUT.as_millis() as i64);
         }
         db.close().await?;
