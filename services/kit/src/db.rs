@@ -94,9 +94,9 @@ pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
 /// for as long as the load lasts, every commit appending to fresh blocks of an ever larger file.
 /// So passes repeat while they gain on the writers, and once the WAL holds more than
 /// [`WAL_SIZE_LIMIT`], a restart checkpoint copies the last few frames while holding the write lock
-/// (a stall of about two fsyncs), after which the next commit starts the WAL over. It runs without a busy timeout: waiting
-/// on a reader while holding the write lock would stall every commit, so a busy restart gives up at
-/// once and is tried again a moment later. SQLite's automatic checkpoint would instead copy the
+/// (a stall of about two fsyncs), after which the next commit starts the WAL over. It runs
+/// without a busy timeout: waiting on a reader while holding the write lock would stall every
+/// commit, so a busy restart gives up at once and is tried again a moment later. SQLite's automatic checkpoint would instead copy the
 /// whole WAL inside whichever commit crosses its threshold.
 fn checkpoint_in_background(db: DatabaseConnection) {
     tokio::spawn(async move {
