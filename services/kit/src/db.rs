@@ -81,9 +81,9 @@ pub async fn connect_url(
 /// fsync slow the commits beside it a little; once a second keeps that off most commits' latency.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
-/// The most the WAL file holds (bytes) before a checkpoint makes it start over, stalling commits
-/// for a moment; it is also what the file is cut back to when it starts over after a burst.
-pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
+/// The most the WAL holds (bytes) before a checkpoint makes it start over, stalling commits for a
+/// moment. The file keeps its size, so commits after a restart overwrite blocks it already has.
+const WAL_SIZE_LIMIT: i64 = 64 << 20;
 
 /// Copies the WAL back into the database file every [`CHECKPOINT_EVERY`], on a pooled connection,
 /// until the pool closes, and keeps the WAL file from growing without end.
@@ -96,8 +96,8 @@ pub const WAL_SIZE_LIMIT: i64 = 64 << 20;
 /// [`WAL_SIZE_LIMIT`], a restart checkpoint copies the last few frames while holding the write lock
 /// (a stall of about two fsyncs), after which the next commit starts the WAL over. It runs
 /// without a busy timeout: waiting on a reader while holding the write lock would stall every
-/// commit, so a busy restart gives up at once and is tried again a moment later. SQLite's automatic checkpoint would instead copy the
-/// whole WAL inside whichever commit crosses its threshold.
+/// commit, so a busy restart gives up at once and is tried again a moment later. SQLite's automatic
+/// checkpoint would instead copy the whole WAL inside whichever commit crosses its threshold.
 fn checkpoint_in_background(db: DatabaseConnection) {
     tokio::spawn(async move {
         let pool = db.get_sqlite_connection_pool().clone();
