@@ -33,10 +33,45 @@ pub enum Failure {
 /// Where the writer reports a driver's progress.
 pub type Tracker = Arc<watch::Sender<Durable>>;
 
+/// A queued commit's number and where to report it. One dropped before it was reported (the writer
+/// stopped) reports a failure, so its driver never waits for nothing.
+struct Waiter {
+    number: u64,
+    tracker: Tracker,
+    reported: bool,
+}
+
+impl Waiter {
+    fn done(mut self) {
+        self.reported = true;
+        let number = self.number;
+        self.tracker.send_if_modified(|d| {
+            let later = number > d.upto;
+            if later {
+                d.upto = number;
+            }
+            later
+        });
+    }
+
+    fn refuse(mut self, failure: Failure) {
+        self.reported = true;
+        refuse(&self.tracker, failure);
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if !self.reported {
+            refuse(&self.tracker, Failure::Storage("the writer stopped".into()));
+        }
+    }
+}
+
 /// A handle to the writer task.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::UnboundedSender<(u64, Tracker, Commit)>,
+    tx: mpsc::UnboundedSender<(Waiter, Commit)>,
 }
 
 impl Writer {
@@ -52,9 +87,13 @@ impl Writer {
     /// too, so a driver that pipelines its commits never leaves a gap: a commit durable means every
     /// one before it is.
     pub fn submit(&self, number: u64, tracker: &Tracker, commit: Commit) {
-        if self.tx.send((number, tracker.clone(), commit)).is_err() {
-            refuse(tracker, Failure::Storage("the writer has stopped".into()));
-        }
+        let waiter = Waiter {
+            number,
+            tracker: tracker.clone(),
+            reported: false,
+        };
+        // A send to a stopped writer drops the waiter, which reports the failure.
+        let _ = self.tx.send((waiter, commit));
     }
 }
 
@@ -68,7 +107,7 @@ fn refuse(tracker: &Tracker, failure: Failure) {
     });
 }
 
-async fn run(store: Store, hub: Arc<Hub>, mut rx: mpsc::UnboundedReceiver<(u64, Tracker, Commit)>) {
+async fn run(store: Store, hub: Arc<Hub>, mut rx: mpsc::UnboundedReceiver<(Waiter, Commit)>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         let Some(first) = rx.recv().await else {
@@ -84,10 +123,13 @@ async fn run(store: Store, hub: Arc<Hub>, mut rx: mpsc::UnboundedReceiver<(u64, 
         // Refuse commits of drivers that already had one refused; the rest go in one transaction.
         let mut waiting = Vec::with_capacity(batch.len());
         let mut commits = Vec::with_capacity(batch.len());
-        for (number, tracker, commit) in batch.drain(..) {
-            if tracker.borrow().failure.is_none() {
-                waiting.push((number, tracker));
+        for (mut waiter, commit) in batch.drain(..) {
+            if waiter.tracker.borrow().failure.is_none() {
+                waiting.push(waiter);
                 commits.push(commit);
+            } else {
+                // Its driver already heard of the failure.
+                waiter.reported = true;
             }
         }
         if commits.is_empty() {
@@ -103,29 +145,59 @@ async fn run(store: Store, hub: Arc<Hub>, mut rx: mpsc::UnboundedReceiver<(u64, 
         );
         match result {
             Ok(outcomes) => {
-                for (((number, tracker), commit), outcome) in
-                    waiting.into_iter().zip(commits).zip(outcomes)
-                {
+                for ((waiter, commit), outcome) in waiting.into_iter().zip(commits).zip(outcomes) {
                     if outcome == CommitOutcome::Done {
                         hub.publish(&commit.execution_id, commit.events);
-                        tracker.send_if_modified(|d| {
-                            let later = number > d.upto;
-                            if later {
-                                d.upto = number;
-                            }
-                            later
-                        });
+                        waiter.done();
                     } else {
-                        refuse(&tracker, Failure::LeaseLost);
+                        waiter.refuse(Failure::LeaseLost);
                     }
                 }
             }
             Err(err) => {
                 tracing::error!(error = %err, commits = commits.len(), "group commit failed");
-                for (_, tracker) in waiting {
-                    refuse(&tracker, Failure::Storage(err.to_string()));
+                for waiter in waiting {
+                    waiter.refuse(Failure::Storage(err.to_string()));
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waiter(number: u64, tracker: &Tracker) -> Waiter {
+        Waiter {
+            number,
+            tracker: tracker.clone(),
+            reported: false,
+        }
+    }
+
+    #[test]
+    fn durability_only_moves_forward() {
+        let tracker: Tracker = Arc::new(watch::channel(Durable::default()).0);
+        waiter(3, &tracker).done();
+        waiter(2, &tracker).done();
+        assert_eq!(tracker.borrow().upto, 3);
+        assert!(tracker.borrow().failure.is_none());
+    }
+
+    #[test]
+    fn a_commit_the_writer_dropped_is_reported_as_failed() {
+        let tracker: Tracker = Arc::new(watch::channel(Durable::default()).0);
+        drop(waiter(1, &tracker));
+        assert!(matches!(
+            tracker.borrow().failure,
+            Some(Failure::Storage(_))
+        ));
+        // The first failure stands.
+        waiter(2, &tracker).refuse(Failure::LeaseLost);
+        assert!(matches!(
+            tracker.borrow().failure,
+            Some(Failure::Storage(_))
+        ));
     }
 }
