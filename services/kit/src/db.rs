@@ -126,7 +126,8 @@ const PASSIVE_PASSES: usize = 6;
 const RESTART_TRIES: usize = 10;
 
 /// One round of [`checkpoint_in_background`]; the WAL starts over once it holds more than `limit`
-/// bytes. Returns whether a restart checkpoint started it over.
+/// bytes. Returns whether a restart checkpoint got through, after which the next commit starts the
+/// WAL over.
 async fn checkpoint(
     pool: &sea_orm::sqlx::SqlitePool,
     limit: i64,

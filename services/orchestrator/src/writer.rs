@@ -1,6 +1,7 @@
 //! The single writer: state changes of every execution go through one task that batches them into
-//! one transaction (group commit), acknowledges each commit once it is durable, and only then
-//! publishes its events to watchers. A driver never acts on a change before its acknowledgement.
+//! one transaction (group commit). Once a commit is durable it publishes the commit's events to
+//! watchers and reports the commit's number to its driver, which waits for that number before
+//! anything that depends on the change.
 
 use std::sync::Arc;
 
