@@ -72,6 +72,17 @@ const FENCE: &str = "UPDATE workflow_executions SET update_time = ?1,
     lease_expires_at = CASE WHEN ?11 THEN NULL ELSE lease_expires_at END
     WHERE id = ?12 AND lease_owner = ?13";
 
+/// [`FENCE`] for a patch that leaves the status, the wake-up and the lease alone: it sets no indexed
+/// column. SQLite rewrites the entries of every index whose columns an `UPDATE` sets, changed or
+/// not, so [`FENCE`] would dirty three index pages besides the row's at every commit. It takes
+/// [`FENCE`]'s parameters, and matches no row unless those of the status, the wake-up and the lease
+/// are unset.
+const FENCE_UNINDEXED: &str = "UPDATE workflow_executions SET update_time = ?1,
+    variables = COALESCE(?3, variables), output = COALESCE(?4, output),
+    error = COALESCE(?5, error), start_time = COALESCE(?8, start_time),
+    end_time = COALESCE(?9, end_time), last_sequence = COALESCE(?10, last_sequence)
+    WHERE id = ?12 AND lease_owner = ?13 AND (?2 IS NULL) AND NOT ?6 AND NOT ?11";
+
 const STEP: &str = "INSERT INTO step_executions (id, execution_id, step_id, step_path, step_type,
     status, attempt, input, output, error, logs, start_time, end_time, duration_ms, next_attempt_at)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
@@ -194,7 +205,9 @@ fn write(tx: &Connection, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, St
     let mut metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
     for (execution_id, members) in super::by_execution(batch) {
         let (patch, last_sequence) = super::merged_patch(members.iter().map(|&k| &batch[k]));
-        let fenced = tx.prepare_cached(FENCE)?.execute(params![
+        let indexed = patch.status.is_some() || patch.wake_at.is_some() || patch.release_lease;
+        let fence = if indexed { FENCE } else { FENCE_UNINDEXED };
+        let fenced = tx.prepare_cached(fence)?.execute(params![
             now_text,
             patch.status.map(|s| s.as_str_name()),
             patch.variables.as_ref().map(json).transpose()?,
