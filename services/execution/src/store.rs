@@ -487,13 +487,7 @@ impl Store {
             .limit(limit)
             .all(&self.db)
             .await?;
-        rows.into_iter()
-            .map(|r| {
-                serde_json::from_value(r.payload).map_err(|e| {
-                    StoreError::Corrupt(format!("event {}#{}: {e}", r.execution_id, r.sequence))
-                })
-            })
-            .collect()
+        rows.into_iter().map(from_stored).collect()
     }
 
     /// Writes a batch of commits in one transaction. Commits of one execution are merged: one fenced
@@ -508,7 +502,7 @@ impl Store {
             let mut conn = writer.lock().await;
             return sqlite::commit(&mut conn, batch);
         }
-        let now = Utc::now();
+        let now = commit_time();
         stamp(batch.iter_mut(), now);
         if self.db.get_database_backend() == DbBackend::Postgres {
             let pool = self.postgres_writer().await?;
@@ -891,6 +885,13 @@ fn histogram_plus(mut histogram: Vec<i64>, durations: &[i64]) -> Vec<i64> {
     histogram
 }
 
+/// The time a group commit stamps on its events: now, to the microsecond, the finest time every
+/// backend stores, so an event read back from history equals the one sent live.
+fn commit_time() -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    Utc::now().trunc_subsecs(6)
+}
+
 /// Sets the time of every event of `commits` to `at`.
 fn stamp<'a>(commits: impl Iterator<Item = &'a mut Commit>, at: DateTime<Utc>) {
     let at = Some(meshflow_kit::convert::timestamp(at));
@@ -966,6 +967,40 @@ fn step_model(execution_id: &str, s: &StepRow) -> step::ActiveModel {
     }
 }
 
+/// The stored JSON of an event, without what its row's columns hold: the execution, sequence,
+/// time, type and step path, which [`from_stored`] puts back. Those fields are most of a small
+/// event's JSON, and every event is written once per step change. The event is as it was after.
+fn stored_payload(e: &mut pb::ExecutionEvent) -> Result<String, StoreError> {
+    let kept = (
+        std::mem::take(&mut e.execution_id),
+        std::mem::take(&mut e.sequence),
+        e.time.take(),
+        std::mem::take(&mut e.r#type),
+        std::mem::take(&mut e.step_path),
+    );
+    let text = serde_json::to_string(e);
+    (e.execution_id, e.sequence, e.time, e.r#type, e.step_path) = kept;
+    text.map_err(|err| StoreError::Corrupt(err.to_string()))
+}
+
+/// An event read back: its stored JSON with the fields its columns hold put back (rows written
+/// before payloads left them out hold the same values in both).
+fn from_stored(r: event::Model) -> Result<pb::ExecutionEvent, StoreError> {
+    let corrupt = |what: String| {
+        StoreError::Corrupt(format!("event {}#{}: {what}", r.execution_id, r.sequence))
+    };
+    let mut e: pb::ExecutionEvent =
+        serde_json::from_value(r.payload).map_err(|err| corrupt(err.to_string()))?;
+    e.r#type = pb::EventType::from_str_name(&r.event_type)
+        .ok_or_else(|| corrupt(format!("unknown event type {}", r.event_type)))?
+        as i32;
+    e.execution_id = r.execution_id;
+    e.sequence = r.sequence;
+    e.time = Some(meshflow_kit::convert::timestamp(r.time));
+    e.step_path = r.step_path.unwrap_or_default();
+    Ok(e)
+}
+
 fn event_model(
     execution_id: &str,
     e: &pb::ExecutionEvent,
@@ -982,7 +1017,8 @@ fn event_model(
         time: Set(time),
         event_type: Set(event_type_name(e).to_string()),
         step_path: Set(Some(e.step_path.clone()).filter(|p| !p.is_empty())),
-        payload: Set(serde_json::to_value(e).map_err(|err| StoreError::Corrupt(err.to_string()))?),
+        payload: Set(serde_json::from_str(&stored_payload(&mut e.clone())?)
+            .map_err(|err| StoreError::Corrupt(err.to_string()))?),
     })
 }
 

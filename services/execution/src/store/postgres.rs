@@ -137,11 +137,17 @@ fn db(err: sqlx::Error) -> StoreError {
 /// [`super::Store::commit`] on PostgreSQL: the same rows, fencing and metrics, in one statement.
 pub(super) async fn commit(
     pool: &PgPool,
-    batch: &[Commit],
+    batch: &mut [Commit],
     now: DateTime<Utc>,
 ) -> Result<Vec<CommitOutcome>, StoreError> {
+    let payloads = batch
+        .iter_mut()
+        .flat_map(|c| c.events.iter_mut())
+        .map(super::stored_payload)
+        .collect::<Result<Vec<_>, _>>()?;
+    let batch = &*batch;
     let groups = super::by_execution(batch);
-    let rows = batch_statement(batch, &groups, now)?
+    let rows = batch_statement(batch, &groups, payloads, now)?
         .fetch_all(pool)
         .await
         .map_err(db)?;
@@ -168,6 +174,7 @@ type Query<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 fn batch_statement<'q>(
     batch: &[Commit],
     groups: &[(&str, Vec<usize>)],
+    e_payload: Vec<String>,
     now: DateTime<Utc>,
 ) -> Result<Query<'q>, StoreError> {
     // The fenced row update of each execution.
@@ -237,7 +244,7 @@ fn batch_statement<'q>(
     // Events.
     let now_text = time(now);
     let (mut e_execution, mut e_sequence, mut e_time) = (Vec::new(), Vec::new(), Vec::new());
-    let (mut e_type, mut e_path, mut e_payload) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut e_type, mut e_path) = (Vec::new(), Vec::new());
     // Signals consumed.
     let (mut g_id, mut g_consumer, mut g_execution) = (Vec::new(), Vec::new(), Vec::new());
     for c in batch {
@@ -253,9 +260,6 @@ fn batch_statement<'q>(
             );
             e_type.push(super::event_type_name(e).to_string());
             e_path.push(Some(e.step_path.clone()).filter(|p| !p.is_empty()));
-            e_payload.push(
-                serde_json::to_string(e).map_err(|err| StoreError::Corrupt(err.to_string()))?,
-            );
         }
         if let Some((signal_id, consumer)) = &c.consume_signal {
             g_id.push(signal_id.clone());

@@ -262,7 +262,7 @@ fn write(tx: &Connection, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, St
     for (workflow_id, delta, durations) in &metrics {
         add_metrics(tx, workflow_id, delta, durations, now)?;
     }
-    let at = Utc::now();
+    let at = super::commit_time();
     let at_text = time(at);
     super::stamp(
         batch
@@ -273,13 +273,12 @@ fn write(tx: &Connection, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, St
         at,
     );
     let mut event = tx.prepare_cached(EVENT)?;
-    for (c, outcome) in batch.iter().zip(&outcomes) {
+    for (c, outcome) in batch.iter_mut().zip(&outcomes) {
         if *outcome != CommitOutcome::Done {
             continue;
         }
-        for e in &c.events {
-            let payload =
-                serde_json::to_string(e).map_err(|err| StoreError::Corrupt(err.to_string()))?;
+        for e in &mut c.events {
+            let payload = super::stored_payload(e)?;
             event.execute(params![
                 c.execution_id,
                 e.sequence,

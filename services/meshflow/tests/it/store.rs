@@ -176,3 +176,64 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
     assert_eq!(histogram[three_ms], json!(2));
     assert_eq!(histogram.iter().filter_map(|n| n.as_i64()).sum::<i64>(), 2);
 }
+
+#[tokio::test]
+async fn an_event_reads_back_as_committed_without_its_columns_repeated_in_its_payload() {
+    use sea_orm::{ConnectionTrait, Statement};
+
+    let url = meshflow_kit::testing::fresh_database_url()
+        .await
+        .expect("database");
+    let db = meshflow_kit::db::connect_url(&url, SqliteSynchronous::Normal, 4)
+        .await
+        .expect("connect");
+    let workflow = meshflow_workflow::store::Store::new(db.clone())
+        .create_workflow(&support::workflow("stored-events"), None)
+        .await
+        .expect("workflow");
+    let store = Store::new(db.clone());
+    let id = execution(&store, &workflow.workflow_id, "replica-a").await;
+
+    let mut c = commit(&id, &workflow.workflow_id, "replica-a");
+    c.events = vec![epb::ExecutionEvent {
+        execution_id: id.clone(),
+        sequence: 1,
+        r#type: epb::EventType::StepSucceeded as i32,
+        step_id: "get".into(),
+        step_path: "each[2].get".into(),
+        step_type: meshflow_proto::workflow::v1::StepType::HttpRequest as i32,
+        attempt: 2,
+        step_status: epb::StepStatus::Succeeded as i32,
+        execution_status: epb::ExecutionStatus::Running as i32,
+        output: Some(meshflow_kit::convert::from_json(
+            &json!({"status": 200, "body": {"price": 1.5, "tags": ["a"]}}),
+        )),
+        ..Default::default()
+    }];
+    let mut batch = [c];
+    let outcomes = store.commit(&mut batch).await.expect("commit");
+    assert_eq!(outcomes, [CommitOutcome::Done]);
+    // The commit stamped its time on the event it was given, and left the rest as it was.
+    let sent = batch[0].events[0].clone();
+    assert!(sent.time.is_some());
+    assert_eq!(sent.execution_id, id);
+
+    let read = store.events_after(&id, 0, 10).await.expect("events");
+    assert_eq!(read, [sent]);
+
+    let row = db
+        .query_one_raw(Statement::from_string(
+            db.get_database_backend(),
+            "SELECT CAST(payload AS TEXT) FROM execution_events",
+        ))
+        .await
+        .expect("query")
+        .expect("row");
+    let payload: serde_json::Value =
+        serde_json::from_str(&row.try_get_by_index::<String>(0).expect("text")).expect("json");
+    for column in ["executionId", "sequence", "time", "type", "stepPath"] {
+        assert!(payload.get(column).is_none(), "{column} in {payload}");
+    }
+    assert_eq!(payload["stepId"], json!("get"));
+    assert_eq!(payload["output"]["body"]["tags"], json!(["a"]));
+}
