@@ -65,9 +65,17 @@ pub async fn connect_url(
         }
     } else {
         // Every statement here is a short lookup or write by key: plan it once per connection, not
-        // at every execution (a custom plan per bind cost more than running most of them).
+        // at every execution (a custom plan per bind cost more than running most of them). A plan
+        // is made at a statement's first use and kept, often while its tables are still small, where
+        // a sequential scan looks cheapest; kept as the tables grow, it would read every row at every
+        // execution. With sequential scans priced out, plans use the indexes every statement has.
         opts.max_connections(max_connections)
-            .map_sqlx_postgres_opts(|o| o.options([("plan_cache_mode", "force_generic_plan")]));
+            .map_sqlx_postgres_opts(|o| {
+                o.options([
+                    ("plan_cache_mode", "force_generic_plan"),
+                    ("enable_seqscan", "off"),
+                ])
+            });
     }
     let db = Database::connect(opts).await?;
     Migrator::up(&db, None).await?;

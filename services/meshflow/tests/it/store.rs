@@ -237,3 +237,67 @@ async fn an_event_reads_back_as_committed_without_its_columns_repeated_in_its_pa
     assert_eq!(payload["stepId"], json!("get"));
     assert_eq!(payload["output"]["body"]["tags"], json!(["a"]));
 }
+
+/// On PostgreSQL every pooled connection (the writer's too) plans a statement once and keeps the
+/// plan. One made while the executions table is empty must still find rows by key, not by reading
+/// the table: kept as the table grows, a sequential scan would read every execution at every commit.
+#[tokio::test]
+async fn a_postgres_plan_made_on_an_empty_table_still_finds_executions_by_key() {
+    use sea_orm::{ConnectionTrait, Statement, TransactionTrait};
+
+    let url = meshflow_kit::testing::fresh_database_url()
+        .await
+        .expect("database");
+    if !url.starts_with("postgres") {
+        return;
+    }
+    let db = meshflow_kit::db::connect_url(&url, SqliteSynchronous::Normal, 4)
+        .await
+        .expect("connect");
+    // One connection for the session-level statements below.
+    let txn = db.begin().await.expect("begin");
+    let backend = txn.get_database_backend();
+    let run = |sql: &str| Statement::from_string(backend, sql.to_string());
+    // The shape of the writer's fence: executions joined by id to the batch's arrays.
+    txn.execute_raw(run(
+        "PREPARE fence(text[], text[]) AS UPDATE workflow_executions AS e SET update_time = now() \
+         FROM UNNEST($1::text[], $2::text[]) AS v(id, owner) \
+         WHERE e.id = v.id AND e.lease_owner = v.owner RETURNING e.id",
+    ))
+    .await
+    .expect("prepare");
+    let plan = |txn| async move {
+        let rows = ConnectionTrait::query_all_raw(txn, run("EXPLAIN EXECUTE fence(NULL, NULL)"))
+            .await
+            .expect("explain");
+        rows.iter()
+            .map(|r| r.try_get_by_index::<String>(0).expect("line"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let ours = plan(&txn).await;
+    assert!(
+        ours.contains("workflow_executions_pkey") && !ours.contains("Seq Scan"),
+        "{ours}"
+    );
+    // What the setting prevents: the same generic plan with sequential scans allowed reads the table.
+    txn.execute_raw(run("SET LOCAL enable_seqscan = on"))
+        .await
+        .expect("set");
+    txn.execute_raw(run("DEALLOCATE fence"))
+        .await
+        .expect("deallocate");
+    txn.execute_raw(run(
+        "PREPARE fence(text[], text[]) AS UPDATE workflow_executions AS e SET update_time = now() \
+         FROM UNNEST($1::text[], $2::text[]) AS v(id, owner) \
+         WHERE e.id = v.id AND e.lease_owner = v.owner RETURNING e.id",
+    ))
+    .await
+    .expect("prepare again");
+    let default = plan(&txn).await;
+    assert!(
+        default.contains("Seq Scan on workflow_executions"),
+        "{default}"
+    );
+    txn.rollback().await.expect("rollback");
+}
