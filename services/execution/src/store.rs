@@ -10,7 +10,8 @@ use meshflow_proto::execution::v1 as pb;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr, Statement, TransactionTrait,
+    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr, Statement,
+    TransactionTrait,
 };
 use serde_json::Value;
 
@@ -341,15 +342,12 @@ impl Store {
         {
             return Ok(Inserted::Existing(existing));
         }
-        let started = MetricsDelta {
-            total: 1,
-            active: 1,
-            ..Default::default()
-        };
+        // The start is counted in the metrics by the commit that takes the execution out of
+        // PENDING, so nothing here locks the workflow's metrics row.
         let outcome = match self.sqlite_writer().await? {
             Some(writer) => {
                 let mut conn = writer.lock().await;
-                sqlite::insert_execution(&mut conn, &row, &started, max_active)?
+                sqlite::insert_execution(&mut conn, &row, max_active)?
             }
             None => {
                 let model =
@@ -372,8 +370,6 @@ impl Store {
                         }
                         Err(err) => return Err(err.into()),
                         Ok(_) => {
-                            upsert_metrics(&txn, &row.workflow_id, &started, &[], row.create_time)
-                                .await?;
                             txn.commit().await?;
                             InsertOutcome::Created
                         }
@@ -1056,11 +1052,17 @@ fn merge_into(
 
 /// Number of executions that are not terminal (from the maintained `active` counters).
 async fn active_in<C: ConnectionTrait>(c: &C) -> Result<u64, StoreError> {
+    // Not yet started, so not yet in the metrics. Read first: an execution that starts between the
+    // two reads is counted twice, never missed.
+    let pending = execution::Entity::find()
+        .filter(execution::Column::Status.eq(pb::ExecutionStatus::Pending.as_str_name()))
+        .count(c)
+        .await?;
     let rows = metrics::Entity::find()
         .filter(metrics::Column::StepId.eq(""))
         .all(c)
         .await?;
-    Ok(rows.iter().map(|r| r.active.max(0) as u64).sum())
+    Ok(pending + rows.iter().map(|r| r.active.max(0) as u64).sum::<u64>())
 }
 
 /// A metrics row after adding merged increments to its current value (`None`: a new row).

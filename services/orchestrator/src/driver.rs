@@ -423,6 +423,25 @@ impl Run {
         let mut change = Change::default();
         let before = st.status;
         let events = build(self, &mut st, &mut change);
+        // An execution counts as started, and active, with the commit that takes it out of PENDING
+        // (even straight to an end). Counted as its row was inserted, every start of a workflow
+        // would wait on that workflow's metrics row, locked by the start before it until that one's
+        // commit was flushed; here the writer counts a batch of starts at once.
+        if before == ExecutionStatus::Pending
+            && change
+                .patch
+                .status
+                .is_some_and(|to| to != ExecutionStatus::Pending)
+        {
+            change.metrics.insert(
+                0,
+                MetricsDelta {
+                    total: 1,
+                    active: 1,
+                    ..Default::default()
+                },
+            );
+        }
         if let Some(to) = change.patch.status
             && to != before
             && !meshflow_execution::state::execution_may(before, to)

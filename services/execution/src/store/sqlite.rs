@@ -59,8 +59,11 @@ const INSERT_EXECUTION: &str = "INSERT INTO workflow_executions (id, workflow_id
     update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
     ?17, ?18)";
 
-const ACTIVE: &str = "SELECT COALESCE(SUM(MAX(active, 0)), 0) FROM orchestration_metrics
-    WHERE step_id = ''";
+/// Executions counted against the concurrency limit: those started and not ended (in the metrics),
+/// and those not yet started.
+const ACTIVE: &str = "SELECT (SELECT COALESCE(SUM(MAX(active, 0)), 0) FROM orchestration_metrics
+    WHERE step_id = '') + (SELECT COUNT(*) FROM workflow_executions
+    WHERE status = 'EXECUTION_STATUS_PENDING')";
 
 const FENCE: &str = "UPDATE workflow_executions SET update_time = ?1,
     status = COALESCE(?2, status), variables = COALESCE(?3, variables),
@@ -113,21 +116,19 @@ const METRICS_ADD: &str = "INSERT INTO orchestration_metrics (workflow_id, step_
 const HISTOGRAM: &str = "SELECT duration_histogram FROM orchestration_metrics
     WHERE workflow_id = ?1 AND step_id = ?2";
 
-/// Inserts a new execution and counts its start, in one transaction, unless `max_active`
-/// executions are active or an execution with that id or request id exists.
+/// Inserts a new execution unless `max_active` executions are active or not yet started, or an
+/// execution with that id or request id exists.
 pub(super) fn insert_execution(
     conn: &mut Connection,
     row: &execution::Model,
-    started: &MetricsDelta,
     max_active: u64,
 ) -> Result<InsertOutcome, StoreError> {
-    immediate(conn, |tx| insert_in(tx, row, started, max_active))
+    immediate(conn, |tx| insert_in(tx, row, max_active))
 }
 
 fn insert_in(
     tx: &Connection,
     row: &execution::Model,
-    started: &MetricsDelta,
     max_active: u64,
 ) -> Result<InsertOutcome, StoreError> {
     let active: i64 = tx.prepare_cached(ACTIVE)?.query_row([], |r| r.get(0))?;
@@ -165,7 +166,6 @@ fn insert_in(
             other?;
         }
     }
-    add_metrics(tx, &row.workflow_id, started, &[], row.create_time)?;
     Ok(InsertOutcome::Created)
 }
 
