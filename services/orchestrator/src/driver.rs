@@ -116,16 +116,6 @@ impl Frame {
         self.outer.as_ref().map_or(own, |o| own.max(o.basis()))
     }
 
-    fn find(&self, id: &str) -> Option<Value> {
-        let local = self
-            .local
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(id)
-            .cloned();
-        local.or_else(|| self.outer.as_ref().and_then(|o| o.find(id)))
-    }
-
     fn steps(&self) -> Map<String, Value> {
         let mut map = self.outer.as_ref().map(|o| o.steps()).unwrap_or_default();
         map.extend(
@@ -150,14 +140,20 @@ impl Frame {
 }
 
 impl eval::StepResults for Frame {
-    fn select(&self, ids: Option<&std::collections::BTreeSet<String>>) -> Value {
-        match ids {
-            None => Value::Object(self.steps()),
-            Some(ids) => Value::Object(
-                ids.iter()
-                    .filter_map(|id| self.find(id).map(|v| (id.clone(), v)))
-                    .collect(),
-            ),
+    fn all(&self) -> Value {
+        Value::Object(self.steps())
+    }
+
+    fn with_step(&self, id: &str, f: &mut dyn FnMut(&Value)) {
+        let local = self.local.lock().unwrap_or_else(PoisonError::into_inner);
+        match local.get(id) {
+            Some(result) => f(result),
+            None => {
+                drop(local);
+                if let Some(outer) = &self.outer {
+                    outer.with_step(id, f);
+                }
+            }
         }
     }
 }

@@ -49,18 +49,74 @@ pub struct Scope {
 
 /// Where an expression's `steps` come from.
 pub trait StepResults: Send + Sync {
-    /// `{id: {output, status}}` for these step ids, or for every visible step when `ids` is `None`.
-    fn select(&self, ids: Option<&std::collections::BTreeSet<String>>) -> Value;
+    /// `{id: {output, status}}` for every visible step.
+    fn all(&self) -> Value;
+    /// Calls `f` with the result (`{output, status}`) of step `id`, if it is visible.
+    fn with_step(&self, id: &str, f: &mut dyn FnMut(&Value));
 }
 
 impl Scope {
-    /// The `steps` value an expression reads (only its step ids, unless it indexes dynamically).
+    /// The `steps` value an expression reads: only the paths it names, unless it indexes `steps`
+    /// dynamically. A step's output can be a large response body of which an expression reads one
+    /// field; converting all of it for CEL would cost more than the evaluation.
     pub fn steps_for(&self, compiled: &expr::Compiled) -> Value {
         match &self.steps {
-            Some(source) => source.select((!compiled.steps_dynamic).then_some(&compiled.steps)),
+            Some(source) if compiled.steps_dynamic => source.all(),
+            Some(source) => project(source.as_ref(), &compiled.steps_paths),
             None => Value::Object(Map::new()),
         }
     }
+}
+
+/// `{id: …}` with, of each path's step result, that path as far as it exists.
+pub fn project(source: &dyn StepResults, paths: &[Vec<String>]) -> Value {
+    let mut ids: Vec<&str> = paths
+        .iter()
+        .filter_map(|p| p.first())
+        .map(String::as_str)
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    let mut out = Map::new();
+    for id in ids {
+        let tails: Vec<&[String]> = paths
+            .iter()
+            .filter(|p| p.first().is_some_and(|first| first == id))
+            .map(|p| &p[1..])
+            .collect();
+        source.with_step(id, &mut |result| {
+            out.insert(id.to_string(), project_value(result, &tails));
+        });
+    }
+    Value::Object(out)
+}
+
+/// `value` cut down to `tails`: a tail that ends here, or a value that is not an object, keeps the
+/// value whole; an object keeps the keys the tails go on through (those it has), each cut down in
+/// turn. A key it lacks stays missing, so reading it fails, and `has` answers, as on the whole.
+fn project_value(value: &Value, tails: &[&[String]]) -> Value {
+    let Value::Object(map) = value else {
+        return value.clone();
+    };
+    if tails.iter().any(|t| t.is_empty()) {
+        return value.clone();
+    }
+    let mut out = Map::new();
+    for (i, tail) in tails.iter().enumerate() {
+        let key = &tail[0];
+        if out.contains_key(key) || tails[..i].iter().any(|t| &t[0] == key) {
+            continue;
+        }
+        if let Some(child) = map.get(key) {
+            let deeper: Vec<&[String]> = tails
+                .iter()
+                .filter(|t| &t[0] == key)
+                .map(|t| &t[1..])
+                .collect();
+            out.insert(key.clone(), project_value(child, &deeper));
+        }
+    }
+    Value::Object(out)
 }
 
 impl Scope {
@@ -251,6 +307,59 @@ mod tests {
         s.set("input", json!({"id": 7, "name": "x"}));
         s.set("vars", json!({"base": "http://h"}));
         s
+    }
+
+    /// Step results held in one JSON object.
+    struct Results(Value);
+
+    impl StepResults for Results {
+        fn all(&self) -> Value {
+            self.0.clone()
+        }
+        fn with_step(&self, id: &str, f: &mut dyn FnMut(&Value)) {
+            if let Some(v) = self.0.get(id) {
+                f(v);
+            }
+        }
+    }
+
+    #[test]
+    fn an_expression_reads_the_same_from_its_paths_as_from_every_result() {
+        let results = json!({
+            "get": {"status": "SUCCEEDED", "output": {"status": 200,
+                "headers": {"content-type": "application/json"},
+                "body": {"price": 1.5, "tags": ["a", "b"], "nested": {"k": null}}}},
+            "note": {"status": "SUCCEEDED", "output": "text"},
+            "other": {"status": "SKIPPED", "output": null}});
+        let projected = Scope {
+            steps: Some(Arc::new(Results(results.clone()))),
+            ..Scope::default()
+        };
+        let p = Programs::default();
+        let cases = [
+            "steps.get.output.body.price * 2.0",
+            "steps.get.output.body.tags.size() + size(steps.get.output.headers)",
+            "has(steps.get.output.body.missing) || has(steps.get.output.body.nested.k)",
+            r#"steps["get"].output["body"].tags[1] + steps.note.output"#,
+            "steps.get.output.body == {'price': 1.5, 'tags': ['a', 'b'], 'nested': {'k': null}}",
+            "steps.get.output.body.price + steps.get.output.status",
+            "steps.other.status == 'SKIPPED' && steps.other.output == null",
+            "steps.get.output.body.absent",
+            "steps.note.output.field",
+            "steps.nobody.output",
+        ];
+        for source in cases {
+            let compiled = p.get(source).expect("compiles");
+            assert!(!compiled.steps_dynamic, "{source}");
+            let whole = expr::eval(&compiled.program, &[("steps", &results)]);
+            assert_eq!(eval(&p, source, &projected), whole, "{source}");
+        }
+        // Only what the expression names is converted.
+        let compiled = p.get("steps.get.output.body.price").expect("compiles");
+        assert_eq!(
+            projected.steps_for(&compiled),
+            json!({"get": {"output": {"body": {"price": 1.5}}}})
+        );
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct Compiled {
     pub steps: BTreeSet<String>,
     /// Whether `steps` is read in a way that names no particular step (`steps[x]`, `steps` alone).
     pub steps_dynamic: bool,
+    /// The paths under `steps` the expression reads, each the longest run of fields and string
+    /// keys after `steps` (`steps.get.output.body.price` reads `[get, output, body, price]`): a
+    /// value holding just those paths, as far as they exist, evaluates as the whole would.
+    pub steps_paths: Vec<Vec<String>>,
 }
 
 /// Parses a CEL expression and collects its references.
@@ -59,6 +63,7 @@ pub fn compile(source: &str) -> Result<Compiled, String> {
         roots: refs.roots,
         steps: refs.steps,
         steps_dynamic: refs.steps_dynamic,
+        steps_paths: refs.steps_paths,
     })
 }
 
@@ -75,10 +80,46 @@ struct Refs {
     roots: BTreeSet<String>,
     steps: BTreeSet<String>,
     steps_dynamic: bool,
+    steps_paths: Vec<Vec<String>>,
+}
+
+/// The fields and string keys after the (unbound) `steps` that `e` selects, if it is such a run
+/// (`steps` alone is the empty run).
+fn steps_path(e: &IdedExpr, bound: &[String]) -> Option<Vec<String>> {
+    match &e.expr {
+        Expr::Ident(name) if name == "steps" && !bound.iter().any(|b| b == name) => {
+            Some(Vec::new())
+        }
+        Expr::Select(sel) => {
+            let mut path = steps_path(&sel.operand, bound)?;
+            path.push(sel.field.clone());
+            Some(path)
+        }
+        Expr::Call(call)
+            if call.func_name == "_[_]" && call.target.is_none() && call.args.len() == 2 =>
+        {
+            let Expr::Literal(LiteralValue::String(key)) = &call.args[1].expr else {
+                return None;
+            };
+            let mut path = steps_path(&call.args[0], bound)?;
+            path.push(key.to_string());
+            Some(path)
+        }
+        _ => None,
+    }
 }
 
 impl Refs {
     fn walk(&mut self, e: &IdedExpr, bound: &mut Vec<String>) {
+        if matches!(e.expr, Expr::Select(_) | Expr::Call(_))
+            && let Some(path) = steps_path(e, bound)
+            && let Some(id) = path.first()
+        {
+            self.roots.insert("steps".to_string());
+            self.steps.insert(id.clone());
+            self.steps_paths.push(path);
+            return;
+        }
         match &e.expr {
             Expr::Unspecified | Expr::Literal(_) => {}
             Expr::Ident(name) => {
@@ -89,34 +130,11 @@ impl Refs {
                     self.roots.insert(name.clone());
                 }
             }
-            Expr::Select(sel) => {
-                if let Expr::Ident(root) = &sel.operand.expr
-                    && root == "steps"
-                    && !bound.iter().any(|b| b == "steps")
-                {
-                    self.roots.insert(root.clone());
-                    self.steps.insert(sel.field.clone());
-                } else {
-                    self.walk(&sel.operand, bound);
-                }
-            }
+            // Runs from `steps` were taken above: what is left selects from something else.
+            Expr::Select(sel) => self.walk(&sel.operand, bound),
             Expr::Call(call) => {
-                let indexed_step = call.func_name == "_[_]"
-                    && call.args.len() == 2
-                    && matches!(&call.args[0].expr, Expr::Ident(r) if r == "steps" && !bound.iter().any(|b| b == "steps"));
-                if indexed_step {
-                    self.roots.insert("steps".to_string());
-                    match &call.args[1].expr {
-                        Expr::Literal(LiteralValue::String(id)) => {
-                            self.steps.insert(id.to_string());
-                        }
-                        _ => {
-                            self.steps_dynamic = true;
-                            self.walk(&call.args[1], bound);
-                        }
-                    }
-                    return;
-                }
+                // `steps[x]` (with `x` not a string literal) may read any step; walking `steps`
+                // itself below says so.
                 if let Some(target) = &call.target {
                     self.walk(target, bound);
                 }
@@ -343,6 +361,33 @@ mod tests {
         let c = compile(r#"steps["my-step"].output.n + size(steps)"#).expect("compiles");
         assert!(c.steps.contains("my-step"));
         assert!(c.steps_dynamic);
+    }
+
+    #[test]
+    fn the_paths_read_under_steps_are_the_longest_static_runs() {
+        let paths = |source: &str| compile(source).expect("compiles").steps_paths;
+        assert_eq!(
+            paths(r#"steps.get.output.body.price * 2.0 + steps["my-step"].output["n"]"#),
+            [
+                vec!["get", "output", "body", "price"],
+                vec!["my-step", "output", "n"]
+            ]
+        );
+        // A run ends where an index is not a string literal, or where a call uses its value.
+        assert_eq!(
+            paths("steps.each.output[0].get.body.id + size(steps.get.output.body)"),
+            [vec!["each", "output"], vec!["get", "output", "body"]]
+        );
+        // `has` reads the path it tests.
+        assert_eq!(
+            paths("has(steps.get.output.retry)"),
+            [vec!["get", "output", "retry"]]
+        );
+        // A comprehension variable named `steps` is not the steps.
+        let c = compile("[1].exists(steps, steps > 0) && steps.a.status == 'SUCCEEDED'")
+            .expect("compiles");
+        assert_eq!(c.steps_paths, [vec!["a", "status"]]);
+        assert!(!c.steps_dynamic);
     }
 
     #[test]
