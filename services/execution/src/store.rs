@@ -1050,7 +1050,8 @@ fn merge_into(
     durations.extend(d.duration_ms);
 }
 
-/// Number of executions that are not terminal (from the maintained `active` counters).
+/// Number of executions that are not terminal: those started (the maintained `active` counters)
+/// and those not yet started.
 async fn active_in<C: ConnectionTrait>(c: &C) -> Result<u64, StoreError> {
     // Not yet started, so not yet in the metrics. Read first: an execution that starts between the
     // two reads is counted twice, never missed.
