@@ -38,6 +38,27 @@ async fn execution(store: &Store, workflow_id: &str, owner: &str) -> String {
     }
 }
 
+/// A store on a fresh database (PostgreSQL when the tests have one), with one workflow.
+async fn fresh_store(
+    name: &str,
+) -> (
+    sea_orm::DatabaseConnection,
+    Store,
+    meshflow_proto::workflow::v1::Workflow,
+) {
+    let url = meshflow_kit::testing::fresh_database_url()
+        .await
+        .expect("database");
+    let db = meshflow_kit::db::connect_url(&url, SqliteSynchronous::Normal, 4)
+        .await
+        .expect("connect");
+    let workflow = meshflow_workflow::store::Store::new(db.clone())
+        .create_workflow(&support::workflow(name), None)
+        .await
+        .expect("workflow");
+    (db.clone(), Store::new(db), workflow)
+}
+
 fn commit(execution_id: &str, workflow_id: &str, owner: &str) -> Commit {
     let now = Utc::now();
     Commit {
@@ -84,17 +105,7 @@ fn commit(execution_id: &str, workflow_id: &str, owner: &str) -> Commit {
 
 #[tokio::test]
 async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() {
-    let url = meshflow_kit::testing::fresh_database_url()
-        .await
-        .expect("database");
-    let db = meshflow_kit::db::connect_url(&url, SqliteSynchronous::Normal, 4)
-        .await
-        .expect("connect");
-    let workflow = meshflow_workflow::store::Store::new(db.clone())
-        .create_workflow(&support::workflow("fenced"), None)
-        .await
-        .expect("workflow");
-    let store = Store::new(db);
+    let (_, store, workflow) = fresh_store("fenced").await;
     let taken = execution(&store, &workflow.workflow_id, "replica-a").await;
     let ours = execution(&store, &workflow.workflow_id, "replica-b").await;
 
@@ -181,17 +192,7 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
 async fn an_event_reads_back_as_committed_without_its_columns_repeated_in_its_payload() {
     use sea_orm::{ConnectionTrait, Statement};
 
-    let url = meshflow_kit::testing::fresh_database_url()
-        .await
-        .expect("database");
-    let db = meshflow_kit::db::connect_url(&url, SqliteSynchronous::Normal, 4)
-        .await
-        .expect("connect");
-    let workflow = meshflow_workflow::store::Store::new(db.clone())
-        .create_workflow(&support::workflow("stored-events"), None)
-        .await
-        .expect("workflow");
-    let store = Store::new(db.clone());
+    let (db, store, workflow) = fresh_store("stored-events").await;
     let id = execution(&store, &workflow.workflow_id, "replica-a").await;
 
     let mut c = commit(&id, &workflow.workflow_id, "replica-a");
