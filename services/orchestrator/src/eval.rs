@@ -104,7 +104,8 @@ fn project_value(value: &Value, tails: &[&[String]]) -> Value {
     let mut out = Map::new();
     for (i, tail) in tails.iter().enumerate() {
         let key = &tail[0];
-        if out.contains_key(key) || tails[..i].iter().any(|t| &t[0] == key) {
+        // Each key once, with every tail through it.
+        if tails[..i].iter().any(|t| &t[0] == key) {
             continue;
         }
         if let Some(child) = map.get(key) {
