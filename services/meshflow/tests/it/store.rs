@@ -259,18 +259,20 @@ async fn a_postgres_plan_made_on_an_empty_table_still_finds_executions_by_key() 
     let txn = db.begin().await.expect("begin");
     let backend = txn.get_database_backend();
     let run = |sql: &str| Statement::from_string(backend, sql.to_string());
-    // The shape of the writer's fence: executions joined by id to the batch's arrays.
-    txn.execute_raw(run(
-        "PREPARE fence(text[], text[]) AS UPDATE workflow_executions AS e SET update_time = now() \
-         FROM UNNEST($1::text[], $2::text[]) AS v(id, owner) \
-         WHERE e.id = v.id AND e.lease_owner = v.owner RETURNING e.id",
-    ))
-    .await
-    .expect("prepare");
+    // The kept plan of the writer's fence shape: executions joined by id to the batch's arrays.
     let plan = |txn| async move {
+        let prepare = "PREPARE fence(text[], text[]) AS UPDATE workflow_executions AS e \
+             SET update_time = now() FROM UNNEST($1::text[], $2::text[]) AS v(id, owner) \
+             WHERE e.id = v.id AND e.lease_owner = v.owner RETURNING e.id";
+        ConnectionTrait::execute_raw(txn, run(prepare))
+            .await
+            .expect("prepare");
         let rows = ConnectionTrait::query_all_raw(txn, run("EXPLAIN EXECUTE fence(NULL, NULL)"))
             .await
             .expect("explain");
+        ConnectionTrait::execute_raw(txn, run("DEALLOCATE fence"))
+            .await
+            .expect("deallocate");
         rows.iter()
             .map(|r| r.try_get_by_index::<String>(0).expect("line"))
             .collect::<Vec<_>>()
@@ -285,16 +287,6 @@ async fn a_postgres_plan_made_on_an_empty_table_still_finds_executions_by_key() 
     txn.execute_raw(run("SET LOCAL enable_seqscan = on"))
         .await
         .expect("set");
-    txn.execute_raw(run("DEALLOCATE fence"))
-        .await
-        .expect("deallocate");
-    txn.execute_raw(run(
-        "PREPARE fence(text[], text[]) AS UPDATE workflow_executions AS e SET update_time = now() \
-         FROM UNNEST($1::text[], $2::text[]) AS v(id, owner) \
-         WHERE e.id = v.id AND e.lease_owner = v.owner RETURNING e.id",
-    ))
-    .await
-    .expect("prepare again");
     let default = plan(&txn).await;
     assert!(
         default.contains("Seq Scan on workflow_executions"),
