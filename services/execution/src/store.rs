@@ -10,8 +10,7 @@ use meshflow_proto::execution::v1 as pb;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
-    EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr, Statement,
-    TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr, Statement, TransactionTrait,
 };
 use serde_json::Value;
 
@@ -1051,20 +1050,27 @@ fn merge_into(
 }
 
 /// Number of executions that are not terminal: those started (the maintained `active` counters)
-/// and those not yet started.
+/// and those not yet started. One statement, so one snapshot: an execution that starts meanwhile is
+/// counted once, as PENDING or as active.
 async fn active_in<C: ConnectionTrait>(c: &C) -> Result<u64, StoreError> {
-    // Not yet started, so not yet in the metrics. Read first: an execution that starts between the
-    // two reads is counted twice, never missed.
-    let pending = execution::Entity::find()
-        .filter(execution::Column::Status.eq(pb::ExecutionStatus::Pending.as_str_name()))
-        .count(c)
-        .await?;
-    let rows = metrics::Entity::find()
-        .filter(metrics::Column::StepId.eq(""))
-        .all(c)
-        .await?;
-    Ok(pending + rows.iter().map(|r| r.active.max(0) as u64).sum::<u64>())
+    let backend = c.get_database_backend();
+    let sql = match backend {
+        DbBackend::Postgres => ACTIVE_POSTGRES,
+        _ => sqlite::ACTIVE,
+    };
+    let active: i64 = c
+        .query_one_raw(Statement::from_string(backend, sql))
+        .await?
+        .map(|row| row.try_get_by_index(0))
+        .transpose()?
+        .unwrap_or(0);
+    Ok(u64::try_from(active).unwrap_or(0))
 }
+
+/// [`sqlite::ACTIVE`] in PostgreSQL's terms.
+const ACTIVE_POSTGRES: &str = "SELECT CAST((SELECT COALESCE(SUM(GREATEST(active, 0)), 0)
+    FROM orchestration_metrics WHERE step_id = '') + (SELECT COUNT(*) FROM workflow_executions
+    WHERE status = 'EXECUTION_STATUS_PENDING') AS BIGINT)";
 
 /// A metrics row after adding merged increments to its current value (`None`: a new row).
 fn next_metrics(

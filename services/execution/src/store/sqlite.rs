@@ -61,7 +61,8 @@ const INSERT_EXECUTION: &str = "INSERT INTO workflow_executions (id, workflow_id
 
 /// Executions counted against the concurrency limit: those started and not ended (in the metrics),
 /// and those not yet started.
-const ACTIVE: &str = "SELECT (SELECT COALESCE(SUM(MAX(active, 0)), 0) FROM orchestration_metrics
+pub(super) const ACTIVE: &str =
+    "SELECT (SELECT COALESCE(SUM(MAX(active, 0)), 0) FROM orchestration_metrics
     WHERE step_id = '') + (SELECT COUNT(*) FROM workflow_executions
     WHERE status = 'EXECUTION_STATUS_PENDING')";
 
