@@ -351,28 +351,25 @@ impl Store {
             None => {
                 let model =
                     sea_orm::ActiveModelTrait::reset_all(execution::ActiveModel::from(row.clone()));
-                let txn = self.db.begin().await?;
-                if active_in(&txn).await? >= max_active {
-                    InsertOutcome::AtCapacity
-                } else {
-                    match execution::Entity::insert(model)
-                        .exec_without_returning(&txn)
-                        .await
+                if self.db.get_database_backend() == DbBackend::Postgres {
+                    match self
+                        .admit(model.clone(), max_active, Admission::Shared)
+                        .await?
                     {
-                        Err(err)
-                            if matches!(
-                                err.sql_err(),
-                                Some(SqlErr::UniqueConstraintViolation(_))
-                            ) =>
-                        {
-                            InsertOutcome::Duplicate
-                        }
-                        Err(err) => return Err(err.into()),
-                        Ok(_) => {
-                            txn.commit().await?;
-                            InsertOutcome::Created
-                        }
+                        Some(outcome) => outcome,
+                        None => self
+                            .admit(model, max_active, Admission::Exclusive)
+                            .await?
+                            .ok_or_else(|| {
+                                StoreError::Corrupt("an exclusive admission deferred".into())
+                            })?,
                     }
+                } else {
+                    self.admit(model, max_active, Admission::Unlocked)
+                        .await?
+                        .ok_or_else(|| {
+                            StoreError::Corrupt("an unlocked admission deferred".into())
+                        })?
                 }
             }
         };
@@ -388,6 +385,61 @@ impl Store {
                 existing
                     .map(Inserted::Existing)
                     .ok_or_else(|| StoreError::Corrupt(format!("execution {} exists", row.id)))
+            }
+        }
+    }
+
+    /// Inserts an execution's row in one transaction if fewer than `max_active` executions are
+    /// active, under `admission`'s lock. `None`: a shared admission found the limit within reach of
+    /// the starts in flight and took nothing; the caller retries exclusively.
+    async fn admit(
+        &self,
+        model: execution::ActiveModel,
+        max_active: u64,
+        admission: Admission,
+    ) -> Result<Option<InsertOutcome>, StoreError> {
+        let txn = self.db.begin().await?;
+        let postgres = |sql: &str| Statement::from_string(DbBackend::Postgres, sql);
+        let in_flight = match admission {
+            Admission::Unlocked => 0,
+            Admission::Exclusive => {
+                txn.execute_raw(postgres(ADMISSION_EXCLUSIVE)).await?;
+                0
+            }
+            Admission::Shared => {
+                // Read before the count's snapshot: a start that ends between the two is in the
+                // count; one still in flight is here.
+                let holders: i64 = txn
+                    .query_one_raw(postgres(ADMISSION_SHARED))
+                    .await?
+                    .map(|row| row.try_get_by_index(0))
+                    .transpose()?
+                    .unwrap_or(0);
+                u64::try_from(holders).unwrap_or(0).saturating_sub(1)
+            }
+        };
+        let active = active_in(&txn).await?;
+        if active + in_flight >= max_active {
+            // Released now, not when the connection is next used: an exclusive retry waits for it.
+            txn.rollback().await?;
+            return Ok((admission != Admission::Shared || active >= max_active)
+                .then_some(InsertOutcome::AtCapacity));
+        }
+        match execution::Entity::insert(model)
+            .exec_without_returning(&txn)
+            .await
+        {
+            Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+                txn.rollback().await?;
+                Ok(Some(InsertOutcome::Duplicate))
+            }
+            Err(err) => {
+                txn.rollback().await?;
+                Err(err.into())
+            }
+            Ok(_) => {
+                txn.commit().await?;
+                Ok(Some(InsertOutcome::Created))
             }
         }
     }
@@ -1066,6 +1118,32 @@ async fn active_in<C: ConnectionTrait>(c: &C) -> Result<u64, StoreError> {
         .unwrap_or(0);
     Ok(u64::try_from(active).unwrap_or(0))
 }
+
+/// How a start is admitted under the concurrency limit.
+///
+/// On PostgreSQL, starts through other connections and other servers are not visible to a start's
+/// count until they commit, so each start holds a transaction-scoped advisory lock on one key
+/// (advisory locks are per database). Normally the lock is shared and the start counts the
+/// others holding it as admitted ([`ADMISSION_SHARED`]): whichever of two simultaneous starts looks second sees the first
+/// either holding the lock or committed. When that sum reaches the limit the start retries with
+/// the lock exclusive, which waits for the starts in flight and counts exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Admission {
+    /// No other writer (an in-memory SQLite database).
+    Unlocked,
+    Shared,
+    Exclusive,
+}
+
+/// Takes the admission lock shared (key `mflw`, 1), then counts its holders, this start included.
+/// The count is a subquery correlated with the lock's result, so it runs once the lock is held.
+const ADMISSION_SHARED: &str = "SELECT (SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory'
+    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+    AND classid = 1835428983::oid AND objid = 1::oid AND objsubid = 2 AND granted
+    AND l.held IS NOT NULL)
+    FROM (SELECT pg_advisory_xact_lock_shared(1835428983, 1)::text AS held OFFSET 0) AS l";
+/// Takes the admission lock exclusive: waits for every start in flight.
+const ADMISSION_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock(1835428983, 1)";
 
 /// [`sqlite::ACTIVE`] in PostgreSQL's terms.
 const ACTIVE_POSTGRES: &str = "SELECT CAST((SELECT COALESCE(SUM(GREATEST(active, 0)), 0)

@@ -568,3 +568,37 @@ async fn run_time_limits_are_enforced() {
         .expect_err("over the limit");
     assert_reason(&err, Code::ResourceExhausted, "TOO_MANY_EXECUTIONS");
 }
+
+#[tokio::test]
+async fn simultaneous_starts_never_pass_the_concurrency_limit() {
+    let mut config = support::engine_config();
+    config.limits.max_concurrent_executions = 3;
+    let server = support::start_services(config, meshflow::ServiceName::ALL).await;
+    let parked = server
+        .active_workflow(
+            json!({"name": "parked", "steps": [{"id": "w", "wait": {"signal": "go"}}]}),
+        )
+        .await;
+    let starts: Vec<_> = (0..24)
+        .map(|_| {
+            let mut client = server.orchestrator();
+            let workflow_id = parked.clone();
+            tokio::spawn(async move {
+                client
+                    .start_execution(opb::StartExecutionRequest {
+                        workflow_id,
+                        ..Default::default()
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for start in starts {
+        match start.await.expect("task") {
+            Ok(_) => admitted += 1,
+            Err(err) => assert_reason(&err, Code::ResourceExhausted, "TOO_MANY_EXECUTIONS"),
+        }
+    }
+    assert_eq!(admitted, 3, "the limit admits exactly three");
+}
