@@ -83,3 +83,44 @@ async fn connecting_migrates_and_is_idempotent() {
         applied
     );
 }
+
+/// On PostgreSQL, attempts and events carry no foreign key (the group commit's fence stands for
+/// it) and their JSON is compressed with lz4 when the server has it; reverting restores both.
+#[tokio::test]
+async fn postgres_history_tables_are_light_to_write() {
+    use sea_orm::ConnectionTrait;
+    if !meshflow_kit::testing::on_postgres() {
+        return;
+    }
+    let url = meshflow_kit::testing::fresh_database_url()
+        .await
+        .expect("database");
+    let db = Database::connect(url.as_str()).await.expect("connect");
+    let scalar = async |sql: &str| -> String {
+        db.query_one_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            sql,
+        ))
+        .await
+        .expect("query")
+        .expect("row")
+        .try_get_by_index(0)
+        .expect("value")
+    };
+    let keys = "SELECT COUNT(*)::text FROM pg_constraint WHERE contype = 'f'
+        AND conrelid IN ('step_executions'::regclass, 'execution_events'::regclass)";
+    let compression = "SELECT string_agg(DISTINCT attcompression::text, ',') FROM pg_attribute
+        WHERE attrelid IN ('step_executions'::regclass, 'execution_events'::regclass)
+        AND attname IN ('input', 'output', 'payload')";
+    let lz4 = "SELECT ('lz4' = ANY(enumvals))::text FROM pg_settings
+        WHERE name = 'default_toast_compression'";
+
+    Migrator::up(&db, None).await.expect("up");
+    assert_eq!(scalar(keys).await, "0");
+    let expected = if scalar(lz4).await == "true" { "l" } else { "" };
+    assert_eq!(scalar(compression).await, expected);
+
+    Migrator::down(&db, Some(1)).await.expect("down one");
+    assert_eq!(scalar(keys).await, "2");
+    assert_eq!(scalar(compression).await, "");
+}

@@ -389,3 +389,63 @@ async fn executions_are_listed_and_measured() {
     .executions;
     assert_eq!(old.iter().filter(|e| e.workflow_version == 1).count(), 3);
 }
+
+#[tokio::test]
+async fn deleting_a_workflow_deletes_its_executions_attempts_and_events() {
+    use sea_orm::ConnectionTrait;
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let kept = server
+        .active_workflow(
+            json!({"name": "kept", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}),
+        )
+        .await;
+    let deleted = server
+        .active_workflow(json!({"name": "deleted", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}))
+        .await;
+    let (kept_run, _) = server.execute(&kept, json!({})).await;
+    let (deleted_run, _) = server.execute(&deleted, json!({})).await;
+    server
+        .workflows()
+        .delete_workflow(wpb::DeleteWorkflowRequest {
+            workflow_id: deleted,
+            etag: String::new(),
+        })
+        .await
+        .expect("delete");
+
+    let db = meshflow_kit::db::connect_url(
+        &server.database_url,
+        meshflow_kit::config::SqliteSynchronous::Normal,
+        1,
+    )
+    .await
+    .expect("connect");
+    let rows = async |table: &str, execution_id: &str| -> i64 {
+        let backend = db.get_database_backend();
+        db.query_one_raw(sea_orm::Statement::from_sql_and_values(
+            backend,
+            format!(
+                "SELECT COUNT(*) FROM {table} WHERE execution_id = {}",
+                if backend == sea_orm::DbBackend::Postgres {
+                    "$1"
+                } else {
+                    "?"
+                }
+            ),
+            [execution_id.into()],
+        ))
+        .await
+        .expect("count")
+        .expect("row")
+        .try_get_by_index(0)
+        .expect("count")
+    };
+    for table in ["step_executions", "execution_events"] {
+        assert_eq!(rows(table, &deleted_run.execution_id).await, 0, "{table}");
+        assert!(
+            rows(table, &kept_run.execution_id).await > 0,
+            "{table} kept"
+        );
+    }
+}
