@@ -407,15 +407,18 @@ impl Store {
                 0
             }
             Admission::Shared => {
-                // Read before the count's snapshot: a start that ends between the two is in the
-                // count; one still in flight is here.
-                let holders: i64 = txn
+                let slot: Option<i32> = txn
                     .query_one_raw(postgres(ADMISSION_SHARED))
                     .await?
                     .map(|row| row.try_get_by_index(0))
                     .transpose()?
-                    .unwrap_or(0);
-                u64::try_from(holders).unwrap_or(0).saturating_sub(1)
+                    .flatten();
+                if slot.is_none() {
+                    // As many starts in flight as there are slots: this one waits its turn.
+                    txn.rollback().await?;
+                    return Ok(None);
+                }
+                ADMISSION_SLOTS - 1
             }
         };
         let active = active_in(&txn).await?;
@@ -1122,11 +1125,14 @@ async fn active_in<C: ConnectionTrait>(c: &C) -> Result<u64, StoreError> {
 /// How a start is admitted under the concurrency limit.
 ///
 /// On PostgreSQL, starts through other connections and other servers are not visible to a start's
-/// count until they commit, so each start holds a transaction-scoped advisory lock on one key
-/// (advisory locks are per database). Normally the lock is shared and the start counts the
-/// others holding it as admitted ([`ADMISSION_SHARED`]): whichever of two simultaneous starts looks second sees the first
-/// either holding the lock or committed. When that sum reaches the limit the start retries with
-/// the lock exclusive, which waits for the starts in flight and counts exactly.
+/// count until they commit, so starts hold transaction-scoped advisory locks (per database).
+/// Normally a start holds the admission lock shared and one of [`ADMISSION_SLOTS`] slot locks, so
+/// no more starts than slots are in flight at once, and it is admitted only if the executions it
+/// counts plus every slot stay within the limit. Of the starts admitted so, the one that counted
+/// last saw each of the others either committed or holding a slot. Near the limit, or with every
+/// slot taken, a start retries with the admission lock exclusive, which waits for the starts in
+/// flight and counts exactly. No statement reads `pg_locks`, which would stall every lock taken in
+/// the cluster while it is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Admission {
     /// No other writer (an in-memory SQLite database).
@@ -1135,13 +1141,16 @@ enum Admission {
     Exclusive,
 }
 
-/// Takes the admission lock shared (key `mflw`, 1), then counts its holders, this start included.
-/// The count is a subquery correlated with the lock's result, so it runs once the lock is held.
-const ADMISSION_SHARED: &str = "SELECT (SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory'
-    AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-    AND classid = 1835428983::oid AND objid = 1::oid AND objsubid = 2 AND granted
-    AND l.held IS NOT NULL)
-    FROM (SELECT pg_advisory_xact_lock_shared(1835428983, 1)::text AS held OFFSET 0) AS l";
+/// Starts admitted at once without the exclusive lock.
+const ADMISSION_SLOTS: u64 = 64;
+
+/// Takes the admission lock (key `mflw`, 1) shared, then the first free slot lock (`mflw`, 2 to
+/// 65) from a random one on; returns the slot, or NULL when all are taken. The slot search is a
+/// subquery correlated with the shared lock's result, so it runs once that lock is held.
+const ADMISSION_SHARED: &str = "SELECT (SELECT s % 64 FROM generate_series(r.first, r.first + 63)
+    AS s WHERE pg_try_advisory_xact_lock(1835428983, 2 + s % 64) LIMIT 1)
+    FROM (SELECT pg_advisory_xact_lock_shared(1835428983, 1)::text AS held,
+        floor(random() * 64)::int AS first OFFSET 0) AS r WHERE r.held IS NOT NULL";
 /// Takes the admission lock exclusive: waits for every start in flight.
 const ADMISSION_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock(1835428983, 1)";
 
