@@ -709,6 +709,20 @@ impl Store {
     ) -> Result<u64, StoreError> {
         let mut renewed = 0;
         for chunk in ids.chunks(500) {
+            if self.db.get_database_backend() == DbBackend::Postgres {
+                // The rows are locked in id order, as the group commit locks them: locked in any
+                // other order, a renewal and a commit could each hold a row the other waits for.
+                let result = self
+                    .db
+                    .execute_raw(Statement::from_sql_and_values(
+                        DbBackend::Postgres,
+                        RENEW_POSTGRES,
+                        [until.into(), owner.into(), chunk.to_vec().into()],
+                    ))
+                    .await?;
+                renewed += result.rows_affected();
+                continue;
+            }
             let result = execution::Entity::update_many()
                 .col_expr(execution::Column::LeaseExpiresAt, Expr::value(until))
                 .filter(execution::Column::LeaseOwner.eq(owner))
@@ -961,6 +975,9 @@ fn by_execution(batch: &[Commit]) -> Vec<(&str, Vec<usize>)> {
             None => groups.push((&c.execution_id, vec![k])),
         }
     }
+    // In id order: on PostgreSQL every statement that locks several executions locks them in id
+    // order (the fence follows this order), so two of them never wait for each other in a cycle.
+    groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
     groups
 }
 
@@ -1153,6 +1170,11 @@ const ADMISSION_SHARED: &str = "SELECT (SELECT s % 64 FROM generate_series(r.fir
         floor(random() * 64)::int AS first OFFSET 0) AS r WHERE r.held IS NOT NULL";
 /// Takes the admission lock exclusive: waits for every start in flight.
 const ADMISSION_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock(1835428983, 1)";
+
+/// [`Store::renew`] on PostgreSQL: locks the rows in id order first.
+const RENEW_POSTGRES: &str = "UPDATE workflow_executions SET lease_expires_at = $1
+    WHERE id IN (SELECT id FROM workflow_executions WHERE id = ANY($3) AND lease_owner = $2
+        ORDER BY id FOR UPDATE)";
 
 /// [`sqlite::ACTIVE`] in PostgreSQL's terms.
 const ACTIVE_POSTGRES: &str = "SELECT CAST((SELECT COALESCE(SUM(GREATEST(active, 0)), 0)

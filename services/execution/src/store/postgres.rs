@@ -147,10 +147,21 @@ pub(super) async fn commit(
         .collect::<Result<Vec<_>, _>>()?;
     let batch = &*batch;
     let groups = super::by_execution(batch);
-    let rows = batch_statement(batch, &groups, payloads, now)?
-        .fetch_all(pool)
-        .await
-        .map_err(db)?;
+    let mut attempt = 1;
+    let rows = loop {
+        match batch_statement(batch, &groups, &payloads, now)?
+            .fetch_all(pool)
+            .await
+        {
+            Ok(rows) => break rows,
+            Err(err) if attempt < ATTEMPTS && retryable(&err) => {
+                // The statement is its own transaction: nothing of it was written.
+                tracing::warn!(error = %err, attempt, "group commit retried");
+                attempt += 1;
+            }
+            Err(err) => return Err(db(err)),
+        }
+    };
     let fenced = fenced_ids(rows)?;
     let mut outcomes = vec![CommitOutcome::Done; batch.len()];
     for (execution_id, members) in groups {
@@ -161,6 +172,18 @@ pub(super) async fn commit(
         }
     }
     Ok(outcomes)
+}
+
+/// Most runs of a batch statement that PostgreSQL cancelled to break a deadlock or a
+/// serialization conflict (with a transaction outside meshflow's own ordering, such as a
+/// cascading delete), before the commit fails.
+const ATTEMPTS: u32 = 3;
+
+/// A deadlock victim (`40P01`) or a serialization failure (`40001`): running it again may succeed.
+fn retryable(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "40P01" || code == "40001")
 }
 
 fn fenced_ids(rows: Vec<sqlx::postgres::PgRow>) -> Result<HashSet<String>, StoreError> {
@@ -174,7 +197,7 @@ type Query<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 fn batch_statement<'q>(
     batch: &[Commit],
     groups: &[(&str, Vec<usize>)],
-    e_payload: Vec<String>,
+    e_payload: &'q [String],
     now: DateTime<Utc>,
 ) -> Result<Query<'q>, StoreError> {
     // The fenced row update of each execution.

@@ -294,3 +294,146 @@ async fn a_postgres_plan_made_on_an_empty_table_still_finds_executions_by_key() 
     );
     txn.rollback().await.expect("rollback");
 }
+
+/// On PostgreSQL, the group commit and lease renewals lock executions in id order. Another
+/// transaction holding the lower id makes them wait without their holding the higher one, which it
+/// can then lock too; in any other order the two would deadlock.
+#[tokio::test]
+async fn commits_and_renewals_lock_executions_in_id_order() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    if !meshflow_kit::testing::on_postgres() {
+        return;
+    }
+    let (db, store, workflow) = fresh_store("ordered").await;
+    let lower = execution(&store, &workflow.workflow_id, "me").await;
+    let higher = execution(&store, &workflow.workflow_id, "me").await;
+    assert!(lower < higher);
+    let lock = |id: &str| {
+        sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT id FROM workflow_executions WHERE id = $1 FOR UPDATE",
+            [id.into()],
+        )
+    };
+    let waiting = async || loop {
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT COUNT(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            ))
+            .await
+            .expect("activity")
+            .expect("row");
+        if row.try_get_by_index::<i64>(0).expect("count") > 0 {
+            return;
+        }
+        tokio::task::yield_now().await;
+    };
+
+    // A commit listing the higher id first.
+    let other = db.begin().await.expect("begin");
+    other.query_one_raw(lock(&lower)).await.expect("lock lower");
+    let batch = {
+        let store = store.clone();
+        let (w, h, l) = (workflow.workflow_id.clone(), higher.clone(), lower.clone());
+        tokio::spawn(async move {
+            store
+                .commit(&mut [commit(&h, &w, "me"), commit(&l, &w, "me")])
+                .await
+        })
+    };
+    waiting().await;
+    other
+        .query_one_raw(lock(&higher))
+        .await
+        .expect("the commit does not hold the higher id");
+    other.commit().await.expect("commit");
+    let outcomes = batch.await.expect("task").expect("commit");
+    assert_eq!(outcomes, [CommitOutcome::Done, CommitOutcome::Done]);
+
+    // A renewal listing the higher id first.
+    let other = db.begin().await.expect("begin");
+    other.query_one_raw(lock(&lower)).await.expect("lock lower");
+    let renewal = {
+        let store = store.clone();
+        let ids = vec![higher.clone(), lower.clone()];
+        tokio::spawn(async move {
+            store
+                .renew("me", &ids, Utc::now() + chrono::Duration::seconds(60))
+                .await
+        })
+    };
+    waiting().await;
+    other
+        .query_one_raw(lock(&higher))
+        .await
+        .expect("the renewal does not hold the higher id");
+    other.commit().await.expect("commit");
+    assert_eq!(renewal.await.expect("task").expect("renew"), 2);
+}
+
+/// On PostgreSQL, a group commit that PostgreSQL cancels to break a deadlock (with a transaction
+/// that locks executions in another order) runs again and lands.
+#[tokio::test]
+async fn a_commit_chosen_as_a_deadlock_victim_runs_again() {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    if !meshflow_kit::testing::on_postgres() {
+        return;
+    }
+    let (db, store, workflow) = fresh_store("victim").await;
+    let lower = execution(&store, &workflow.workflow_id, "me").await;
+    let higher = execution(&store, &workflow.workflow_id, "me").await;
+    let statement = |sql: &str, id: &str| {
+        sea_orm::Statement::from_sql_and_values(sea_orm::DbBackend::Postgres, sql, [id.into()])
+    };
+    let lock = "SELECT id FROM workflow_executions WHERE id = $1 FOR UPDATE";
+
+    // This transaction checks for deadlocks after the commit does, so the commit is the victim.
+    let other = db.begin().await.expect("begin");
+    other
+        .execute_unprepared("SET LOCAL deadlock_timeout = '60s'")
+        .await
+        .expect("timeout");
+    other
+        .query_one_raw(statement(lock, &higher))
+        .await
+        .expect("lock higher");
+    let batch = {
+        let store = store.clone();
+        let (w, h, l) = (workflow.workflow_id.clone(), higher.clone(), lower.clone());
+        tokio::spawn(async move {
+            store
+                .commit(&mut [commit(&l, &w, "me"), commit(&h, &w, "me")])
+                .await
+        })
+    };
+    // Once the commit holds the lower id and waits for the higher, take the lower: a cycle.
+    loop {
+        let holds_lower = db
+            .query_one_raw(statement(
+                "SELECT COUNT(*) FROM (SELECT id FROM workflow_executions
+                 WHERE id = $1 FOR UPDATE SKIP LOCKED) AS free",
+                &lower,
+            ))
+            .await
+            .expect("probe")
+            .expect("row")
+            .try_get_by_index::<i64>(0)
+            .expect("count")
+            == 0;
+        if holds_lower {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    other
+        .query_one_raw(statement(lock, &lower))
+        .await
+        .expect("the commit gave way");
+    other.commit().await.expect("commit");
+    let outcomes = batch.await.expect("task").expect("the commit ran again");
+    assert_eq!(outcomes, [CommitOutcome::Done, CommitOutcome::Done]);
+    let row = store.execution(&lower).await.expect("read").expect("row");
+    assert_eq!(row.last_sequence, 1);
+}
