@@ -966,7 +966,7 @@ fn stamp<'a>(commits: impl Iterator<Item = &'a mut Commit>, at: DateTime<Utc>) {
     }
 }
 
-/// The executions of a batch in first-commit order, each with the indexes of its commits.
+/// The executions of a batch in id order, each with the indexes of its commits in batch order.
 fn by_execution(batch: &[Commit]) -> Vec<(&str, Vec<usize>)> {
     let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
     for (k, c) in batch.iter().enumerate() {
