@@ -295,27 +295,39 @@ async fn a_postgres_plan_made_on_an_empty_table_still_finds_executions_by_key() 
     txn.rollback().await.expect("rollback");
 }
 
-/// On PostgreSQL, the group commit and lease renewals lock executions in id order. Another
-/// transaction holding the lower id makes them wait without their holding the higher one, which it
-/// can then lock too; in any other order the two would deadlock.
-#[tokio::test]
-async fn commits_and_renewals_lock_executions_in_id_order() {
-    use sea_orm::{ConnectionTrait, TransactionTrait};
-    if !meshflow_kit::testing::on_postgres() {
-        return;
-    }
-    let (db, store, workflow) = fresh_store("ordered").await;
+/// On PostgreSQL: a fresh store with two executions leased to `me`, the lower id first.
+async fn two_leased(name: &str) -> (sea_orm::DatabaseConnection, Store, String, String, String) {
+    let (db, store, workflow) = fresh_store(name).await;
     let lower = execution(&store, &workflow.workflow_id, "me").await;
     let higher = execution(&store, &workflow.workflow_id, "me").await;
     assert!(lower < higher);
-    let lock = |id: &str| {
-        sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "SELECT id FROM workflow_executions WHERE id = $1 FOR UPDATE",
-            [id.into()],
-        )
-    };
-    let waiting = async || loop {
+    (db, store, workflow.workflow_id, lower, higher)
+}
+
+/// Locks an execution's row for the rest of the transaction.
+fn for_update(id: &str) -> sea_orm::Statement {
+    sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        "SELECT id FROM workflow_executions WHERE id = $1 FOR UPDATE",
+        [id.into()],
+    )
+}
+
+/// A group commit of `me`'s commits to `ids`, in that order, running meanwhile.
+fn commit_meanwhile(
+    store: &Store,
+    workflow_id: &str,
+    ids: [&str; 2],
+) -> tokio::task::JoinHandle<Result<Vec<CommitOutcome>, meshflow_execution::store::StoreError>> {
+    let store = store.clone();
+    let mut batch = ids.map(|id| commit(id, workflow_id, "me"));
+    tokio::spawn(async move { store.commit(&mut batch).await })
+}
+
+/// Returns once a session of the database waits for a row lock.
+async fn lock_waited(db: &sea_orm::DatabaseConnection) {
+    use sea_orm::ConnectionTrait;
+    loop {
         let row = db
             .query_one_raw(sea_orm::Statement::from_string(
                 sea_orm::DbBackend::Postgres,
@@ -329,23 +341,39 @@ async fn commits_and_renewals_lock_executions_in_id_order() {
             return;
         }
         tokio::task::yield_now().await;
-    };
+    }
+}
+
+/// A transaction that holds `id` locked and, in a deadlock, is the one cancelled (it checks for
+/// deadlocks long before anything else does).
+async fn holding(db: &sea_orm::DatabaseConnection, id: &str) -> sea_orm::DatabaseTransaction {
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let txn = db.begin().await.expect("begin");
+    txn.execute_unprepared("SET LOCAL deadlock_timeout = '10ms'")
+        .await
+        .expect("timeout");
+    txn.query_one_raw(for_update(id)).await.expect("lock");
+    txn
+}
+
+/// On PostgreSQL, the group commit and lease renewals lock executions in id order. Another
+/// transaction holding the lower id makes them wait without their holding the higher one, which it
+/// can then lock too; in any other order the two would deadlock (and that transaction would be
+/// the one cancelled).
+#[tokio::test]
+async fn commits_and_renewals_lock_executions_in_id_order() {
+    use sea_orm::ConnectionTrait;
+    if !meshflow_kit::testing::on_postgres() {
+        return;
+    }
+    let (db, store, workflow_id, lower, higher) = two_leased("ordered").await;
 
     // A commit listing the higher id first.
-    let other = db.begin().await.expect("begin");
-    other.query_one_raw(lock(&lower)).await.expect("lock lower");
-    let batch = {
-        let store = store.clone();
-        let (w, h, l) = (workflow.workflow_id.clone(), higher.clone(), lower.clone());
-        tokio::spawn(async move {
-            store
-                .commit(&mut [commit(&h, &w, "me"), commit(&l, &w, "me")])
-                .await
-        })
-    };
-    waiting().await;
+    let other = holding(&db, &lower).await;
+    let batch = commit_meanwhile(&store, &workflow_id, [&higher, &lower]);
+    lock_waited(&db).await;
     other
-        .query_one_raw(lock(&higher))
+        .query_one_raw(for_update(&higher))
         .await
         .expect("the commit does not hold the higher id");
     other.commit().await.expect("commit");
@@ -353,8 +381,7 @@ async fn commits_and_renewals_lock_executions_in_id_order() {
     assert_eq!(outcomes, [CommitOutcome::Done, CommitOutcome::Done]);
 
     // A renewal listing the higher id first.
-    let other = db.begin().await.expect("begin");
-    other.query_one_raw(lock(&lower)).await.expect("lock lower");
+    let other = holding(&db, &lower).await;
     let renewal = {
         let store = store.clone();
         let ids = vec![higher.clone(), lower.clone()];
@@ -364,9 +391,9 @@ async fn commits_and_renewals_lock_executions_in_id_order() {
                 .await
         })
     };
-    waiting().await;
+    lock_waited(&db).await;
     other
-        .query_one_raw(lock(&higher))
+        .query_one_raw(for_update(&higher))
         .await
         .expect("the renewal does not hold the higher id");
     other.commit().await.expect("commit");
@@ -381,13 +408,7 @@ async fn a_commit_chosen_as_a_deadlock_victim_runs_again() {
     if !meshflow_kit::testing::on_postgres() {
         return;
     }
-    let (db, store, workflow) = fresh_store("victim").await;
-    let lower = execution(&store, &workflow.workflow_id, "me").await;
-    let higher = execution(&store, &workflow.workflow_id, "me").await;
-    let statement = |sql: &str, id: &str| {
-        sea_orm::Statement::from_sql_and_values(sea_orm::DbBackend::Postgres, sql, [id.into()])
-    };
-    let lock = "SELECT id FROM workflow_executions WHERE id = $1 FOR UPDATE";
+    let (db, store, workflow_id, lower, higher) = two_leased("victim").await;
 
     // This transaction checks for deadlocks after the commit does, so the commit is the victim.
     let other = db.begin().await.expect("begin");
@@ -396,39 +417,14 @@ async fn a_commit_chosen_as_a_deadlock_victim_runs_again() {
         .await
         .expect("timeout");
     other
-        .query_one_raw(statement(lock, &higher))
+        .query_one_raw(for_update(&higher))
         .await
         .expect("lock higher");
-    let batch = {
-        let store = store.clone();
-        let (w, h, l) = (workflow.workflow_id.clone(), higher.clone(), lower.clone());
-        tokio::spawn(async move {
-            store
-                .commit(&mut [commit(&l, &w, "me"), commit(&h, &w, "me")])
-                .await
-        })
-    };
-    // Once the commit holds the lower id and waits for the higher, take the lower: a cycle.
-    loop {
-        let holds_lower = db
-            .query_one_raw(statement(
-                "SELECT COUNT(*) FROM (SELECT id FROM workflow_executions
-                 WHERE id = $1 FOR UPDATE SKIP LOCKED) AS free",
-                &lower,
-            ))
-            .await
-            .expect("probe")
-            .expect("row")
-            .try_get_by_index::<i64>(0)
-            .expect("count")
-            == 0;
-        if holds_lower {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    let batch = commit_meanwhile(&store, &workflow_id, [&lower, &higher]);
+    // The commit holds the lower id and waits for the higher: taking the lower closes a cycle.
+    lock_waited(&db).await;
     other
-        .query_one_raw(statement(lock, &lower))
+        .query_one_raw(for_update(&lower))
         .await
         .expect("the commit gave way");
     other.commit().await.expect("commit");
