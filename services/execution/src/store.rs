@@ -349,27 +349,20 @@ impl Store {
                 sqlite::insert_execution(&mut conn, &row, max_active)?
             }
             None => {
-                let model =
-                    sea_orm::ActiveModelTrait::reset_all(execution::ActiveModel::from(row.clone()));
-                if self.db.get_database_backend() == DbBackend::Postgres {
-                    match self
-                        .admit(model.clone(), max_active, Admission::Shared)
-                        .await?
-                    {
-                        Some(outcome) => outcome,
-                        None => self
-                            .admit(model, max_active, Admission::Exclusive)
-                            .await?
-                            .ok_or_else(|| {
-                                StoreError::Corrupt("an exclusive admission deferred".into())
-                            })?,
-                    }
+                let first = if self.db.get_database_backend() == DbBackend::Postgres {
+                    Admission::Shared
                 } else {
-                    self.admit(model, max_active, Admission::Unlocked)
+                    Admission::Unlocked
+                };
+                match self.admit(&row, max_active, first).await? {
+                    Some(outcome) => outcome,
+                    // Within reach of the limit: counted again, alone.
+                    None => self
+                        .admit(&row, max_active, Admission::Exclusive)
                         .await?
                         .ok_or_else(|| {
-                            StoreError::Corrupt("an unlocked admission deferred".into())
-                        })?
+                            StoreError::Corrupt("an exclusive admission deferred".into())
+                        })?,
                 }
             }
         };
@@ -394,7 +387,7 @@ impl Store {
     /// the starts in flight and took nothing; the caller retries exclusively.
     async fn admit(
         &self,
-        model: execution::ActiveModel,
+        row: &execution::Model,
         max_active: u64,
         admission: Admission,
     ) -> Result<Option<InsertOutcome>, StoreError> {
@@ -408,7 +401,7 @@ impl Store {
             }
             Admission::Shared => {
                 let slot: Option<i32> = txn
-                    .query_one_raw(postgres(ADMISSION_SHARED))
+                    .query_one_raw(postgres(&ADMISSION_SHARED))
                     .await?
                     .map(|row| row.try_get_by_index(0))
                     .transpose()?
@@ -428,6 +421,7 @@ impl Store {
             return Ok((admission != Admission::Shared || active >= max_active)
                 .then_some(InsertOutcome::AtCapacity));
         }
+        let model = sea_orm::ActiveModelTrait::reset_all(execution::ActiveModel::from(row.clone()));
         match execution::Entity::insert(model)
             .exec_without_returning(&txn)
             .await
@@ -707,9 +701,10 @@ impl Store {
         ids: &[String],
         until: DateTime<Utc>,
     ) -> Result<u64, StoreError> {
+        let postgres = self.db.get_database_backend() == DbBackend::Postgres;
         let mut renewed = 0;
         for chunk in ids.chunks(500) {
-            if self.db.get_database_backend() == DbBackend::Postgres {
+            if postgres {
                 // The rows are locked in id order, as the group commit locks them: locked in any
                 // other order, a renewal and a commit could each hold a row the other waits for.
                 let result = self
@@ -1161,13 +1156,18 @@ enum Admission {
 /// Starts admitted at once without the exclusive lock.
 const ADMISSION_SLOTS: u64 = 64;
 
-/// Takes the admission lock (key `mflw`, 1) shared, then the first free slot lock (`mflw`, 2 to
-/// 65) from a random one on; returns the slot, or NULL when all are taken. The slot search is a
+/// Takes the admission lock (key `mflw`, 1) shared, then the first free slot lock (`mflw`, 2 on)
+/// from a random one on; returns the slot, or NULL when all are taken. The slot search is a
 /// subquery correlated with the shared lock's result, so it runs once that lock is held.
-const ADMISSION_SHARED: &str = "SELECT (SELECT s % 64 FROM generate_series(r.first, r.first + 63)
-    AS s WHERE pg_try_advisory_xact_lock(1835428983, 2 + s % 64) LIMIT 1)
-    FROM (SELECT pg_advisory_xact_lock_shared(1835428983, 1)::text AS held,
-        floor(random() * 64)::int AS first OFFSET 0) AS r WHERE r.held IS NOT NULL";
+static ADMISSION_SHARED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let n = ADMISSION_SLOTS;
+    format!(
+        "SELECT (SELECT s % {n} FROM generate_series(r.first, r.first + {n} - 1) AS s
+            WHERE pg_try_advisory_xact_lock(1835428983, 2 + s % {n}) LIMIT 1)
+        FROM (SELECT pg_advisory_xact_lock_shared(1835428983, 1)::text AS held,
+            floor(random() * {n})::int AS first OFFSET 0) AS r WHERE r.held IS NOT NULL"
+    )
+});
 /// Takes the admission lock exclusive: waits for every start in flight.
 const ADMISSION_EXCLUSIVE: &str = "SELECT pg_advisory_xact_lock(1835428983, 1)";
 
