@@ -14,6 +14,7 @@ mod m20261126_000004_create_webhooks;
 mod m20261126_000005_drop_unused_step_indexes;
 mod m20261126_000006_index_pending_signals;
 mod m20261127_000007_lighter_history_writes;
+mod m20261127_000008_event_payloads_as_json;
 
 /// Applies and reverts every migration in order.
 pub struct Migrator;
@@ -29,6 +30,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000005_drop_unused_step_indexes::Migration),
             Box::new(m20261126_000006_index_pending_signals::Migration),
             Box::new(m20261127_000007_lighter_history_writes::Migration),
+            Box::new(m20261127_000008_event_payloads_as_json::Migration),
         ]
     }
 }

@@ -85,7 +85,8 @@ async fn connecting_migrates_and_is_idempotent() {
 }
 
 /// On PostgreSQL, attempts and events carry no foreign key (the group commit's fence stands for
-/// it) and their JSON is compressed with lz4 when the server has it; reverting restores both.
+/// it), their JSON is compressed with lz4 when the server has it, and event payloads are `json`;
+/// reverting restores each.
 #[tokio::test]
 async fn postgres_history_tables_are_light_to_write() {
     use sea_orm::ConnectionTrait;
@@ -115,12 +116,22 @@ async fn postgres_history_tables_are_light_to_write() {
     let lz4 = "SELECT ('lz4' = ANY(enumvals))::text FROM pg_settings
         WHERE name = 'default_toast_compression'";
 
+    let payload = "SELECT atttypid::regtype::text FROM pg_attribute
+        WHERE attrelid = 'execution_events'::regclass AND attname = 'payload'";
+
     Migrator::up(&db, None).await.expect("up");
     assert_eq!(scalar(keys).await, "0");
     let expected = if scalar(lz4).await == "true" { "l" } else { "" };
     assert_eq!(scalar(compression).await, expected);
+    assert_eq!(scalar(payload).await, "json");
 
-    Migrator::down(&db, Some(1)).await.expect("down one");
+    Migrator::down(&db, Some(1))
+        .await
+        .expect("payloads back to jsonb");
+    assert_eq!(scalar(payload).await, "jsonb");
+    assert_eq!(scalar(compression).await, expected);
+
+    Migrator::down(&db, Some(1)).await.expect("keys back");
     assert_eq!(scalar(keys).await, "2");
     assert_eq!(scalar(compression).await, "");
 }

@@ -77,7 +77,7 @@ const COMMIT_TEMPLATE: &str = "WITH fenced AS (
 ), events AS (
     INSERT INTO execution_events (execution_id, sequence, time, event_type, step_path, payload)
     SELECT x.execution_id, x.sequence, x.time::timestamptz, x.event_type, x.step_path,
-        x.payload::jsonb
+        x.payload::json
     FROM UNNEST($29::text[], $30::bigint[], $31::text[], $32::text[], $33::text[], $34::text[])
         AS x(execution_id, sequence, time, event_type, step_path, payload)
     WHERE x.execution_id IN (SELECT id FROM fenced)
