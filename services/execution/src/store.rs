@@ -962,17 +962,21 @@ fn stamp<'a>(commits: impl Iterator<Item = &'a mut Commit>, at: DateTime<Utc>) {
 }
 
 /// The executions of a batch in id order, each with the indexes of its commits in batch order.
+///
+/// In id order because on PostgreSQL every statement that locks several executions locks them in
+/// id order (the fence follows this order), so two of them never wait for each other in a cycle.
 fn by_execution(batch: &[Commit]) -> Vec<(&str, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    // Stable: an execution's commits keep their batch order.
+    order.sort_by(|&a, &b| batch[a].execution_id.cmp(&batch[b].execution_id));
     let mut groups: Vec<(&str, Vec<usize>)> = Vec::new();
-    for (k, c) in batch.iter().enumerate() {
-        match groups.iter_mut().find(|(id, _)| *id == c.execution_id) {
-            Some((_, members)) => members.push(k),
-            None => groups.push((&c.execution_id, vec![k])),
+    for k in order {
+        let id = batch[k].execution_id.as_str();
+        match groups.last_mut() {
+            Some((last, members)) if *last == id => members.push(k),
+            _ => groups.push((id, vec![k])),
         }
     }
-    // In id order: on PostgreSQL every statement that locks several executions locks them in id
-    // order (the fence follows this order), so two of them never wait for each other in a cycle.
-    groups.sort_unstable_by(|a, b| a.0.cmp(b.0));
     groups
 }
 
