@@ -7,6 +7,7 @@
 use chrono::{DateTime, Utc};
 use meshflow_kit::db::SelectUnique;
 use meshflow_proto::execution::v1 as pb;
+use meshflow_proto::workflow::v1 as wpb;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
@@ -78,6 +79,18 @@ pub enum Inserted {
     Existing(execution::Model),
     /// `max_active` executions are active: nothing was written.
     AtCapacity,
+    /// The workflow is no longer what the start read: not ACTIVE, or with another current version
+    /// than the one expected. Nothing was written.
+    Stale,
+}
+
+/// The workflow's head as a start read it, checked again by the transaction that inserts the
+/// execution: a start never runs a version the workflow stopped pointing at, or a workflow paused
+/// in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// The current version the execution runs; `None` when the start named its version.
+    pub current_version: Option<i64>,
 }
 
 /// The SQLite path's insert, before a duplicate is looked up.
@@ -85,6 +98,19 @@ enum InsertOutcome {
     Created,
     Duplicate,
     AtCapacity,
+    Stale,
+}
+
+/// The workflow's status and current version, read by the inserting transaction.
+const HEAD_SQLITE: &str = "SELECT status, current_version FROM workflows WHERE id = ?1";
+const HEAD_POSTGRES: &str = "SELECT status, current_version FROM workflows WHERE id = $1";
+
+/// Whether a workflow row read as `(status, current_version)` still matches `head`.
+fn head_holds(read: Option<(String, i64)>, head: Head) -> bool {
+    read.is_some_and(|(status, current)| {
+        status == wpb::WorkflowStatus::Active.as_str_name()
+            && head.current_version.is_none_or(|v| v == current)
+    })
 }
 
 /// Changes to an execution row; `None` leaves a column as it is.
@@ -335,6 +361,7 @@ impl Store {
         &self,
         row: execution::Model,
         max_active: u64,
+        head: Head,
     ) -> Result<Inserted, StoreError> {
         if let Some(rid) = &row.request_id
             && let Some(existing) = self.execution_by_request(rid).await?
@@ -346,7 +373,7 @@ impl Store {
         let outcome = match self.sqlite_writer().await? {
             Some(writer) => {
                 let mut conn = writer.lock().await;
-                sqlite::insert_execution(&mut conn, &row, max_active)?
+                sqlite::insert_execution(&mut conn, &row, max_active, head)?
             }
             None => {
                 let first = if self.db.get_database_backend() == DbBackend::Postgres {
@@ -354,11 +381,11 @@ impl Store {
                 } else {
                     Admission::Unlocked
                 };
-                match self.admit(&row, max_active, first).await? {
+                match self.admit(&row, max_active, head, first).await? {
                     Some(outcome) => outcome,
                     // Within reach of the limit: counted again, alone.
                     None => self
-                        .admit(&row, max_active, Admission::Exclusive)
+                        .admit(&row, max_active, head, Admission::Exclusive)
                         .await?
                         .ok_or_else(|| {
                             StoreError::Corrupt("an exclusive admission deferred".into())
@@ -369,6 +396,7 @@ impl Store {
         match outcome {
             InsertOutcome::Created => Ok(Inserted::Created(row)),
             InsertOutcome::AtCapacity => Ok(Inserted::AtCapacity),
+            InsertOutcome::Stale => Ok(Inserted::Stale),
             InsertOutcome::Duplicate => {
                 // Started concurrently with the same request id: that execution is the answer.
                 let existing = match &row.request_id {
@@ -389,6 +417,7 @@ impl Store {
         &self,
         row: &execution::Model,
         max_active: u64,
+        head: Head,
         admission: Admission,
     ) -> Result<Option<InsertOutcome>, StoreError> {
         let txn = self.db.begin().await?;
@@ -420,6 +449,27 @@ impl Store {
             txn.rollback().await?;
             return Ok((admission != Admission::Shared || active >= max_active)
                 .then_some(InsertOutcome::AtCapacity));
+        }
+        let backend = self.db.get_database_backend();
+        let sql = if backend == DbBackend::Postgres {
+            HEAD_POSTGRES
+        } else {
+            HEAD_SQLITE
+        };
+        let read = txn
+            .query_one_raw(Statement::from_sql_and_values(
+                backend,
+                sql,
+                [row.workflow_id.clone().into()],
+            ))
+            .await?
+            .map(|r| -> Result<(String, i64), sea_orm::DbErr> {
+                Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?))
+            })
+            .transpose()?;
+        if !head_holds(read, head) {
+            txn.rollback().await?;
+            return Ok(Some(InsertOutcome::Stale));
         }
         let model = sea_orm::ActiveModelTrait::reset_all(execution::ActiveModel::from(row.clone()));
         match execution::Entity::insert(model)

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use meshflow_execution::store::entity::execution;
-use meshflow_execution::store::{Inserted, NewExecution, Store as ExecStore};
+use meshflow_execution::store::{Head, Inserted, NewExecution, Store as ExecStore};
 use meshflow_kit::Violation;
 use meshflow_kit::convert::{struct_to_json, to_json};
 use meshflow_proto::execution::v1::{self as epb, EventType};
@@ -70,8 +70,14 @@ pub struct Engine {
     hub: Arc<Hub>,
     running: Mutex<HashMap<String, Arc<Run>>>,
     versions: Mutex<HashMap<(String, i64), Arc<wpb::WorkflowVersion>>>,
+    /// Each workflow's status and current version as last read. Only ever a guess: the insert of
+    /// an execution checks it in its transaction, and a stale one is read again.
+    heads: Mutex<HashMap<String, (wpb::WorkflowStatus, i64)>>,
     config: Config,
 }
+
+/// Most reads of a workflow's head by one start, when each is outdated by its insert.
+const HEAD_READS: usize = 3;
 
 const WATCH_PAGE: u64 = 500;
 
@@ -117,6 +123,7 @@ impl Engine {
             hub,
             running: Mutex::new(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
+            heads: Mutex::new(HashMap::new()),
             config,
         });
         tokio::spawn(Self::poll_loop(Arc::downgrade(&engine)));
@@ -397,18 +404,76 @@ impl Engine {
         {
             return Ok((existing, None));
         }
-        let (status, current) = self.shared.rules.head(&req.workflow_id).await?;
-        if status != wpb::WorkflowStatus::Active {
-            return Err(Error::NotActive {
-                id: req.workflow_id.clone(),
-                status: status.as_str_name().to_string(),
-            });
+        // The head is read from the cache first, then from the database whenever the insert found
+        // the cached one outdated (or it says the workflow cannot start).
+        let mut fresh = false;
+        for _ in 0..HEAD_READS {
+            let (status, current) = self.head(&req.workflow_id, fresh).await?;
+            if status != wpb::WorkflowStatus::Active {
+                if fresh {
+                    return Err(Error::NotActive {
+                        id: req.workflow_id.clone(),
+                        status: status.as_str_name().to_string(),
+                    });
+                }
+                fresh = true;
+                continue;
+            }
+            let head = Head {
+                current_version: (req.version == 0).then_some(current),
+            };
+            let version = head.current_version.unwrap_or(req.version);
+            match self
+                .insert_started(&req, request_id.clone(), version, head, watch)
+                .await?
+            {
+                Some(started) => return Ok(started),
+                None => {
+                    self.heads
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&req.workflow_id);
+                    fresh = true;
+                }
+            }
         }
-        let version = if req.version == 0 {
-            current
-        } else {
-            req.version
-        };
+        Err(Error::WorkflowChanging(req.workflow_id.clone()))
+    }
+
+    /// A workflow's status and current version: the cached one unless `fresh`.
+    async fn head(
+        &self,
+        workflow_id: &str,
+        fresh: bool,
+    ) -> Result<(wpb::WorkflowStatus, i64), Error> {
+        if !fresh
+            && let Some(&head) = self
+                .heads
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(workflow_id)
+        {
+            return Ok(head);
+        }
+        let head = self.shared.rules.head(workflow_id).await?;
+        self.heads
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(workflow_id.to_string(), head);
+        Ok(head)
+    }
+
+    /// Checks the input against `version`, then inserts the execution, provided the workflow still
+    /// matches `head`, and starts driving it. `None`: the workflow changed since `head` was read,
+    /// and nothing was written.
+    async fn insert_started(
+        self: &Arc<Self>,
+        req: &opb::StartExecutionRequest,
+        request_id: Option<String>,
+        version: i64,
+        head: Head,
+        watch: bool,
+    ) -> Result<Option<(execution::Model, Option<Live>)>, Error> {
         let def = self.version(&req.workflow_id, version).await?;
         let input = req
             .input
@@ -483,7 +548,7 @@ impl Engine {
         let inserted = self
             .shared
             .store
-            .insert_execution(row, limits.max_concurrent_executions as u64)
+            .insert_execution(row, limits.max_concurrent_executions as u64, head)
             .await;
         if !matches!(inserted, Ok(Inserted::Created(_))) {
             self.running
@@ -494,10 +559,11 @@ impl Engine {
         match inserted? {
             Inserted::Created(row) => {
                 self.spawn_driver(id, Some(run));
-                Ok((row, live))
+                Ok(Some((row, live)))
             }
-            Inserted::Existing(row) => Ok((row, None)),
+            Inserted::Existing(row) => Ok(Some((row, None))),
             Inserted::AtCapacity => Err(Error::TooManyExecutions(limits.max_concurrent_executions)),
+            Inserted::Stale => Ok(None),
         }
     }
 

@@ -21,6 +21,9 @@ pub enum Error {
         /// Its status.
         status: String,
     },
+    /// The workflow's status or current version changed under each of a start's attempts.
+    #[error("workflow {0} kept changing while the execution was started")]
+    WorkflowChanging(String),
     /// The execution already reached a terminal status.
     #[error("execution {id} already ended ({status})")]
     AlreadyEnded {
@@ -55,6 +58,10 @@ impl From<Error> for Status {
                 format!(
                     "workflow {id} is {s}; only WORKFLOW_STATUS_ACTIVE workflows start executions"
                 ),
+            ),
+            Error::WorkflowChanging(id) => status::aborted(
+                "WORKFLOW_CHANGING",
+                format!("workflow {id} changed while the execution was started; start it again"),
             ),
             Error::AlreadyEnded { id, status: s } => status::failed_precondition(
                 "EXECUTION_ENDED",

@@ -19,8 +19,8 @@ use serde_json::Value;
 
 use super::entity::execution;
 use super::{
-    Commit, CommitOutcome, InsertOutcome, MetricsDelta, StoreError, json_text as json,
-    time_text as time,
+    Commit, CommitOutcome, HEAD_SQLITE, Head, InsertOutcome, MetricsDelta, StoreError,
+    json_text as json, time_text as time,
 };
 
 fn busy(count: i32) -> bool {
@@ -117,21 +117,30 @@ const METRICS_ADD: &str = "INSERT INTO orchestration_metrics (workflow_id, step_
 const HISTOGRAM: &str = "SELECT duration_histogram FROM orchestration_metrics
     WHERE workflow_id = ?1 AND step_id = ?2";
 
-/// Inserts a new execution unless `max_active` executions are active or not yet started, or an
-/// execution with that id or request id exists.
+/// Inserts a new execution unless its workflow no longer matches `head`, `max_active`
+/// executions are active or not yet started, or an execution with that id or request id exists.
 pub(super) fn insert_execution(
     conn: &mut Connection,
     row: &execution::Model,
     max_active: u64,
+    head: Head,
 ) -> Result<InsertOutcome, StoreError> {
-    immediate(conn, |tx| insert_in(tx, row, max_active))
+    immediate(conn, |tx| insert_in(tx, row, max_active, head))
 }
 
 fn insert_in(
     tx: &Connection,
     row: &execution::Model,
     max_active: u64,
+    head: Head,
 ) -> Result<InsertOutcome, StoreError> {
+    let read = tx
+        .prepare_cached(HEAD_SQLITE)?
+        .query_row(params![row.workflow_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    if !super::head_holds(read, head) {
+        return Ok(InsertOutcome::Stale);
+    }
     let active: i64 = tx.prepare_cached(ACTIVE)?.query_row([], |r| r.get(0))?;
     if u64::try_from(active).unwrap_or(0) >= max_active {
         return Ok(InsertOutcome::AtCapacity);

@@ -216,6 +216,103 @@ async fn start_checks_input_state_and_idempotency() {
     assert_violation(&err, "execution_id");
 }
 
+/// A start runs the workflow's current version and refuses a workflow that is not ACTIVE, even
+/// when the workflow changed after an earlier start of the same server read it.
+#[tokio::test]
+async fn a_start_follows_every_change_of_the_workflow() {
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let id = server
+        .active_workflow(json!({"name": "changing",
+          "steps": [{"id": "a", "functionCall": {"function": "uuid"}}]}))
+        .await;
+    let mut orchestrator = server.orchestrator();
+    let mut workflows = server.workflows();
+    let start = || opb::StartExecutionRequest {
+        workflow_id: id.clone(),
+        ..Default::default()
+    };
+    let started = |r: tonic::Response<opb::StartExecutionResponse>| {
+        r.into_inner()
+            .execution
+            .expect("execution")
+            .workflow_version
+    };
+    let get = |workflows: &mut wpb::workflow_service_client::WorkflowServiceClient<_>| {
+        let mut workflows = workflows.clone();
+        let id = id.clone();
+        async move {
+            workflows
+                .get_workflow(wpb::GetWorkflowRequest {
+                    workflow_id: id,
+                    version: 0,
+                })
+                .await
+                .expect("get")
+                .into_inner()
+                .workflow
+                .expect("workflow")
+        }
+    };
+    let update = |workflows: &mut wpb::workflow_service_client::WorkflowServiceClient<_>,
+                  patch: wpb::Workflow,
+                  path: &str| {
+        let mut workflows = workflows.clone();
+        let path = path.to_string();
+        async move {
+            workflows
+                .update_workflow(wpb::UpdateWorkflowRequest {
+                    workflow: Some(patch),
+                    update_mask: Some(FieldMask { paths: vec![path] }),
+                })
+                .await
+                .expect("update");
+        }
+    };
+    assert_eq!(
+        started(orchestrator.start_execution(start()).await.expect("v1")),
+        1
+    );
+
+    // A new version: the next start runs it.
+    let mut w = get(&mut workflows).await;
+    w.steps = vec![support::from_json(
+        json!({"id": "b", "functionCall": {"function": "uuid"}}),
+    )];
+    update(&mut workflows, w, "steps").await;
+    assert_eq!(
+        started(orchestrator.start_execution(start()).await.expect("v2")),
+        2
+    );
+
+    // INACTIVE: no start, until it is ACTIVE again.
+    let mut w = get(&mut workflows).await;
+    w.status = wpb::WorkflowStatus::Inactive as i32;
+    update(&mut workflows, w, "status").await;
+    let err = orchestrator
+        .start_execution(start())
+        .await
+        .expect_err("inactive");
+    assert_reason(&err, Code::FailedPrecondition, "WORKFLOW_NOT_ACTIVE");
+    let mut w = get(&mut workflows).await;
+    w.status = wpb::WorkflowStatus::Active as i32;
+    update(&mut workflows, w, "status").await;
+    assert_eq!(
+        started(orchestrator.start_execution(start()).await.expect("active")),
+        2
+    );
+
+    // A start that names a version runs it, however the current version moved.
+    let named = orchestrator
+        .start_execution(opb::StartExecutionRequest {
+            version: 1,
+            ..start()
+        })
+        .await
+        .expect("named");
+    assert_eq!(started(named), 1);
+}
+
 #[tokio::test]
 async fn executions_are_listed_and_measured() {
     let target = Target::start().await.expect("target");

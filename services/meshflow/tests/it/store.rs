@@ -4,7 +4,8 @@
 
 use chrono::Utc;
 use meshflow_execution::store::{
-    Commit, CommitOutcome, ExecutionPatch, Inserted, MetricsDelta, NewExecution, StepRow, Store,
+    Commit, CommitOutcome, ExecutionPatch, Head, Inserted, MetricsDelta, NewExecution, StepRow,
+    Store,
 };
 use meshflow_kit::config::SqliteSynchronous;
 use meshflow_proto::execution::v1 as epb;
@@ -12,23 +13,33 @@ use serde_json::json;
 
 use crate::support;
 
-async fn execution(store: &Store, workflow_id: &str, owner: &str) -> String {
+fn new_execution(
+    workflow_id: &str,
+    owner: &str,
+) -> meshflow_execution::store::entity::execution::Model {
     let now = Utc::now();
+    NewExecution {
+        id: meshflow_kit::id::new_id(),
+        workflow_id: workflow_id.to_string(),
+        workflow_version: 1,
+        input: json!({}),
+        variables: json!({}),
+        request_id: None,
+        deadline_at: None,
+        now,
+        lease: Some((owner.to_string(), now + chrono::Duration::seconds(60))),
+    }
+    .row()
+}
+
+async fn execution(store: &Store, workflow_id: &str, owner: &str) -> String {
     let inserted = store
         .insert_execution(
-            NewExecution {
-                id: meshflow_kit::id::new_id(),
-                workflow_id: workflow_id.to_string(),
-                workflow_version: 1,
-                input: json!({}),
-                variables: json!({}),
-                request_id: None,
-                deadline_at: None,
-                now,
-                lease: Some((owner.to_string(), now + chrono::Duration::seconds(60))),
-            }
-            .row(),
+            new_execution(workflow_id, owner),
             10,
+            Head {
+                current_version: Some(1),
+            },
         )
         .await
         .expect("insert");
@@ -52,8 +63,10 @@ async fn fresh_store(
     let db = meshflow_kit::db::connect_url(&url, SqliteSynchronous::Normal, 4)
         .await
         .expect("connect");
+    let mut active = support::workflow(name);
+    active.status = meshflow_proto::workflow::v1::WorkflowStatus::Active as i32;
     let workflow = meshflow_workflow::store::Store::new(db.clone())
-        .create_workflow(&support::workflow(name), None)
+        .create_workflow(&active, None)
         .await
         .expect("workflow");
     (db.clone(), Store::new(db), workflow)
@@ -101,6 +114,45 @@ fn commit(execution_id: &str, workflow_id: &str, owner: &str) -> Commit {
             ..Default::default()
         }],
     }
+}
+
+/// The insert of an execution checks, in its own transaction, that the workflow is still what the
+/// start read: ACTIVE, and at the version the start expects to be current. Otherwise nothing is
+/// written.
+#[tokio::test]
+async fn an_insert_checks_the_workflow_head_in_its_own_transaction() {
+    use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait};
+    let (db, store, workflow) = fresh_store("head").await;
+    let id = &workflow.workflow_id;
+    let insert = |head: Head| store.insert_execution(new_execution(id, "me"), 10, head);
+    let stale = insert(Head {
+        current_version: Some(2),
+    })
+    .await
+    .expect("insert");
+    assert!(matches!(stale, Inserted::Stale), "{stale:?}");
+    let named = insert(Head {
+        current_version: None,
+    })
+    .await
+    .expect("insert");
+    assert!(matches!(named, Inserted::Created(_)), "{named:?}");
+
+    db.execute_unprepared("UPDATE workflows SET status = 'WORKFLOW_STATUS_INACTIVE'")
+        .await
+        .expect("deactivate");
+    for current_version in [None, Some(1)] {
+        let refused = insert(Head { current_version }).await.expect("insert");
+        assert!(matches!(refused, Inserted::Stale), "{refused:?}");
+    }
+    let rows = meshflow_execution::store::entity::execution::Entity::find()
+        .count(&db)
+        .await
+        .expect("count");
+    assert_eq!(
+        rows, 1,
+        "only the start that matched the workflow wrote a row"
+    );
 }
 
 #[tokio::test]
