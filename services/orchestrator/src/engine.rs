@@ -482,7 +482,11 @@ impl Engine {
             .unwrap_or(Value::Object(Default::default()));
         if let Some(schema) = &def.input_schema {
             let schema = struct_to_json(schema);
-            let validator = jsonschema::validator_for(&schema)
+            let validator = self
+                .shared
+                .env
+                .programs
+                .schema(&schema)
                 .map_err(|e| Error::Internal(format!("stored input schema: {e}")))?;
             let violations: Vec<Violation> = validator
                 .iter_errors(&input)

@@ -11,11 +11,16 @@ use serde_json::{Map, Value};
 /// Environment prefix of secrets: `secrets.CRM_TOKEN` is `MESHFLOW_SECRET_CRM_TOKEN`.
 pub const SECRET_PREFIX: &str = "MESHFLOW_SECRET_";
 
-/// Compiled programs by source text, shared by every execution.
+/// Compiled programs by source text, and compiled JSON Schemas by their JSON text, shared by every
+/// execution.
 #[derive(Default)]
 pub struct Programs {
     cache: Mutex<HashMap<String, Arc<expr::Compiled>>>,
+    schemas: Mutex<HashMap<String, Arc<jsonschema::Validator>>>,
 }
+
+/// Most entries of a cache before it starts over.
+const CACHE_LIMIT: usize = 100_000;
 
 impl Programs {
     /// The compiled program of `source`.
@@ -30,10 +35,30 @@ impl Programs {
         }
         let compiled = Arc::new(expr::compile(source).map_err(EvalError::Compile)?);
         let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.len() > 100_000 {
+        if cache.len() > CACHE_LIMIT {
             cache.clear();
         }
         cache.insert(source.to_string(), compiled.clone());
+        Ok(compiled)
+    }
+
+    /// The compiled validator of a JSON Schema (an input schema, a VALIDATION step's schema).
+    pub fn schema(&self, schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
+        let key = schema.to_string();
+        if let Some(v) = self
+            .schemas
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(v.clone());
+        }
+        let compiled = Arc::new(jsonschema::validator_for(schema).map_err(|e| e.to_string())?);
+        let mut cache = self.schemas.lock().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() > CACHE_LIMIT {
+            cache.clear();
+        }
+        cache.insert(key, compiled.clone());
         Ok(compiled)
     }
 }
@@ -302,6 +327,22 @@ fn redact_with(value: &mut Value, secrets: &[(String, String)]) {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_schema_is_compiled_once_and_still_judges_every_value() {
+        let programs = Programs::default();
+        let schema = json!({"type": "object", "required": ["id"]});
+        let first = programs.schema(&schema).expect("compiles");
+        let again = programs.schema(&schema).expect("cached");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert!(again.is_valid(&json!({"id": 1})));
+        assert!(!again.is_valid(&json!({})));
+        let other = programs
+            .schema(&json!({"type": "string"}))
+            .expect("compiles");
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert!(programs.schema(&json!({"type": 7})).is_err());
+    }
 
     fn scope() -> Scope {
         let mut s = Scope::default();

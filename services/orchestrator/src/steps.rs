@@ -506,7 +506,9 @@ pub fn validation(env: &Env, v: &pb::ValidationStep, scope: &Scope) -> Result<Va
     let mut violations = Vec::new();
     if let Some(schema) = &v.json_schema {
         let schema = struct_to_json(schema);
-        let validator = jsonschema::validator_for(&schema)
+        let validator = env
+            .programs
+            .schema(&schema)
             .map_err(|e| StepError::fatal("validation", format!("invalid JSON Schema: {e}")))?;
         for error in validator.iter_errors(&value) {
             violations.push(
