@@ -194,8 +194,10 @@ pub struct Run {
     state: Mutex<State>,
     /// Wakes the park monitor when `busy` or `waits` change.
     changed: Notify,
-    /// Wakes signal waits.
-    pub signalled: Notify,
+    /// Wakes every signal wait: see [`Self::announce_signal`].
+    signalled: Notify,
+    /// Set once a signal was announced to this driver.
+    signal_announced: std::sync::atomic::AtomicBool,
     /// Set when a client cancels.
     pub cancel: watch::Sender<Option<String>>,
     /// Set once the definition stopped running (the driver is concluding): it takes no more wake-ups.
@@ -308,11 +310,20 @@ impl Run {
             }),
             changed: Notify::new(),
             signalled: Notify::new(),
+            signal_announced: std::sync::atomic::AtomicBool::new(false),
             cancel: watch::channel(None).0,
             done: std::sync::atomic::AtomicBool::new(false),
             fresh,
             durable: Arc::new(watch::channel(Durable::default()).0),
         })
+    }
+
+    /// Tells the driver a signal of its execution was stored: every signal wait looks for its
+    /// own, so waits on different names never take each other's wake-up.
+    pub fn announce_signal(&self) {
+        self.signal_announced
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.signalled.notify_waiters();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -1252,6 +1263,7 @@ impl Run {
         let memo = self
             .memo(path)
             .filter(|m| status_of(m) == StepStatus::Waiting);
+        let memo_absent = memo.is_none();
         let (row_id, until) = match memo {
             Some(m) => (m.id, m.next_attempt_at),
             None => {
@@ -1307,12 +1319,26 @@ impl Run {
             .unwrap_or_else(Utc::now);
         match &w.kind {
             Some(Kind::Signal(name)) => loop {
-                let pending = self
-                    .shared
-                    .store
-                    .pending_signal(&self.id, name)
-                    .await
-                    .map_err(|e| Halt::Storage(e.to_string()))?;
+                // Listening before looking: a signal announced after the look wakes this wait.
+                let announcement = self.signalled.notified();
+                tokio::pin!(announcement);
+                announcement.as_mut().enable();
+                // The driver of a new execution has no signal to look for until one is announced:
+                // it is registered before its execution is written, so every signal sent here is
+                // announced to it, and every poll announces those sent to other replicas.
+                let look = !(self.fresh && memo_absent)
+                    || self
+                        .signal_announced
+                        .load(std::sync::atomic::Ordering::SeqCst);
+                let pending = if look {
+                    self.shared
+                        .store
+                        .pending_signal(&self.id, name)
+                        .await
+                        .map_err(|e| Halt::Storage(e.to_string()))?
+                } else {
+                    None
+                };
                 if let Some(sig) = pending {
                     let now = Utc::now();
                     let mut r = row(&row_id, step, path, StepStatus::Succeeded, 1);
@@ -1373,7 +1399,7 @@ impl Run {
                     }
                 };
                 tokio::select! {
-                    () = self.signalled.notified() => {}
+                    () = announcement => {}
                     () = deadline => {}
                 }
                 {

@@ -180,7 +180,7 @@ impl Engine {
                                 .cancel
                                 .send(Some(sig.payload.as_str().unwrap_or_default().to_string()));
                         }
-                        run.signalled.notify_one();
+                        run.announce_signal();
                         self.shared
                             .store
                             .clear_wake(&id, &self.config.owner)
@@ -225,7 +225,7 @@ impl Engine {
                     unset
                 });
             } else if told.insert(sig.execution_id.clone()) {
-                run.signalled.notify_one();
+                run.announce_signal();
             }
         }
         Ok(())
@@ -671,7 +671,7 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner)
             .get(&row.id)
         {
-            run.signalled.notify_one();
+            run.announce_signal();
         }
         self.shared.kick.notify_one();
         Ok(())

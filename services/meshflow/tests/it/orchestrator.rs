@@ -353,6 +353,59 @@ async fn signals_wake_waits_and_carry_a_payload() {
     assert_violation(&err, "signal_name");
 }
 
+/// A signal wakes the wait on its name even while other waits on other names run beside it, and
+/// one sent before its wait began is found when the wait begins. The waits end within the park
+/// threshold, so the execution stays with its driver, which hears of each signal from the signal.
+#[tokio::test]
+async fn every_signal_reaches_its_own_wait() {
+    let mut config = support::engine_config();
+    config.poll_interval = std::time::Duration::from_secs(3600);
+    config.park_after = std::time::Duration::from_secs(3600);
+    let server = support::start_services(config, meshflow::ServiceName::ALL).await;
+    let id = server
+        .active_workflow(json!({"name": "signals", "steps": [
+            {"id": "both", "parallel": {"branches": [
+                {"name": "a", "steps": [{"id": "wa", "wait": {"signal": "a", "timeout": "600s"}}]},
+                {"name": "b", "steps": [{"id": "wb", "wait": {"signal": "b", "timeout": "600s"}}]}]}},
+            {"id": "later", "dependsOn": ["both"], "wait": {"signal": "c", "timeout": "600s"}}]}))
+        .await;
+    let execution_id = server.start_execution(&id, json!({})).await;
+    let waiting = std::cell::Cell::new(0);
+    server
+        .watch_until(&execution_id, |e| {
+            if e.r#type == E::StepWaiting as i32 {
+                waiting.set(waiting.get() + 1);
+            }
+            waiting.get() == 2
+        })
+        .await;
+    let mut orchestrator = server.orchestrator();
+    // "c" before its wait begins, then "b" and "a" to the waits running side by side.
+    for name in ["c", "b", "a"] {
+        orchestrator
+            .signal_execution(opb::SignalExecutionRequest {
+                execution_id: execution_id.clone(),
+                signal_name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .expect("signal");
+    }
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        server.watch_until(&execution_id, |e| e.r#type == E::ExecutionCompleted as i32),
+    )
+    .await
+    .expect("every wait heard its signal");
+    assert_eq!(
+        types(&ended)
+            .iter()
+            .filter(|t| **t == E::SignalReceived)
+            .count(),
+        3
+    );
+}
+
 #[tokio::test]
 async fn cancel_stops_running_and_pending_steps() {
     let target = Target::start().await.expect("target");
