@@ -549,22 +549,33 @@ impl Engine {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(id.clone(), run.clone());
         let live = watch.then(|| self.hub.subscribe(&id));
-        let inserted = self
-            .shared
-            .store
-            .insert_execution(row, limits.max_concurrent_executions as u64, head)
-            .await;
-        if !matches!(inserted, Ok(Inserted::Created(_))) {
-            self.running
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&id);
-        }
-        match inserted? {
-            Inserted::Created(row) => {
-                self.spawn_driver(id, Some(run));
-                Ok(Some((row, live)))
+        // The insert and what follows it are a task of their own, so a start whose caller goes
+        // away meanwhile (a deadline, a reset stream) still ends with its execution driven, or
+        // not written and forgotten: never written and left registered without a driver, its
+        // lease renewed for nobody.
+        let engine = self.clone();
+        let max_active = limits.max_concurrent_executions as u64;
+        let inserted = tokio::spawn(async move {
+            let inserted = engine
+                .shared
+                .store
+                .insert_execution(row, max_active, head)
+                .await;
+            if matches!(inserted, Ok(Inserted::Created(_))) {
+                engine.spawn_driver(id, Some(run));
+            } else {
+                engine
+                    .running
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(&id);
             }
+            inserted
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("the start task failed: {e}")))?;
+        match inserted? {
+            Inserted::Created(row) => Ok(Some((row, live))),
             Inserted::Existing(row) => Ok(Some((row, None))),
             Inserted::AtCapacity => Err(Error::TooManyExecutions(limits.max_concurrent_executions)),
             Inserted::Stale => Ok(None),

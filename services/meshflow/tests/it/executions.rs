@@ -216,6 +216,87 @@ async fn start_checks_input_state_and_idempotency() {
     assert_violation(&err, "execution_id");
 }
 
+/// A start whose caller gives up while its insert is committing (here the commit waits on a lock
+/// this test holds, and the client's deadline passes) still ends with its execution driven to the
+/// end, not written and left without a driver. PostgreSQL only: it needs a commit that waits.
+#[tokio::test]
+async fn a_start_abandoned_by_its_caller_mid_commit_still_runs() {
+    use sea_orm::ConnectionTrait;
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    if !server.database_url.starts_with("postgres") {
+        return;
+    }
+    let id = server
+        .active_workflow(json!({"name": "abandoned",
+          "steps": [{"id": "a", "functionCall": {"function": "uuid"}}]}))
+        .await;
+    let db = meshflow_kit::db::connect_url(
+        &server.database_url,
+        meshflow_kit::config::SqliteSynchronous::Normal,
+        1,
+    )
+    .await
+    .expect("connect");
+    // Every transaction that inserts an execution waits at its commit for lock 7, held here.
+    db.execute_unprepared(
+        "CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_advisory_xact_lock(7); RETURN NULL; END $$;
+         CREATE CONSTRAINT TRIGGER held AFTER INSERT ON workflow_executions
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION wait_for_test();
+         SELECT pg_advisory_lock(7);",
+    )
+    .await
+    .expect("hold commits");
+    let mut request = tonic::Request::new(opb::StartExecutionRequest {
+        workflow_id: id.clone(),
+        ..Default::default()
+    });
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let err = server
+        .orchestrator()
+        .start_execution(request)
+        .await
+        .expect_err("the caller gives up");
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    // Let the commit through, and take the lock back once it is done.
+    db.execute_unprepared("SELECT pg_advisory_unlock(7); SELECT pg_advisory_lock(7);")
+        .await
+        .expect("release commits");
+    let listed = server
+        .executions()
+        .list_executions(epb::ListExecutionsRequest {
+            workflow_id: id,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .executions;
+    assert_eq!(
+        listed.len(),
+        1,
+        "the abandoned start's execution was written"
+    );
+    let ended = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        server.watch_until(&listed[0].execution_id, |e| {
+            e.r#type == E::ExecutionCompleted as i32
+        }),
+    )
+    .await
+    .expect("a driver runs it");
+    assert_eq!(
+        types(&ended).last(),
+        Some(&E::ExecutionCompleted),
+        "{:?}",
+        types(&ended)
+    );
+}
+
 /// A start runs the workflow's current version and refuses a workflow that is not ACTIVE, even
 /// when the workflow changed after an earlier start of the same server read it.
 #[tokio::test]
