@@ -1317,19 +1317,21 @@ impl Run {
             .memo(path)
             .and_then(|m| m.start_time)
             .unwrap_or_else(Utc::now);
+        // The driver of a new execution has no signal to look for until one is announced: it is
+        // registered before its execution is written, so every signal sent here is announced to
+        // it, and every poll announces those sent to other replicas. Once woken, it always looks.
+        let mut unannounced = self.fresh && memo_absent;
         match &w.kind {
             Some(Kind::Signal(name)) => loop {
                 // Listening before looking: a signal announced after the look wakes this wait.
                 let announcement = self.signalled.notified();
                 tokio::pin!(announcement);
                 announcement.as_mut().enable();
-                // The driver of a new execution has no signal to look for until one is announced:
-                // it is registered before its execution is written, so every signal sent here is
-                // announced to it, and every poll announces those sent to other replicas.
-                let look = !(self.fresh && memo_absent)
+                let look = !unannounced
                     || self
                         .signal_announced
                         .load(std::sync::atomic::Ordering::SeqCst);
+                unannounced = false;
                 let pending = if look {
                     self.shared
                         .store
