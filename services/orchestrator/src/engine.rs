@@ -70,13 +70,14 @@ pub struct Engine {
     hub: Arc<Hub>,
     running: Mutex<HashMap<String, Arc<Run>>>,
     versions: Mutex<HashMap<(String, i64), Arc<wpb::WorkflowVersion>>>,
-    /// Each workflow's status and current version as last read. Only ever a guess: the insert of
-    /// an execution checks it in its transaction, and a stale one is read again.
-    heads: Mutex<HashMap<String, (wpb::WorkflowStatus, i64)>>,
     config: Config,
 }
 
 /// Most reads of a workflow's head by one start, when each is outdated by its insert.
+///
+/// The head is read afresh by every start, not cached: a cached head made starts so cheap that a
+/// burst of them outran the drivers they spawned, which then piled up in memory (10,000 parked
+/// starts peaked past 100 MiB).
 const HEAD_READS: usize = 3;
 
 const WATCH_PAGE: u64 = 500;
@@ -123,7 +124,6 @@ impl Engine {
             hub,
             running: Mutex::new(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
-            heads: Mutex::new(HashMap::new()),
             config,
         });
         tokio::spawn(Self::poll_loop(Arc::downgrade(&engine)));
@@ -404,63 +404,28 @@ impl Engine {
         {
             return Ok((existing, None));
         }
-        // The head is read from the cache first, then from the database whenever the insert found
-        // the cached one outdated (or it says the workflow cannot start).
-        let mut fresh = false;
+        // The insert checks the head again in its own transaction, and a start whose head it
+        // found outdated reads it again.
         for _ in 0..HEAD_READS {
-            let (status, current) = self.head(&req.workflow_id, fresh).await?;
+            let (status, current) = self.shared.rules.head(&req.workflow_id).await?;
             if status != wpb::WorkflowStatus::Active {
-                if fresh {
-                    return Err(Error::NotActive {
-                        id: req.workflow_id.clone(),
-                        status: status.as_str_name().to_string(),
-                    });
-                }
-                fresh = true;
-                continue;
+                return Err(Error::NotActive {
+                    id: req.workflow_id.clone(),
+                    status: status.as_str_name().to_string(),
+                });
             }
             let head = Head {
                 current_version: (req.version == 0).then_some(current),
             };
             let version = head.current_version.unwrap_or(req.version);
-            match self
+            if let Some(started) = self
                 .insert_started(&req, request_id.clone(), version, head, watch)
                 .await?
             {
-                Some(started) => return Ok(started),
-                None => {
-                    self.heads
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .remove(&req.workflow_id);
-                    fresh = true;
-                }
+                return Ok(started);
             }
         }
         Err(Error::WorkflowChanging(req.workflow_id.clone()))
-    }
-
-    /// A workflow's status and current version: the cached one unless `fresh`.
-    async fn head(
-        &self,
-        workflow_id: &str,
-        fresh: bool,
-    ) -> Result<(wpb::WorkflowStatus, i64), Error> {
-        if !fresh
-            && let Some(&head) = self
-                .heads
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get(workflow_id)
-        {
-            return Ok(head);
-        }
-        let head = self.shared.rules.head(workflow_id).await?;
-        self.heads
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(workflow_id.to_string(), head);
-        Ok(head)
     }
 
     /// Checks the input against `version`, then inserts the execution, provided the workflow still
