@@ -15,51 +15,55 @@ pub const SECRET_PREFIX: &str = "MESHFLOW_SECRET_";
 /// execution.
 #[derive(Default)]
 pub struct Programs {
-    cache: Mutex<HashMap<String, Arc<expr::Compiled>>>,
-    schemas: Mutex<HashMap<String, Arc<jsonschema::Validator>>>,
+    programs: Compiled<expr::Compiled>,
+    schemas: Compiled<jsonschema::Validator>,
+}
+
+/// Compiled forms by their source text; starts over past [`CACHE_LIMIT`] entries.
+struct Compiled<T>(Mutex<HashMap<String, Arc<T>>>);
+
+impl<T> Default for Compiled<T> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
 }
 
 /// Most entries of a cache before it starts over.
 const CACHE_LIMIT: usize = 100_000;
 
-impl Programs {
-    /// The compiled program of `source`.
-    pub fn get(&self, source: &str) -> Result<Arc<expr::Compiled>, EvalError> {
-        if let Some(p) = self
-            .cache
+impl<T> Compiled<T> {
+    /// The compiled form of `source`, compiled by `compile` unless cached.
+    fn get<E>(&self, source: &str, compile: impl FnOnce() -> Result<T, E>) -> Result<Arc<T>, E> {
+        if let Some(c) = self
+            .0
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get(source)
         {
-            return Ok(p.clone());
+            return Ok(c.clone());
         }
-        let compiled = Arc::new(expr::compile(source).map_err(EvalError::Compile)?);
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let compiled = Arc::new(compile()?);
+        let mut cache = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         if cache.len() > CACHE_LIMIT {
             cache.clear();
         }
         cache.insert(source.to_string(), compiled.clone());
         Ok(compiled)
     }
+}
+
+impl Programs {
+    /// The compiled program of `source`.
+    pub fn get(&self, source: &str) -> Result<Arc<expr::Compiled>, EvalError> {
+        self.programs
+            .get(source, || expr::compile(source).map_err(EvalError::Compile))
+    }
 
     /// The compiled validator of a JSON Schema (an input schema, a VALIDATION step's schema).
     pub fn schema(&self, schema: &Value) -> Result<Arc<jsonschema::Validator>, String> {
-        let key = schema.to_string();
-        if let Some(v) = self
-            .schemas
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-        {
-            return Ok(v.clone());
-        }
-        let compiled = Arc::new(jsonschema::validator_for(schema).map_err(|e| e.to_string())?);
-        let mut cache = self.schemas.lock().unwrap_or_else(PoisonError::into_inner);
-        if cache.len() > CACHE_LIMIT {
-            cache.clear();
-        }
-        cache.insert(key, compiled.clone());
-        Ok(compiled)
+        self.schemas.get(&schema.to_string(), || {
+            jsonschema::validator_for(schema).map_err(|e| e.to_string())
+        })
     }
 }
 

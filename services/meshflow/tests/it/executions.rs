@@ -231,13 +231,7 @@ async fn a_start_abandoned_by_its_caller_mid_commit_still_runs() {
         .active_workflow(json!({"name": "abandoned",
           "steps": [{"id": "a", "functionCall": {"function": "uuid"}}]}))
         .await;
-    let db = meshflow_kit::db::connect_url(
-        &server.database_url,
-        meshflow_kit::config::SqliteSynchronous::Normal,
-        1,
-    )
-    .await
-    .expect("connect");
+    let db = server.database(1).await;
     // Every transaction that inserts an execution waits at its commit for lock 7, held here.
     db.execute_unprepared(
         "CREATE FUNCTION wait_for_test() RETURNS trigger LANGUAGE plpgsql AS
@@ -592,13 +586,7 @@ async fn deleting_a_workflow_deletes_its_executions_attempts_and_events() {
         .await
         .expect("delete");
 
-    let db = meshflow_kit::db::connect_url(
-        &server.database_url,
-        meshflow_kit::config::SqliteSynchronous::Normal,
-        1,
-    )
-    .await
-    .expect("connect");
+    let db = server.database(1).await;
     let rows = async |table: &str, execution_id: &str| -> i64 {
         let backend = db.get_database_backend();
         db.query_one_raw(sea_orm::Statement::from_sql_and_values(

@@ -482,13 +482,7 @@ async fn a_cancellation_whose_wake_up_was_erased_still_reaches_the_driver() {
         .await;
 
     // What the other replica writes, then what the racing commit undoes.
-    let db = meshflow_kit::db::connect_url(
-        &server.database_url,
-        meshflow_kit::config::SqliteSynchronous::Normal,
-        2,
-    )
-    .await
-    .expect("connect");
+    let db = server.database(2).await;
     let store = meshflow_execution::store::Store::new(db);
     store
         .add_signal(

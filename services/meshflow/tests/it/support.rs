@@ -35,6 +35,17 @@ impl Server {
         TransformationRuleServiceClient::new(self.channel.clone())
     }
 
+    /// A connection pool of `connections` to the database the server serves.
+    pub async fn database(&self, connections: u32) -> sea_orm::DatabaseConnection {
+        meshflow_kit::db::connect_url(
+            &self.database_url,
+            meshflow_kit::config::SqliteSynchronous::Normal,
+            connections,
+        )
+        .await
+        .expect("connect")
+    }
+
     pub fn orchestrator(&self) -> OrchestratorServiceClient<Channel> {
         OrchestratorServiceClient::new(self.channel.clone())
     }
