@@ -1263,7 +1263,6 @@ impl Run {
         let memo = self
             .memo(path)
             .filter(|m| status_of(m) == StepStatus::Waiting);
-        let memo_absent = memo.is_none();
         let (row_id, until) = match memo {
             Some(m) => (m.id, m.next_attempt_at),
             None => {
@@ -1317,10 +1316,11 @@ impl Run {
             .memo(path)
             .and_then(|m| m.start_time)
             .unwrap_or_else(Utc::now);
-        // The driver of a new execution has no signal to look for until one is announced: it is
-        // registered before its execution is written, so every signal sent here is announced to
-        // it, and every poll announces those sent to other replicas. Once woken, it always looks.
-        let mut unannounced = self.fresh && memo_absent;
+        // The driver of a new execution (which has no stored attempt to resume) has no signal to
+        // look for until one is announced: it is registered before its execution is written, so
+        // every signal sent here is announced to it, and every poll announces those sent to other
+        // replicas. Once woken, it always looks.
+        let mut unannounced = self.fresh;
         match &w.kind {
             Some(Kind::Signal(name)) => loop {
                 // Listening before looking: a signal announced after the look wakes this wait.

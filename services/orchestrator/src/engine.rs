@@ -74,10 +74,6 @@ pub struct Engine {
 }
 
 /// Most reads of a workflow's head by one start, when each is outdated by its insert.
-///
-/// The head is read afresh by every start, not cached: a cached head made starts so cheap that a
-/// burst of them outran the drivers they spawned, which then piled up in memory (10,000 parked
-/// starts peaked past 100 MiB).
 const HEAD_READS: usize = 3;
 
 const WATCH_PAGE: u64 = 500;
@@ -405,7 +401,9 @@ impl Engine {
             return Ok((existing, None));
         }
         // The insert checks the head again in its own transaction, and a start whose head it
-        // found outdated reads it again.
+        // found outdated reads it again. Every start reads it: a cached head made starts so cheap
+        // that a burst of them outran the drivers they spawned, which piled up in memory (10,000
+        // parked starts peaked past 100 MiB).
         for _ in 0..HEAD_READS {
             let (status, current) = self.shared.rules.head(&req.workflow_id).await?;
             if status != wpb::WorkflowStatus::Active {
@@ -417,9 +415,8 @@ impl Engine {
             let head = Head {
                 current_version: (req.version == 0).then_some(current),
             };
-            let version = head.current_version.unwrap_or(req.version);
             if let Some(started) = self
-                .insert_started(&req, request_id.clone(), version, head, watch)
+                .insert_started(&req, request_id.clone(), head, watch)
                 .await?
             {
                 return Ok(started);
@@ -428,17 +425,17 @@ impl Engine {
         Err(Error::WorkflowChanging(req.workflow_id.clone()))
     }
 
-    /// Checks the input against `version`, then inserts the execution, provided the workflow still
-    /// matches `head`, and starts driving it. `None`: the workflow changed since `head` was read,
-    /// and nothing was written.
+    /// Checks the input against the version the start runs (the requested one, or `head`'s current
+    /// one), then inserts the execution, provided the workflow still matches `head`, and starts
+    /// driving it. `None`: the workflow changed since `head` was read, and nothing was written.
     async fn insert_started(
         self: &Arc<Self>,
         req: &opb::StartExecutionRequest,
         request_id: Option<String>,
-        version: i64,
         head: Head,
         watch: bool,
     ) -> Result<Option<(execution::Model, Option<Live>)>, Error> {
+        let version = head.current_version.unwrap_or(req.version);
         let def = self.version(&req.workflow_id, version).await?;
         let input = req
             .input

@@ -15,14 +15,14 @@ pub const SECRET_PREFIX: &str = "MESHFLOW_SECRET_";
 /// execution.
 #[derive(Default)]
 pub struct Programs {
-    programs: Compiled<expr::Compiled>,
-    schemas: Compiled<jsonschema::Validator>,
+    programs: Cache<expr::Compiled>,
+    schemas: Cache<jsonschema::Validator>,
 }
 
 /// Compiled forms by their source text; starts over past [`CACHE_LIMIT`] entries.
-struct Compiled<T>(Mutex<HashMap<String, Arc<T>>>);
+struct Cache<T>(Mutex<HashMap<String, Arc<T>>>);
 
-impl<T> Default for Compiled<T> {
+impl<T> Default for Cache<T> {
     fn default() -> Self {
         Self(Mutex::new(HashMap::new()))
     }
@@ -31,7 +31,7 @@ impl<T> Default for Compiled<T> {
 /// Most entries of a cache before it starts over.
 const CACHE_LIMIT: usize = 100_000;
 
-impl<T> Compiled<T> {
+impl<T> Cache<T> {
     /// The compiled form of `source`, compiled by `compile` unless cached.
     fn get<E>(&self, source: &str, compile: impl FnOnce() -> Result<T, E>) -> Result<Arc<T>, E> {
         if let Some(c) = self
