@@ -484,6 +484,13 @@ async fn a_cancellation_whose_wake_up_was_erased_still_reaches_the_driver() {
     // What the other replica writes, then what the racing commit undoes.
     let db = server.database(2).await;
     let store = meshflow_execution::store::Store::new(db);
+    // The owner is read first: once the signal is stored, a poll may end the execution at once.
+    let row = store
+        .execution(&execution_id)
+        .await
+        .expect("read")
+        .expect("row");
+    let owner = row.lease_owner.expect("driven here");
     store
         .add_signal(
             &execution_id,
@@ -494,12 +501,6 @@ async fn a_cancellation_whose_wake_up_was_erased_still_reaches_the_driver() {
         )
         .await
         .expect("signal");
-    let row = store
-        .execution(&execution_id)
-        .await
-        .expect("read")
-        .expect("row");
-    let owner = row.lease_owner.expect("driven here");
     store
         .clear_wake(&execution_id, &owner)
         .await
