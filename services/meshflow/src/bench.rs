@@ -242,16 +242,45 @@ async fn execute(
     Ok((started.elapsed(), lags))
 }
 
+/// Starts the local target on a thread and runtime of its own, as a separate service would run:
+/// it answers the server's requests without waiting behind this client's work on the event
+/// streams. Returns its base URL; it serves until the process exits.
+fn own_thread_target() -> anyhow::Result<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("bench-target".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.send(Err(anyhow::Error::from(e)));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match crate::target::Target::start().await {
+                    Ok(target) => {
+                        let _ = tx.send(Ok(target.base.clone()));
+                        std::future::pending::<()>().await;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into()));
+                    }
+                }
+            });
+        })?;
+    rx.recv().context("the target thread ended")?
+}
+
 /// Runs the benchmark and prints its figures.
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let local_target;
     let base = match &args.target {
         Some(t) => t.trim_end_matches('/').to_string(),
-        None => {
-            local_target = crate::target::Target::start().await?;
-            local_target.base.clone()
-        }
+        None => own_thread_target()?,
     };
     let temp = std::env::temp_dir().join(format!("meshflow-bench-{}", meshflow_kit::id::new_id()));
     let mut server = None;
