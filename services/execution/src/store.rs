@@ -105,6 +105,29 @@ enum InsertOutcome {
 const HEAD_SQLITE: &str = "SELECT status, current_version FROM workflows WHERE id = ?1";
 const HEAD_POSTGRES: &str = "SELECT status, current_version FROM workflows WHERE id = $1";
 
+/// A workflow's `(status, current_version)`, if it exists, read through `c`.
+async fn read_head<C: ConnectionTrait>(
+    c: &C,
+    workflow_id: &str,
+) -> Result<Option<(String, i64)>, StoreError> {
+    let backend = c.get_database_backend();
+    let sql = if backend == DbBackend::Postgres {
+        HEAD_POSTGRES
+    } else {
+        HEAD_SQLITE
+    };
+    Ok(c.query_one_raw(Statement::from_sql_and_values(
+        backend,
+        sql,
+        [workflow_id.into()],
+    ))
+    .await?
+    .map(|r| -> Result<(String, i64), sea_orm::DbErr> {
+        Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?))
+    })
+    .transpose()?)
+}
+
 /// Whether a workflow row read as `(status, current_version)` still matches `head`.
 fn head_holds(read: Option<(String, i64)>, head: Head) -> bool {
     read.is_some_and(|(status, current)| {
@@ -294,11 +317,18 @@ pub fn quantile_ms(histogram: &[i64], q: f64) -> Option<i64> {
 /// The connection of the SQLite write path, opened on first use.
 type SqliteWriter = std::sync::Arc<tokio::sync::Mutex<rusqlite::Connection>>;
 
+/// The connections of a SQLite file's own paths: the writer's, and one for the point reads a
+/// start or a parking driver makes (see [`sqlite::Reader`]).
+struct Sqlite {
+    writer: SqliteWriter,
+    reader: sqlite::Reader,
+}
+
 /// The execution store.
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
-    sqlite: std::sync::Arc<tokio::sync::OnceCell<Option<SqliteWriter>>>,
+    sqlite: std::sync::Arc<tokio::sync::OnceCell<Option<Sqlite>>>,
     postgres: std::sync::Arc<tokio::sync::OnceCell<sea_orm::sqlx::PgPool>>,
 }
 
@@ -322,6 +352,15 @@ impl Store {
     /// The writer's own connection when the database is a SQLite file; `None` for PostgreSQL and
     /// in-memory SQLite (whose one pooled connection is the whole database).
     async fn sqlite_writer(&self) -> Result<Option<SqliteWriter>, StoreError> {
+        Ok(self.sqlite().await?.map(|s| s.writer.clone()))
+    }
+
+    /// The connection for point reads when the database is a SQLite file.
+    async fn sqlite_reader(&self) -> Result<Option<&sqlite::Reader>, StoreError> {
+        Ok(self.sqlite().await?.map(|s| &s.reader))
+    }
+
+    async fn sqlite(&self) -> Result<Option<&Sqlite>, StoreError> {
         self.sqlite
             .get_or_try_init(|| async {
                 if self.db.get_database_backend() != DbBackend::Sqlite {
@@ -343,10 +382,13 @@ impl Store {
                     .unwrap_or(1);
                 let mode = if synchronous >= 2 { "FULL" } else { "NORMAL" };
                 let conn = sqlite::open(path, mode)?;
-                Ok(Some(std::sync::Arc::new(tokio::sync::Mutex::new(conn))))
+                Ok(Some(Sqlite {
+                    writer: std::sync::Arc::new(tokio::sync::Mutex::new(conn)),
+                    reader: sqlite::Reader::open(path)?,
+                }))
             })
             .await
-            .cloned()
+            .map(Option::as_ref)
     }
 
     /// The connection.
@@ -450,24 +492,7 @@ impl Store {
             return Ok((admission != Admission::Shared || active >= max_active)
                 .then_some(InsertOutcome::AtCapacity));
         }
-        let backend = self.db.get_database_backend();
-        let sql = if backend == DbBackend::Postgres {
-            HEAD_POSTGRES
-        } else {
-            HEAD_SQLITE
-        };
-        let read = txn
-            .query_one_raw(Statement::from_sql_and_values(
-                backend,
-                sql,
-                [row.workflow_id.clone().into()],
-            ))
-            .await?
-            .map(|r| -> Result<(String, i64), sea_orm::DbErr> {
-                Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?))
-            })
-            .transpose()?;
-        if !head_holds(read, head) {
+        if !head_holds(read_head(&txn, &row.workflow_id).await?, head) {
             txn.rollback().await?;
             return Ok(Some(InsertOutcome::Stale));
         }
@@ -489,6 +514,18 @@ impl Store {
                 Ok(Some(InsertOutcome::Created))
             }
         }
+    }
+
+    /// A workflow's status and current version (its head), if it exists: what a start checks, and
+    /// what its insert checks again.
+    pub async fn workflow_head(
+        &self,
+        workflow_id: &str,
+    ) -> Result<Option<(String, i64)>, StoreError> {
+        if let Some(reader) = self.sqlite_reader().await? {
+            return reader.head(workflow_id);
+        }
+        read_head(&self.db, workflow_id).await
     }
 
     /// The execution started with `request_id`, if any.
@@ -856,6 +893,9 @@ impl Store {
 
     /// Whether any signal (a user signal or a cancellation) is waiting to be consumed.
     pub async fn has_pending_signal(&self, execution_id: &str) -> Result<bool, StoreError> {
+        if let Some(reader) = self.sqlite_reader().await? {
+            return reader.has_pending_signal(execution_id);
+        }
         Ok(signal::Entity::find()
             .filter(signal::Column::ExecutionId.eq(execution_id))
             .filter(signal::Column::ConsumedBy.is_null())

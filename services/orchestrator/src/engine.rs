@@ -405,7 +405,16 @@ impl Engine {
         // that a burst of them outran the drivers they spawned, which piled up in memory (10,000
         // parked starts peaked past 100 MiB).
         for _ in 0..HEAD_READS {
-            let (status, current) = self.shared.rules.head(&req.workflow_id).await?;
+            let (status, current) = self
+                .shared
+                .store
+                .workflow_head(&req.workflow_id)
+                .await?
+                .ok_or_else(|| {
+                    meshflow_workflow::Error::WorkflowNotFound(req.workflow_id.clone())
+                })?;
+            let status = wpb::WorkflowStatus::from_str_name(&status)
+                .unwrap_or(wpb::WorkflowStatus::Unspecified);
             if status != wpb::WorkflowStatus::Active {
                 return Err(Error::NotActive {
                     id: req.workflow_id.clone(),

@@ -431,17 +431,6 @@ impl Store {
             .ok_or_else(|| Error::WorkflowNotFound(id.to_string()))
     }
 
-    /// A workflow's status and current version, without its definition.
-    pub async fn head(&self, id: &str) -> Result<(pb::WorkflowStatus, i64), Error> {
-        let row = workflow::Entity::find_by_id(id.to_string())
-            .unique(&self.db)
-            .await?
-            .ok_or_else(|| Error::WorkflowNotFound(id.to_string()))?;
-        let status = pb::WorkflowStatus::from_str_name(&row.status)
-            .unwrap_or(pb::WorkflowStatus::Unspecified);
-        Ok((status, row.current_version))
-    }
-
     /// One immutable version of a workflow.
     pub async fn version(&self, id: &str, version_no: i64) -> Result<pb::WorkflowVersion, Error> {
         let row = version::Entity::find_by_id((id.to_string(), version_no))

@@ -155,6 +155,52 @@ async fn an_insert_checks_the_workflow_head_in_its_own_transaction() {
     );
 }
 
+/// A start reads its workflow's head, and a parking driver its pending signals, through the
+/// store's point reads (on SQLite, a connection of their own): each sees what was committed just
+/// before it, through any connection.
+#[tokio::test]
+async fn point_reads_see_every_commit_at_once() {
+    use sea_orm::ConnectionTrait;
+    let (db, store, workflow) = fresh_store("reads").await;
+    let id = &workflow.workflow_id;
+    let execution_id = execution(&store, id, "me").await;
+    assert!(!store.has_pending_signal(&execution_id).await.expect("read"));
+    store
+        .add_signal(&execution_id, "go", json!(1), None, Utc::now())
+        .await
+        .expect("signal");
+    assert!(store.has_pending_signal(&execution_id).await.expect("read"));
+    let signal = store
+        .pending_signal(&execution_id, "go")
+        .await
+        .expect("read")
+        .expect("pending");
+    let mut consume = commit(&execution_id, id, "me");
+    consume.consume_signal = Some((signal.id, "wait".into()));
+    store.commit(&mut [consume]).await.expect("commit");
+    assert!(!store.has_pending_signal(&execution_id).await.expect("read"));
+
+    let head = |s: &'static str| Some((s.to_string(), 1));
+    assert_eq!(
+        store.workflow_head(id).await.expect("head"),
+        head("WORKFLOW_STATUS_ACTIVE")
+    );
+    db.execute_unprepared("UPDATE workflows SET status = 'WORKFLOW_STATUS_INACTIVE'")
+        .await
+        .expect("deactivate");
+    assert_eq!(
+        store.workflow_head(id).await.expect("head"),
+        head("WORKFLOW_STATUS_INACTIVE")
+    );
+    assert_eq!(
+        store
+            .workflow_head(&meshflow_kit::id::new_id())
+            .await
+            .expect("head"),
+        None
+    );
+}
+
 #[tokio::test]
 async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() {
     let (_, store, workflow) = fresh_store("fenced").await;
