@@ -634,11 +634,11 @@ impl Store {
             return sqlite::commit(&mut conn, batch);
         }
         let now = commit_time();
-        stamp(batch.iter_mut(), now);
         if self.db.get_database_backend() == DbBackend::Postgres {
             let pool = self.postgres_writer().await?;
             return postgres::commit(pool, batch, now).await;
         }
+        stamp(batch.iter_mut(), now);
         let txn = self.db.begin().await?;
         let mut outcomes = vec![CommitOutcome::Done; batch.len()];
         let mut steps: Vec<step::ActiveModel> = Vec::new();

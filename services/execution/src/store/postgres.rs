@@ -20,6 +20,13 @@ use super::{Commit, CommitOutcome, StoreError, json_text as json, time_text as t
 
 /// The batch statement: its histogram expressions are spelled out bucket by bucket (plain
 /// expressions plan and run far faster than a subquery per bucket).
+///
+/// Its result is the id of every execution whose fence held, then a row with the events' time.
+/// The writes run in the order the final `UNION ALL` reads them (an append runs its branches in
+/// turn): the executions' rows, the attempts, the signals, the metrics, and last the events, whose
+/// time `clock_timestamp()` takes as they are inserted. Only those inserts and the commit itself
+/// come after it, as on SQLite, so an event's time is its commit's as nearly as a stored time can
+/// be; stamped before the statement was sent, it was a whole statement early (about 1 ms).
 static COMMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let buckets = super::BUCKETS_MS.len() + 1;
     let counts: Vec<String> = (0..buckets)
@@ -74,25 +81,20 @@ const COMMIT_TEMPLATE: &str = "WITH fenced AS (
         output = excluded.output, error = excluded.error, logs = excluded.logs,
         start_time = excluded.start_time, end_time = excluded.end_time,
         duration_ms = excluded.duration_ms, next_attempt_at = excluded.next_attempt_at
-), events AS (
-    INSERT INTO execution_events (execution_id, sequence, time, event_type, step_path, payload)
-    SELECT x.execution_id, x.sequence, x.time::timestamptz, x.event_type, x.step_path,
-        x.payload::json
-    FROM UNNEST($29::text[], $30::bigint[], $31::text[], $32::text[], $33::text[], $34::text[])
-        AS x(execution_id, sequence, time, event_type, step_path, payload)
-    WHERE x.execution_id IN (SELECT id FROM fenced)
+    RETURNING 1
 ), signals AS (
     UPDATE execution_signals AS g SET consumed_by = c.consumer
-    FROM UNNEST($35::text[], $36::text[], $37::text[]) AS c(id, consumer, execution_id)
+    FROM UNNEST($34::text[], $35::text[], $36::text[]) AS c(id, consumer, execution_id)
     WHERE g.id = c.id AND c.execution_id IN (SELECT id FROM fenced)
+    RETURNING 1
 ), deltas AS (
     SELECT d.workflow_id, d.step_id, SUM(d.total) AS total, SUM(d.active) AS active,
         SUM(d.completed) AS completed, SUM(d.failed) AS failed, SUM(d.cancelled) AS cancelled,
         SUM(d.timed_out) AS timed_out, SUM(d.skipped) AS skipped, SUM(d.attempts) AS attempts,
         jsonb_build_array({counts}) AS histogram
-    FROM UNNEST($38::text[], $39::text[], $40::text[], $41::bigint[], $42::bigint[],
-                $43::bigint[], $44::bigint[], $45::bigint[], $46::bigint[], $47::bigint[],
-                $48::bigint[], $49::int[])
+    FROM UNNEST($37::text[], $38::text[], $39::text[], $40::bigint[], $41::bigint[],
+                $42::bigint[], $43::bigint[], $44::bigint[], $45::bigint[], $46::bigint[],
+                $47::bigint[], $48::int[])
         AS d(execution_id, workflow_id, step_id, total, active, completed, failed, cancelled,
              timed_out, skipped, attempts, bucket)
     WHERE d.execution_id IN (SELECT id FROM fenced)
@@ -110,8 +112,22 @@ const COMMIT_TEMPLATE: &str = "WITH fenced AS (
         skipped = m.skipped + excluded.skipped, attempts = m.attempts + excluded.attempts,
         duration_histogram = jsonb_build_array({sums}),
         update_time = excluded.update_time
+    RETURNING 1
+), stamp AS MATERIALIZED (
+    SELECT clock_timestamp() AS t
+), events AS (
+    INSERT INTO execution_events (execution_id, sequence, time, event_type, step_path, payload)
+    SELECT x.execution_id, x.sequence, stamp.t, x.event_type, x.step_path, x.payload::json
+    FROM UNNEST($29::text[], $30::bigint[], $31::text[], $32::text[], $33::text[])
+        AS x(execution_id, sequence, event_type, step_path, payload), stamp
+    WHERE x.execution_id IN (SELECT id FROM fenced)
+    RETURNING 1
 )
-SELECT id FROM fenced";
+SELECT id, NULL::timestamptz FROM fenced
+UNION ALL SELECT NULL, NULL FROM (SELECT count(*) FROM steps) AS s(n) WHERE n < 0
+UNION ALL SELECT NULL, NULL FROM (SELECT count(*) FROM signals) AS g(n) WHERE n < 0
+UNION ALL SELECT NULL, NULL FROM (SELECT count(*) FROM metrics) AS m(n) WHERE n < 0
+UNION ALL SELECT NULL, (SELECT t FROM stamp) FROM (SELECT count(*) FROM events) AS v(n) WHERE n > 0";
 
 /// A one-connection pool to the same server as `pool`, with its settings, for the writer.
 pub(super) async fn writer_pool(pool: &PgPool) -> Result<PgPool, StoreError> {
@@ -135,6 +151,8 @@ fn db(err: sqlx::Error) -> StoreError {
 }
 
 /// [`super::Store::commit`] on PostgreSQL: the same rows, fencing and metrics, in one statement.
+/// The statement stamps the events itself, as its last step before it commits (see [`COMMIT`]);
+/// the events of `batch` get that time.
 pub(super) async fn commit(
     pool: &PgPool,
     batch: &mut [Commit],
@@ -145,31 +163,44 @@ pub(super) async fn commit(
         .flat_map(|c| c.events.iter_mut())
         .map(super::stored_payload)
         .collect::<Result<Vec<_>, _>>()?;
-    let batch = &*batch;
-    let groups = super::by_execution(batch);
-    let mut attempt = 1;
-    let rows = loop {
-        match batch_statement(batch, &groups, &payloads, now)?
-            .fetch_all(pool)
-            .await
-        {
-            Ok(rows) => break rows,
-            Err(err) if attempt < ATTEMPTS && retryable(&err) => {
-                // The statement is its own transaction: nothing of it was written.
-                tracing::warn!(error = %err, attempt, "group commit retried");
-                attempt += 1;
+    let (outcomes, at) = {
+        let batch = &*batch;
+        let groups = super::by_execution(batch);
+        let mut attempt = 1;
+        let rows = loop {
+            match batch_statement(batch, &groups, &payloads, now)?
+                .fetch_all(pool)
+                .await
+            {
+                Ok(rows) => break rows,
+                Err(err) if attempt < ATTEMPTS && retryable(&err) => {
+                    // The statement is its own transaction: nothing of it was written.
+                    tracing::warn!(error = %err, attempt, "group commit retried");
+                    attempt += 1;
+                }
+                Err(err) => return Err(db(err)),
             }
-            Err(err) => return Err(db(err)),
+        };
+        let (fenced, at) = read_outcome(&rows)?;
+        let mut outcomes = vec![CommitOutcome::Done; batch.len()];
+        for (execution_id, members) in groups {
+            if !fenced.contains(execution_id) {
+                for k in members {
+                    outcomes[k] = CommitOutcome::LeaseLost;
+                }
+            }
         }
+        (outcomes, at)
     };
-    let fenced = fenced_ids(rows)?;
-    let mut outcomes = vec![CommitOutcome::Done; batch.len()];
-    for (execution_id, members) in groups {
-        if !fenced.contains(execution_id) {
-            for k in members {
-                outcomes[k] = CommitOutcome::LeaseLost;
-            }
-        }
+    if let Some(at) = at {
+        super::stamp(
+            batch
+                .iter_mut()
+                .zip(&outcomes)
+                .filter(|(_, o)| **o == CommitOutcome::Done)
+                .map(|(c, _)| c),
+            at,
+        );
     }
     Ok(outcomes)
 }
@@ -186,10 +217,22 @@ fn retryable(err: &sqlx::Error) -> bool {
         .is_some_and(|code| code == "40P01" || code == "40001")
 }
 
-fn fenced_ids(rows: Vec<sqlx::postgres::PgRow>) -> Result<HashSet<String>, StoreError> {
-    rows.iter()
-        .map(|r| r.try_get::<String, _>(0).map_err(db))
-        .collect()
+/// The ids of the executions whose fence held, and the time the events were stamped with (when
+/// there were events).
+fn read_outcome(
+    rows: &[sqlx::postgres::PgRow],
+) -> Result<(HashSet<&str>, Option<DateTime<Utc>>), StoreError> {
+    let mut fenced = HashSet::new();
+    let mut at = None;
+    for r in rows {
+        match r.try_get::<Option<&str>, _>(0).map_err(db)? {
+            Some(id) => {
+                fenced.insert(id);
+            }
+            None => at = r.try_get::<Option<DateTime<Utc>>, _>(1).map_err(db)?,
+        }
+    }
+    Ok((fenced, at))
 }
 
 type Query<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
@@ -266,7 +309,7 @@ fn batch_statement<'q>(
     }
     // Events.
     let now_text = time(now);
-    let (mut e_execution, mut e_sequence, mut e_time) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut e_execution, mut e_sequence) = (Vec::new(), Vec::new());
     let (mut e_type, mut e_path) = (Vec::new(), Vec::new());
     // Signals consumed.
     let (mut g_id, mut g_consumer, mut g_execution) = (Vec::new(), Vec::new(), Vec::new());
@@ -274,13 +317,6 @@ fn batch_statement<'q>(
         for e in &c.events {
             e_execution.push(c.execution_id.clone());
             e_sequence.push(e.sequence);
-            e_time.push(
-                e.time
-                    .as_ref()
-                    .and_then(meshflow_kit::convert::from_timestamp)
-                    .map(time)
-                    .unwrap_or_else(|| now_text.clone()),
-            );
             e_type.push(super::event_type_name(e).to_string());
             e_path.push(Some(e.step_path.clone()).filter(|p| !p.is_empty()));
         }
@@ -356,7 +392,6 @@ fn batch_statement<'q>(
         .bind(s_next)
         .bind(e_execution)
         .bind(e_sequence)
-        .bind(e_time)
         .bind(e_type)
         .bind(e_path)
         .bind(e_payload)
