@@ -1041,6 +1041,18 @@ fn commit_time() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
+/// Sets the time of every event of the commits of `batch` that `outcomes` says were written to `at`.
+fn stamp_written(batch: &mut [Commit], outcomes: &[CommitOutcome], at: DateTime<Utc>) {
+    stamp(
+        batch
+            .iter_mut()
+            .zip(outcomes)
+            .filter(|(_, o)| **o == CommitOutcome::Done)
+            .map(|(c, _)| c),
+        at,
+    );
+}
+
 /// Sets the time of every event of `commits` to `at`.
 fn stamp<'a>(commits: impl Iterator<Item = &'a mut Commit>, at: DateTime<Utc>) {
     let at = Some(meshflow_kit::convert::timestamp(at));

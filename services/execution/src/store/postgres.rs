@@ -193,14 +193,7 @@ pub(super) async fn commit(
         (outcomes, at)
     };
     if let Some(at) = at {
-        super::stamp(
-            batch
-                .iter_mut()
-                .zip(&outcomes)
-                .filter(|(_, o)| **o == CommitOutcome::Done)
-                .map(|(c, _)| c),
-            at,
-        );
+        super::stamp_written(batch, &outcomes, at);
     }
     Ok(outcomes)
 }

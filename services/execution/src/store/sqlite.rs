@@ -322,14 +322,7 @@ fn write(tx: &Connection, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, St
     }
     let at = super::commit_time();
     let at_text = time(at);
-    super::stamp(
-        batch
-            .iter_mut()
-            .zip(&outcomes)
-            .filter(|(_, o)| **o == CommitOutcome::Done)
-            .map(|(c, _)| c),
-        at,
-    );
+    super::stamp_written(batch, &outcomes, at);
     let mut event = tx.prepare_cached(EVENT)?;
     for (c, outcome) in batch.iter_mut().zip(&outcomes) {
         if *outcome != CommitOutcome::Done {
