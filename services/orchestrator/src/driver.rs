@@ -1123,7 +1123,7 @@ impl Run {
                 ),
             };
             let result = result.and_then(|out| {
-                let size = serde_json::to_vec(&out).map(|b| b.len()).unwrap_or(0);
+                let size = json_len(&out);
                 if size > self.shared.env.max_output_bytes {
                     Err(StepError::fatal(
                         "output_too_large",
@@ -1847,9 +1847,39 @@ pub fn traceparent(execution_id: &str, path: &str, attempt: i32) -> String {
     format!("00-{trace:0>32}-{span}-01")
 }
 
+/// The length of `value` as JSON text, counted without building the text.
+fn json_len(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    // Writing a `Value` to a writer that never fails cannot fail.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_output_is_measured_as_the_json_it_is_stored_as() {
+        for value in [
+            json!(null),
+            json!({"body": {"id": 7, "price": 10.5, "ok": true}, "headers": {"a": "é\n"}}),
+            Value::from(vec!["x"; 1000]),
+        ] {
+            let text = serde_json::to_string(&value).expect("json");
+            assert_eq!(json_len(&value), text.len());
+        }
+    }
 
     #[test]
     fn a_step_timeout_counts_from_the_first_start() {
