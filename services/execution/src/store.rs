@@ -1041,7 +1041,7 @@ fn commit_time() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
 }
 
-/// Sets the time of every event of the commits of `batch` that `outcomes` says were written to `at`.
+/// Sets the time of every event to `at` in the commits of `batch` that `outcomes` marks written.
 fn stamp_written(batch: &mut [Commit], outcomes: &[CommitOutcome], at: DateTime<Utc>) {
     stamp(
         batch

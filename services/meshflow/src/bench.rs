@@ -245,8 +245,8 @@ async fn execute(
 /// Starts the local target on a thread and runtime of its own, as a separate service would run:
 /// it answers the server's requests without waiting behind this client's work on the event
 /// streams. Returns its base URL; it serves until the process exits.
-fn own_thread_target() -> anyhow::Result<String> {
-    let (tx, rx) = std::sync::mpsc::channel();
+async fn own_thread_target() -> anyhow::Result<String> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<anyhow::Result<String>>();
     std::thread::Builder::new()
         .name("bench-target".into())
         .spawn(move || {
@@ -256,7 +256,7 @@ fn own_thread_target() -> anyhow::Result<String> {
             {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = tx.send(Err(anyhow::Error::from(e)));
+                    let _ = tx.send(Err(e.into()));
                     return;
                 }
             };
@@ -272,7 +272,7 @@ fn own_thread_target() -> anyhow::Result<String> {
                 }
             });
         })?;
-    rx.recv().context("the target thread ended")?
+    rx.await.context("the target thread ended")?
 }
 
 /// Runs the benchmark and prints its figures.
@@ -280,7 +280,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let base = match &args.target {
         Some(t) => t.trim_end_matches('/').to_string(),
-        None => own_thread_target()?,
+        None => own_thread_target().await?,
     };
     let temp = std::env::temp_dir().join(format!("meshflow-bench-{}", meshflow_kit::id::new_id()));
     let mut server = None;

@@ -401,9 +401,10 @@ impl Engine {
             return Ok((existing, None));
         }
         // The insert checks the head again in its own transaction, and a start whose head it
-        // found outdated reads it again. Every start reads it: a cached head made starts so cheap
-        // that a burst of them outran the drivers they spawned, which piled up in memory (10,000
-        // parked starts peaked past 100 MiB).
+        // found outdated reads it again. Every start reads it, and keeps no copy: on a SQLite file
+        // the read takes microseconds (the store's reader). A cached head, tried while parking
+        // drivers still queued for pooled reads, let a burst of starts outrun their drivers, which
+        // piled up in memory (10,000 parked starts peaked past 100 MiB).
         for _ in 0..HEAD_READS {
             let (status, current) = self
                 .shared

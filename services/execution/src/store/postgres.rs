@@ -26,7 +26,9 @@ use super::{Commit, CommitOutcome, StoreError, json_text as json, time_text as t
 /// turn): the executions' rows, the attempts, the signals, the metrics, and last the events, whose
 /// time `clock_timestamp()` takes as they are inserted. Only those inserts and the commit itself
 /// come after it, as on SQLite, so an event's time is its commit's as nearly as a stored time can
-/// be; stamped before the statement was sent, it was a whole statement early (about 1 ms).
+/// be; stamped before the statement was sent, it was a whole statement early (about 1 ms). The
+/// order only decides how late the stamp is: PostgreSQL runs every data-modifying CTE to completion
+/// whether or not anything reads it, and `stamp` is computed once.
 static COMMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let buckets = super::BUCKETS_MS.len() + 1;
     let counts: Vec<String> = (0..buckets)
