@@ -385,6 +385,9 @@ async fn a_step_timeout_keeps_its_deadline_through_a_restart() {
 
     let second = Proc::spawn(&url, FLAGS);
     let channel = second.channel().await;
+    // The second server serves from here on; it resumes the execution once the first one's lease
+    // has expired (within a second of the kill, so of now).
+    let serving = chrono::Utc::now();
     let events = finish(&channel, &id).await;
     crate::support::assert_consecutive(&events, 1);
     assert_eq!(
@@ -402,13 +405,20 @@ async fn a_step_timeout_keeps_its_deadline_through_a_restart() {
         failed.error.as_ref().map(|e| e.code.as_str()),
         Some("timeout")
     );
-    // Counted from the first start, before the kill: a restarted timer would end a second later.
+    // Counted from the first start, before the kill: the step times out 3 s after it, or as soon
+    // as it resumes if that is later (however long the restart took). A timer started again on
+    // resuming would end 3 s after the second server began serving, or later.
     // Events carry the times of their commits, and the start of an HTTP step commits while its
     // request is in flight, so the span between them may fall short of the timeout by that much.
     let took = at(&failed.time) - at(&held(E::StepStarted).time);
     assert!(
-        took >= chrono::Duration::milliseconds(2950) && took < chrono::Duration::milliseconds(3900),
+        took >= chrono::Duration::milliseconds(2950),
         "the step timed out {took} after it first started"
+    );
+    assert!(
+        at(&failed.time) < serving + chrono::Duration::seconds(3),
+        "the step timed out {} after the second server began serving",
+        at(&failed.time) - serving
     );
     // Sent once before the kill; again after it only if the deadline had not passed yet.
     let sent = target
