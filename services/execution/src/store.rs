@@ -521,11 +521,16 @@ impl Store {
     pub async fn workflow_head(
         &self,
         workflow_id: &str,
-    ) -> Result<Option<(String, i64)>, StoreError> {
-        if let Some(reader) = self.sqlite_reader().await? {
-            return reader.head(workflow_id);
-        }
-        read_head(&self.db, workflow_id).await
+    ) -> Result<Option<(wpb::WorkflowStatus, i64)>, StoreError> {
+        let read = match self.sqlite_reader().await? {
+            Some(reader) => reader.head(workflow_id)?,
+            None => read_head(&self.db, workflow_id).await?,
+        };
+        Ok(read.map(|(status, current)| {
+            let status = wpb::WorkflowStatus::from_str_name(&status)
+                .unwrap_or(wpb::WorkflowStatus::Unspecified);
+            (status, current)
+        }))
     }
 
     /// The execution started with `request_id`, if any.

@@ -85,17 +85,20 @@ impl Reader {
 
     /// A workflow's status and current version, if it exists.
     pub(super) fn head(&self, workflow_id: &str) -> Result<Option<(String, i64)>, StoreError> {
-        self.with(|c| {
-            c.prepare_cached(HEAD_SQLITE)?
-                .query_row([workflow_id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()
-        })
+        self.with(|c| head_in(c, workflow_id))
     }
 
     /// Whether a signal of the execution is waiting to be consumed.
     pub(super) fn has_pending_signal(&self, execution_id: &str) -> Result<bool, StoreError> {
         self.with(|c| c.prepare_cached(PENDING_SIGNAL)?.exists([execution_id]))
     }
+}
+
+/// A workflow's `(status, current_version)`, if it exists, read through `c`.
+fn head_in(c: &Connection, workflow_id: &str) -> rusqlite::Result<Option<(String, i64)>> {
+    c.prepare_cached(HEAD_SQLITE)?
+        .query_row([workflow_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
 }
 
 const PENDING_SIGNAL: &str =
@@ -182,11 +185,7 @@ fn insert_in(
     max_active: u64,
     head: Head,
 ) -> Result<InsertOutcome, StoreError> {
-    let read = tx
-        .prepare_cached(HEAD_SQLITE)?
-        .query_row(params![row.workflow_id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    if !super::head_holds(read, head) {
+    if !super::head_holds(head_in(tx, &row.workflow_id)?, head) {
         return Ok(InsertOutcome::Stale);
     }
     let active: i64 = tx.prepare_cached(ACTIVE)?.query_row([], |r| r.get(0))?;

@@ -180,17 +180,18 @@ async fn point_reads_see_every_commit_at_once() {
     store.commit(&mut [consume]).await.expect("commit");
     assert!(!store.has_pending_signal(&execution_id).await.expect("read"));
 
-    let head = |s: &'static str| Some((s.to_string(), 1));
+    use meshflow_proto::workflow::v1::WorkflowStatus;
+    let head = |s: WorkflowStatus| Some((s, 1));
     assert_eq!(
         store.workflow_head(id).await.expect("head"),
-        head("WORKFLOW_STATUS_ACTIVE")
+        head(WorkflowStatus::Active)
     );
     db.execute_unprepared("UPDATE workflows SET status = 'WORKFLOW_STATUS_INACTIVE'")
         .await
         .expect("deactivate");
     assert_eq!(
         store.workflow_head(id).await.expect("head"),
-        head("WORKFLOW_STATUS_INACTIVE")
+        head(WorkflowStatus::Inactive)
     );
     assert_eq!(
         store
