@@ -5,14 +5,16 @@
 //! - [`telemetry`]: logs (pretty or JSON) and OTLP traces when `OTEL_EXPORTER_OTLP_ENDPOINT` is set;
 //! - [`server`]: the tonic server with health, reflection, tower layers and graceful shutdown;
 //! - [`error`]: the one way a service error becomes a `tonic::Status` with `google.rpc` details;
-//! - [`convert`], [`page`], [`id`]: small shared helpers for the gRPC adapters.
+//! - [`convert`], [`page`], [`id`], [`name`], [`request`]: small shared helpers for the gRPC adapters.
 
 pub mod config;
 pub mod convert;
 pub mod db;
 pub mod error;
 pub mod id;
+pub mod name;
 pub mod page;
+pub mod request;
 pub mod server;
 pub mod telemetry;
 pub mod testing;

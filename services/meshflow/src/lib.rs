@@ -22,6 +22,8 @@ pub enum ServiceName {
     Execution,
     /// OrchestratorService (the engine).
     Orchestrator,
+    /// WebhookService (subscriptions).
+    Webhook,
 }
 
 impl ServiceName {
@@ -30,6 +32,7 @@ impl ServiceName {
         ServiceName::Workflow,
         ServiceName::Execution,
         ServiceName::Orchestrator,
+        ServiceName::Webhook,
     ];
 }
 
@@ -85,6 +88,11 @@ pub async fn prepare(
                     meshflow_orchestrator::Engine::start(db.clone(), engine_config(config)?)?;
                 meshflow_orchestrator::mount(&mut mounts, engine, config)
             }
+            ServiceName::Webhook => meshflow_webhook::mount(
+                &mut mounts,
+                meshflow_webhook::Store::new(db.clone()),
+                config,
+            ),
         }
     }
     let listener = TcpListener::bind(config.listen)

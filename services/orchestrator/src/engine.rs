@@ -50,6 +50,8 @@ pub struct Shared {
     pub store: ExecStore,
     /// Workflow definitions and transformation rules.
     pub rules: meshflow_workflow::store::Store,
+    /// Registered webhooks.
+    pub webhooks: meshflow_webhook::Store,
     /// The group-commit writer.
     pub writer: Writer,
     /// Leaf step environment.
@@ -107,7 +109,8 @@ impl Engine {
         };
         let shared = Arc::new(Shared {
             store: store.clone(),
-            rules: meshflow_workflow::store::Store::new(db),
+            rules: meshflow_workflow::store::Store::new(db.clone()),
+            webhooks: meshflow_webhook::Store::new(db),
             writer: Writer::spawn(store, hub.clone()),
             env,
             owner: config.owner.clone(),

@@ -18,6 +18,8 @@ use crate::eval::{self, Programs, Scope};
 use crate::retry::{self, Policy};
 use crate::ssrf;
 
+pub use meshflow_webhook::Endpoint;
+
 /// Why a step attempt failed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepError {
@@ -540,51 +542,70 @@ pub fn validation(env: &Env, v: &pb::ValidationStep, scope: &Scope) -> Result<Va
     }
 }
 
-/// Standard Webhooks signature: `v1,<base64 HMAC-SHA256(secret, "{id}.{timestamp}.{body}")>`; a
-/// `whsec_` secret is base64 after its prefix, any other secret is used as bytes.
-pub fn sign_webhook(
-    secret: &str,
-    id: &str,
-    timestamp: i64,
-    body: &str,
-) -> Result<String, StepError> {
-    let key = match secret.strip_prefix("whsec_") {
-        Some(b64) => B64.decode(b64).map_err(|_| {
-            StepError::fatal(
-                "bad_secret",
-                "a whsec_ secret must be base64 after its prefix",
-            )
-        })?,
-        None => secret.as_bytes().to_vec(),
+/// The registered webhook a WEBHOOK_CALL names (by id or name), if it may receive `event_type`.
+pub async fn registered_webhook(
+    webhooks: &meshflow_webhook::Store,
+    id_or_name: &str,
+    event_type: &str,
+) -> Result<Endpoint, StepError> {
+    let endpoint = match webhooks.endpoint(id_or_name).await {
+        Ok(Some(e)) => e,
+        Ok(None) => {
+            return Err(StepError::fatal(
+                "webhook_not_found",
+                format!("no webhook has id or name `{id_or_name}`"),
+            ));
+        }
+        // The database may be back at the next attempt.
+        Err(e) => {
+            return Err(StepError {
+                retryable: true,
+                ..StepError::fatal("webhook_lookup", e.to_string())
+            });
+        }
     };
-    let mut mac = Hmac::<Sha256>::new_from_slice(&key)
-        .map_err(|e| StepError::fatal("bad_secret", e.to_string()))?;
-    mac.update(format!("{id}.{timestamp}.{body}").as_bytes());
-    Ok(format!("v1,{}", B64.encode(mac.finalize().into_bytes())))
+    if endpoint.status != meshflow_proto::webhook::v1::WebhookStatus::Active {
+        return Err(StepError::fatal(
+            "webhook_disabled",
+            format!(
+                "webhook `{}` is disabled: {}",
+                endpoint.name, endpoint.disabled_reason
+            ),
+        ));
+    }
+    if !endpoint.subscribes_to(event_type) {
+        return Err(StepError::fatal(
+            "webhook_not_subscribed",
+            format!(
+                "webhook `{}` does not receive `{event_type}` events; it receives {}",
+                endpoint.name,
+                endpoint.event_types.join(", ")
+            ),
+        ));
+    }
+    Ok(endpoint)
 }
 
-/// WEBHOOK_CALL to a URL: a signed Standard Webhooks POST. `message_id` is stable across attempts.
+/// WEBHOOK_CALL: a signed Standard Webhooks POST to a registered endpoint (its URL, secret and
+/// headers) or to the step's URL with the step's secret. `message_id` is stable across attempts.
 pub async fn webhook_call(
     env: &Env,
     w: &pb::WebhookCallStep,
+    registered: Option<&Endpoint>,
     scope: &Scope,
     message_id: &str,
     call: &CallContext<'_>,
     policy: &Policy,
 ) -> (Value, Result<Value, StepError>) {
-    if !w.webhook_id.is_empty() {
-        return (
-            Value::Null,
-            Err(StepError::fatal(
-                "webhook_unavailable",
-                "registered webhooks are delivered by the webhook service, which this server does not run; use `url` and `secret`",
-            )),
-        );
-    }
     let p = &env.programs;
     let prepared = (|| -> Result<_, StepError> {
-        let url = parse_url(&eval::resolve_text(p, &w.url, scope)?)?;
-        let secret = eval::resolve_text(p, &w.secret, scope)?;
+        let (url, secret) = match registered {
+            Some(e) => (parse_url(&e.url)?, e.secret.clone()),
+            None => (
+                parse_url(&eval::resolve_text(p, &w.url, scope)?)?,
+                eval::resolve_text(p, &w.secret, scope)?,
+            ),
+        };
         let payload = match &w.payload {
             Some(v) => eval::resolve_value(p, &to_json(v), scope)?,
             None => Value::Null,
@@ -603,18 +624,20 @@ pub async fn webhook_call(
         &Map::new(),
         &serde_json::from_str(&body).unwrap_or(Value::Null),
     );
-    let signature = match sign_webhook(&secret, message_id, timestamp, &body) {
+    let signature = match meshflow_webhook::signature::sign(&secret, message_id, timestamp, &body) {
         Ok(s) => s,
-        Err(e) => return (recorded, Err(e)),
+        Err(e) => return (recorded, Err(StepError::fatal("bad_secret", e.to_string()))),
     };
     // The body is sent as raw JSON text, so the signature covers exactly the bytes sent.
     if let Err(e) = check_url(env, &url) {
         return (recorded, Err(e));
     }
-    let req = env
-        .http
-        .post(url)
-        .timeout(Duration::from_secs(30))
+    let mut req = env.http.post(url).timeout(Duration::from_secs(30));
+    // The endpoint's own headers first: the delivery's, set after, are reserved to it.
+    for (name, value) in registered.iter().flat_map(|e| &e.headers) {
+        req = req.header(name.as_str(), value.as_str());
+    }
+    let req = req
         .header("idempotency-key", call.idempotency_key)
         .header("traceparent", call.traceparent)
         .header("webhook-id", message_id)
@@ -635,7 +658,11 @@ pub async fn webhook_call(
             retry_after: None,
         }),
         Ok(r) if r.status().is_success() => {
-            Ok(json!({"status": r.status().as_u16(), "webhookId": message_id}))
+            let mut out = json!({"status": r.status().as_u16(), "webhookId": message_id});
+            if let Some(e) = registered {
+                out["endpoint"] = json!({"webhookId": e.webhook_id, "name": e.name});
+            }
+            Ok(out)
         }
         Ok(r) => {
             let status = r.status().as_u16();
@@ -654,19 +681,6 @@ pub async fn webhook_call(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn standard_webhooks_test_vector() {
-        // The Standard Webhooks specification's example.
-        let sig = sign_webhook(
-            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
-            "msg_p5jXN8AQM9LWM0D4loKWxJek",
-            1614265330,
-            r#"{"test": 2432232314}"#,
-        )
-        .expect("signs");
-        assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
-    }
 
     fn env() -> Env {
         let policy = Arc::new(ssrf::Policy::default());

@@ -4,7 +4,7 @@
 use std::collections::BTreeSet;
 
 use meshflow_kit::convert::{from_json, struct_to_json, to_json};
-use meshflow_kit::{FieldPath, Limits, Violations, page};
+use meshflow_kit::{FieldPath, Limits, Violations, page, request};
 use meshflow_proto::pbjson_types;
 use meshflow_proto::workflow::v1 as pb;
 use serde_json::Value;
@@ -16,7 +16,6 @@ use crate::{transform, validate};
 
 const DEFAULT_PAGE: u64 = 50;
 const MAX_PAGE: u64 = 500;
-const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// The three workflow-domain services over one store.
 #[derive(Clone)]
@@ -26,35 +25,15 @@ pub struct Service {
 }
 
 fn check_request_id(request_id: &str, v: &mut Violations) -> Option<String> {
-    if request_id.is_empty() {
-        return None;
-    }
-    if request_id.len() > MAX_REQUEST_ID_LEN {
-        v.add(
-            &FieldPath::root("request_id"),
-            format!("is longer than {MAX_REQUEST_ID_LEN} bytes"),
-        );
-    }
-    Some(request_id.to_string())
+    request::request_id(request_id, v)
 }
 
 fn check_resource_id(field: &str, id: &str) -> Result<(), Error> {
-    if id.is_empty() {
-        Err(Error::invalid(field, "is required"))
-    } else if !meshflow_kit::id::is_valid(id) {
-        Err(Error::invalid(field, format!("`{id}` is not a valid id")))
-    } else {
-        Ok(())
-    }
+    request::resource_id(field, id).map_err(|v| Error::Invalid(vec![v]))
 }
 
 fn expected_revision(etag: &str) -> Result<Option<i64>, Error> {
-    if etag.is_empty() {
-        return Ok(None);
-    }
-    store::parse_etag(etag)
-        .map(Some)
-        .ok_or_else(|| Error::invalid("etag", "is not an etag returned by this service"))
+    request::expected_revision("etag", etag).map_err(|v| Error::Invalid(vec![v]))
 }
 
 fn page_size(requested: i32) -> Result<u64, Error> {
@@ -65,34 +44,13 @@ fn page_cursor<T: serde::de::DeserializeOwned>(token: &str) -> Result<Option<T>,
     page::decode(token).map_err(|v| Error::Invalid(vec![v]))
 }
 
-/// Fields of a mask: the request's paths, or all of `all` when empty. Unknown or output-only ones are violations.
+/// Fields of a mask: the request's paths, or all of `all` when empty.
 fn mask_fields(
     mask: Option<&pbjson_types::FieldMask>,
     all: &[&'static str],
     output_only: &[&str],
 ) -> Result<BTreeSet<&'static str>, Error> {
-    let paths = mask.map(|m| m.paths.as_slice()).unwrap_or_default();
-    if paths.is_empty() {
-        return Ok(all.iter().copied().collect());
-    }
-    let mut v = Violations::new();
-    let mut out = BTreeSet::new();
-    let base = FieldPath::root("update_mask").field("paths");
-    for (i, p) in paths.iter().enumerate() {
-        match all.iter().find(|a| **a == p.as_str()) {
-            Some(f) => {
-                out.insert(*f);
-            }
-            None if output_only.contains(&p.as_str()) => {
-                v.add(&base.index(i), format!("`{p}` is output only"))
-            }
-            None => v.add(
-                &base.index(i),
-                format!("unknown field `{p}`; updatable: {}", all.join(", ")),
-            ),
-        }
-    }
-    v.into_result(out).map_err(Error::Invalid)
+    request::mask_fields(mask, all, output_only).map_err(Error::Invalid)
 }
 
 /// Every `transform.rule_id` in a definition, with its field path.

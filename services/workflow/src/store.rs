@@ -67,10 +67,7 @@ impl Definition {
     }
 }
 
-/// The etag of a revision: opaque to clients.
-pub fn etag(revision: i64) -> String {
-    format!("\"{revision}\"")
-}
+pub use meshflow_kit::request::{etag, parse_etag};
 
 fn is_unique_violation(err: &DbErr) -> bool {
     matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
@@ -811,9 +808,4 @@ fn rule_from_row(row: rule::Model) -> Result<pb::TransformationRule, Error> {
         create_time: Some(timestamp(row.create_time)),
         update_time: Some(timestamp(row.update_time)),
     })
-}
-
-/// Parses an etag made by [`etag`].
-pub fn parse_etag(etag: &str) -> Option<i64> {
-    etag.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
 }

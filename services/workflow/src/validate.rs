@@ -22,8 +22,8 @@ use prost::Message;
 use crate::expr::{self, Segment};
 use crate::functions;
 
-/// Longest name of a workflow, template or rule.
-pub const MAX_NAME_LEN: usize = 63;
+pub use meshflow_kit::name::{MAX_NAME_LEN, check_event_type, check_name};
+
 /// Longest step or trigger id.
 pub const MAX_ID_LEN: usize = 64;
 /// Most tags on one resource.
@@ -42,33 +42,6 @@ pub const MAX_FOR_EACH_CONCURRENCY: u32 = 1000;
 const HTTP_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
 /// Variables every expression may read.
 const BASE_ROOTS: &[&str] = &["input", "vars", "steps", "execution", "workflow", "secrets"];
-
-/// `[a-z0-9][a-z0-9-]*`, at most 63 characters: names of workflows, templates, rules, webhooks.
-pub fn check_name(name: &str) -> Result<(), String> {
-    if name.is_empty() {
-        return Err("is required".into());
-    }
-    if name.len() > MAX_NAME_LEN {
-        return Err(format!(
-            "is {} characters; the limit is {MAX_NAME_LEN}",
-            name.len()
-        ));
-    }
-    let mut chars = name.chars();
-    let first_ok = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    if !first_ok
-        || !name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-    {
-        return Err(format!(
-            "`{name}` must be lowercase letters, digits and dashes, starting with a letter or digit"
-        ));
-    }
-    Ok(())
-}
 
 /// `[A-Za-z_][A-Za-z0-9_-]*`: step and trigger ids.
 pub fn check_id(id: &str) -> Result<(), String> {
@@ -1044,25 +1017,6 @@ impl Checker<'_> {
 }
 
 /// `a.b.c` of lowercase letters, digits, `_` and `-`.
-fn check_event_type(event_type: &str) -> Result<(), String> {
-    if event_type.is_empty() {
-        return Err("is required".into());
-    }
-    let ok = event_type.split('.').all(|part| {
-        !part.is_empty()
-            && part
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-')
-    });
-    if ok && event_type.len() <= 128 {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{event_type}` must be dotted lowercase words, e.g. `lead.routed`"
-        ))
-    }
-}
-
 /// Every elementary cycle found by DFS, each reported once, as step indexes in order.
 fn cycles(edges: &[Vec<usize>]) -> Vec<Vec<usize>> {
     #[derive(Clone, Copy, PartialEq)]

@@ -12,4 +12,5 @@ mod store;
 mod support;
 mod templates;
 mod traces;
+mod webhooks;
 mod workflows;

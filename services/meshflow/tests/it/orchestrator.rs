@@ -128,7 +128,7 @@ async fn all_nine_step_types_run_to_completion() {
         .get("webhook-timestamp")
         .and_then(|t| t.parse().ok())
         .expect("timestamp");
-    let expected = meshflow_orchestrator::steps::sign_webhook(
+    let expected = meshflow_webhook::signature::sign(
         "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         &id_header,
         ts,

@@ -5,6 +5,7 @@ use meshflow::{Running, ServiceName};
 use meshflow_kit::ServerConfig;
 use meshflow_proto::execution::v1 as epb;
 use meshflow_proto::orchestrator::v1 as opb;
+use meshflow_proto::webhook::v1 as whpb;
 use meshflow_proto::workflow::v1 as pb;
 use opb::orchestrator_service_client::OrchestratorServiceClient;
 use pb::transformation_rule_service_client::TransformationRuleServiceClient;
@@ -13,6 +14,7 @@ use pb::workflow_template_service_client::WorkflowTemplateServiceClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use tonic_types::StatusExt;
+use whpb::webhook_service_client::WebhookServiceClient;
 
 /// A server in this process with a channel to it.
 pub struct Server {
@@ -44,6 +46,10 @@ impl Server {
         )
         .await
         .expect("connect")
+    }
+
+    pub fn webhooks(&self) -> WebhookServiceClient<Channel> {
+        WebhookServiceClient::new(self.channel.clone())
     }
 
     pub fn orchestrator(&self) -> OrchestratorServiceClient<Channel> {

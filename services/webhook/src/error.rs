@@ -1,0 +1,68 @@
+//! What can go wrong in WebhookService, and how each maps to a gRPC status.
+
+use meshflow_kit::Violation;
+use meshflow_kit::error as status;
+use tonic::Status;
+
+/// An error of the webhook service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is invalid.
+    #[error("invalid request: {0:?}")]
+    Invalid(Vec<Violation>),
+    /// No webhook has this id.
+    #[error("webhook {0} not found")]
+    NotFound(String),
+    /// Another webhook has the name.
+    #[error("a webhook named {0} already exists")]
+    NameTaken(String),
+    /// The etag sent does not match: someone else changed the webhook.
+    #[error("webhook {0} changed since it was read")]
+    StaleEtag(String),
+    /// An RPC of the delivery outbox, which this server does not run yet.
+    #[error("{0} is not available: deliveries are not recorded yet")]
+    Unimplemented(&'static str),
+    /// The database failed.
+    #[error(transparent)]
+    Storage(#[from] sea_orm::DbErr),
+    /// A broken invariant.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// One violation.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::Invalid(vec![Violation::new(field, description)])
+    }
+}
+
+impl From<Violation> for Error {
+    fn from(v: Violation) -> Self {
+        Self::Invalid(vec![v])
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Invalid(violations) => status::invalid_argument("INVALID_ARGUMENT", &violations),
+            Error::NotFound(id) => status::not_found("WEBHOOK_NOT_FOUND", "webhook", &id),
+            Error::NameTaken(name) => status::already_exists(
+                "NAME_TAKEN",
+                format!("a webhook named `{name}` already exists"),
+            ),
+            Error::StaleEtag(id) => status::aborted(
+                "STALE_ETAG",
+                format!(
+                    "webhook {id} changed since it was read; read it again and retry with the new etag"
+                ),
+            ),
+            Error::Unimplemented(rpc) => Status::unimplemented(format!(
+                "{rpc} is not available yet: this server does not record webhook deliveries"
+            )),
+            Error::Storage(err) => status::storage(&err),
+            Error::Internal(msg) => status::internal(&msg),
+        }
+    }
+}
