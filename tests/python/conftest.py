@@ -27,6 +27,8 @@ def server_address():
         "--listen", "127.0.0.1:0",
         "--database-url", f"sqlite://{data}/meshflow.db?mode=rwc",
         "--log-format", "json",
+        # Steps may call the tests' own HTTP servers on loopback, and nothing else.
+        "--allow-http-to", "127.0.0.1/32",
     ]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
     address = None

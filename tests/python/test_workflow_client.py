@@ -1,7 +1,12 @@
 """A Python client that knows nothing of meshflow but its address: it discovers the services by
 server reflection, as grpcurl does, builds messages from plain JSON, and drives WorkflowService."""
 
+import base64
+import hashlib
+import hmac
+import http.server
 import json
+import threading
 import uuid
 
 import grpc
@@ -51,6 +56,7 @@ def test_reflection_lists_the_built_services_and_health(api):
         "meshflow.workflow.v1.WorkflowService",
         "meshflow.workflow.v1.WorkflowTemplateService",
         "meshflow.workflow.v1.TransformationRuleService",
+        "meshflow.webhook.v1.WebhookService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
@@ -172,3 +178,75 @@ def test_execute_workflow_streams_events_and_watch_resumes_mid_way(api):
     resumed = [m["event"] for m in stream(api, ORCHESTRATOR, "WatchExecution",
                                           {"executionId": execution["executionId"], "afterSequence": middle})]
     assert resumed == events[middle:]
+
+
+WEBHOOKS = "meshflow.webhook.v1.WebhookService"
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    """Records every POST it receives and answers 204."""
+
+    received = []
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        Receiver.received.append((dict((k.lower(), v) for k, v in self.headers.items()), body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def standard_webhooks_signature(secret, msg_id, timestamp, body):
+    key = base64.b64decode(secret.removeprefix("whsec_"))
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def test_a_registered_webhook_receives_signed_deliveries_from_a_step(api):
+    receiver = http.server.HTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
+    try:
+        name = f"py-hook-{uuid.uuid4().hex[:8]}"
+        hook = api.call(WEBHOOKS, "CreateWebhook", {"requestId": name, "webhook": {
+            "name": name, "url": f"http://127.0.0.1:{receiver.server_port}/in",
+            "eventTypes": ["lead.routed"], "headers": {"X-Team": "agents"}}})["webhook"]
+        assert hook["secret"].startswith("whsec_")
+        assert "secret" not in api.call(WEBHOOKS, "GetWebhook", {"webhookId": hook["webhookId"]})["webhook"]
+        listed = api.call(WEBHOOKS, "ListWebhooks", {"eventType": "lead.routed"})["webhooks"]
+        assert name in [w["name"] for w in listed]
+
+        with pytest.raises(grpc.RpcError) as err:
+            api.call(WEBHOOKS, "CreateWebhook", {"webhook": {"name": name + "-x", "url": "ftp://x",
+                                                            "eventTypes": ["lead.routed"]}})
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        workflow = api.call(WORKFLOW, "CreateWorkflow", {"workflow": {
+            "name": f"py-notify-{uuid.uuid4().hex[:8]}",
+            "status": "WORKFLOW_STATUS_ACTIVE",
+            "steps": [{"id": "notify", "webhookCall": {"webhookId": name, "eventType": "lead.routed",
+                                                       "payload": {"lead": "${input.lead}"}}}],
+        }})["workflow"]
+        messages = list(stream(api, ORCHESTRATOR, "ExecuteWorkflow",
+                               {"workflowId": workflow["workflowId"], "input": {"lead": "L-7"}}))
+        assert messages[-1]["event"]["type"] == "EVENT_TYPE_EXECUTION_COMPLETED"
+
+        headers, body = Receiver.received[-1]
+        # The signature checks out with an independent implementation of Standard Webhooks.
+        assert headers["webhook-signature"] == standard_webhooks_signature(
+            hook["secret"], headers["webhook-id"], headers["webhook-timestamp"], body)
+        assert headers["x-team"] == "agents"
+        assert json.loads(body)["data"] == {"lead": "L-7"}
+
+        # Disabled, it receives nothing more: the step fails with the reason.
+        api.call(WEBHOOKS, "UpdateWebhook", {"webhook": {
+            "webhookId": hook["webhookId"], "status": "WEBHOOK_STATUS_DISABLED", "disabledReason": "paused"},
+            "updateMask": "status"})
+        failed = list(stream(api, ORCHESTRATOR, "ExecuteWorkflow",
+                             {"workflowId": workflow["workflowId"], "input": {"lead": "L-8"}}))
+        assert failed[-1]["event"]["type"] == "EVENT_TYPE_EXECUTION_FAILED"
+        assert failed[-1]["event"]["error"]["code"] == "webhook_disabled"
+        assert len(Receiver.received) == 1
+    finally:
+        receiver.shutdown()
