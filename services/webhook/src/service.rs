@@ -283,7 +283,12 @@ impl Service {
             merged.description = patch.description;
         }
         self.store
-            .update(&merged, revision, fields.contains("secret"))
+            .update(
+                &merged,
+                revision,
+                fields.contains("secret"),
+                fields.contains("status"),
+            )
             .await
     }
 

@@ -229,14 +229,15 @@ impl Store {
     }
 
     /// Writes a merged, validated webhook if its revision is still `expected_revision`. The
-    /// secret is written only when `new_secret` is set.
+    /// secret is written only when `new_secret` is set; `status_set` says the request set the
+    /// status, which starts the endpoint's failure streak over.
     pub async fn update(
         &self,
         w: &pb::Webhook,
         expected_revision: i64,
         new_secret: bool,
+        status_set: bool,
     ) -> Result<pb::Webhook, Error> {
-        let active = stored_status(w.status) == pb::WebhookStatus::Active;
         let mut update = webhook::Entity::update_many()
             .col_expr(webhook::Column::Name, Expr::value(w.name.clone()))
             .col_expr(webhook::Column::Url, Expr::value(w.url.clone()))
@@ -262,8 +263,8 @@ impl Store {
                 Expr::value(expected_revision + 1),
             )
             .col_expr(webhook::Column::UpdateTime, Expr::value(Utc::now()));
-        if active {
-            // Enabled again: its failures so far no longer count toward disabling it.
+        if status_set {
+            // Set by an operator: failures so far no longer count toward disabling it.
             update = update.col_expr(
                 webhook::Column::FailingSince,
                 Expr::value(Option::<chrono::DateTime<Utc>>::None),
