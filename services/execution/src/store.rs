@@ -11,7 +11,7 @@ use meshflow_proto::workflow::v1 as wpb;
 use sea_orm::sea_query::{Expr, OnConflict};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
-    EntityTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr, Statement, TransactionTrait,
+    EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
 };
 use serde_json::Value;
 
@@ -501,7 +501,7 @@ impl Store {
             .exec_without_returning(&txn)
             .await
         {
-            Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+            Err(err) if meshflow_kit::db::is_unique_violation(&err) => {
                 txn.rollback().await?;
                 Ok(Some(InsertOutcome::Duplicate))
             }
@@ -866,7 +866,7 @@ impl Store {
         .exec_without_returning(&txn)
         .await;
         match inserted {
-            Err(err) if matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_))) => {
+            Err(err) if meshflow_kit::db::is_unique_violation(&err) => {
                 return Ok(false);
             }
             other => {

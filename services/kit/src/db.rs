@@ -225,6 +225,14 @@ impl<E: sea_orm::EntityTrait> SelectUnique<E> for sea_orm::Select<E> {
     }
 }
 
+/// Whether a write failed on a unique constraint (a name, an id or a `request_id` taken).
+pub fn is_unique_violation(err: &DbErr) -> bool {
+    matches!(
+        err.sql_err(),
+        Some(sea_orm::SqlErr::UniqueConstraintViolation(_))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;

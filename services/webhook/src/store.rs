@@ -5,13 +5,13 @@ use std::collections::BTreeMap;
 
 use chrono::Utc;
 use meshflow_kit::convert::timestamp;
-use meshflow_kit::db::SelectUnique;
+use meshflow_kit::db::{SelectUnique, is_unique_violation};
 use meshflow_kit::request::etag;
 use meshflow_proto::webhook::v1 as pb;
 use sea_orm::sea_query::Expr;
 use sea_orm::{
-    ActiveValue::Set, ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, QueryOrder,
-    QuerySelect, SqlErr,
+    ActiveValue::Set, ColumnTrait, DatabaseConnection, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect,
 };
 
 use crate::entity::{self as webhook, Model};
@@ -58,10 +58,6 @@ fn subscribed(event_types: &[String], event_type: &str) -> bool {
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
-}
-
-fn is_unique_violation(err: &DbErr) -> bool {
-    matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value, Error> {

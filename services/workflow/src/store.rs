@@ -4,12 +4,12 @@
 
 use chrono::Utc;
 use meshflow_kit::convert::timestamp;
-use meshflow_kit::db::SelectUnique;
+use meshflow_kit::db::{SelectUnique, is_unique_violation};
 use meshflow_proto::workflow::v1 as pb;
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, Condition, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, QueryTrait, SqlErr, TransactionTrait,
+    QueryOrder, QuerySelect, QueryTrait, TransactionTrait,
 };
 
 use crate::error::Error;
@@ -68,10 +68,6 @@ impl Definition {
 }
 
 pub use meshflow_kit::request::{etag, parse_etag};
-
-fn is_unique_violation(err: &DbErr) -> bool {
-    matches!(err.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)))
-}
 
 /// A rename's error: a unique-constraint violation means another `kind` has the name already.
 fn name_taken_or(err: DbErr, kind: &'static str, name: &str) -> Error {
