@@ -2,8 +2,15 @@
 //! sets it to a throwaway cluster) each call creates a new PostgreSQL database on that server;
 //! otherwise it is a new SQLite file (WAL, as `meshflow serve` runs it) under
 //! [`sqlite_test_dir`]. Tests therefore run unchanged on both backends.
+//!
+//! A PostgreSQL database is named after the test process that made it. The first database a test
+//! process makes drops those of processes that have exited, so a long-lived cluster does not fill up.
 
-use sea_orm::{ConnectionTrait, Database};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+
+const PREFIX: &str = "meshflow_test_";
 
 /// Names the PostgreSQL server tests create their databases on.
 pub const POSTGRES_ENV: &str = "MESHFLOW_TEST_POSTGRES_URL";
@@ -32,8 +39,16 @@ pub async fn fresh_database_url() -> anyhow::Result<String> {
     if admin.is_empty() {
         return fresh_sqlite_url();
     }
-    let name = format!("meshflow_test_{}", uuid::Uuid::now_v7().simple());
+    let name = format!(
+        "{PREFIX}{}_{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    );
     let db = Database::connect(admin.as_str()).await?;
+    static SWEPT: AtomicBool = AtomicBool::new(false);
+    if !SWEPT.swap(true, Ordering::Relaxed) {
+        drop_orphans(&db).await;
+    }
     db.execute_unprepared(&format!("CREATE DATABASE {name}"))
         .await?;
     db.close().await?;
@@ -46,4 +61,51 @@ pub async fn fresh_database_url() -> anyhow::Result<String> {
         _ => base.trim_end_matches('/'),
     };
     Ok(format!("{server}/{name}{query}"))
+}
+
+/// The process id a test database's name carries, if it is one.
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?.split_once('_')?.0.parse().ok()
+}
+
+/// Drops the test databases of test processes that have exited. Where `/proc` does not tell, none.
+async fn drop_orphans(db: &DatabaseConnection) {
+    if !std::path::Path::new("/proc/self").exists() {
+        return;
+    }
+    let sql = format!("SELECT datname FROM pg_database WHERE datname LIKE '{PREFIX}%'");
+    let Ok(rows) = db.query_all_raw(sea_orm::Statement::from_string(
+        db.get_database_backend(),
+        sql,
+    ))
+    .await
+    else {
+        return;
+    };
+    for row in rows {
+        let Ok(name) = row.try_get::<String>("", "datname") else {
+            continue;
+        };
+        let Some(pid) = owner_pid(&name) else {
+            continue;
+        };
+        if !std::path::Path::new("/proc").join(pid.to_string()).exists() {
+            // Another process may be dropping it too: either way it goes.
+            let _ = db
+                .execute_unprepared(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_names_carry_their_process() {
+        assert_eq!(owner_pid("meshflow_test_4242_0190abcd"), Some(4242));
+        assert_eq!(owner_pid("meshflow_test_0190abcd"), None);
+        assert_eq!(owner_pid("postgres"), None);
+    }
 }
