@@ -47,9 +47,13 @@ pub async fn connect_url(
                 o
             } else {
                 // Checkpoints run in the background (see `checkpoint_in_background`), never in
-                // the commit that happens to cross the WAL's size threshold.
+                // the commit that happens to cross the WAL's size threshold. Pooled connections
+                // serve reads by key and short writes, and in WAL mode a connection's page cache
+                // starts over whenever another one has committed: each keeps 256 KiB, not
+                // SQLite's default 2 MiB (with 10,000 executions parked, about 11 MiB less).
                 o.journal_mode(SqliteJournalMode::Wal)
                     .pragma("wal_autocheckpoint", "0")
+                    .pragma("cache_size", "-256")
             }
         });
         if memory {

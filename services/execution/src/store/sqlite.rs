@@ -68,6 +68,9 @@ impl Reader {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_handler(Some(busy))?;
+        // Point reads by key touch a handful of pages, and the cache starts over whenever the
+        // writer has committed: 256 KiB, not SQLite's default 2 MiB.
+        conn.execute_batch("PRAGMA cache_size = -256;")?;
         conn.set_prepared_statement_cache_capacity(8);
         Ok(Self(std::sync::Mutex::new(conn)))
     }
