@@ -1852,10 +1852,10 @@ pub fn execution_error(v: &Value) -> epb::ExecutionError {
 
 /// A W3C `traceparent`: one trace per execution (its id without dashes), a span per attempt.
 pub fn traceparent(execution_id: &str, path: &str, attempt: i32) -> String {
-    let trace: String = execution_id.chars().filter(|c| *c != '-').collect();
     use sha2::Digest;
+    let trace: String = execution_id.chars().filter(|c| *c != '-').collect();
     let digest = sha2::Sha256::digest(format!("{path}#{attempt}").as_bytes());
-    let span: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+    let span = crate::steps::hex(&digest[..8]);
     format!("00-{trace:0>32}-{span}-01")
 }
 
