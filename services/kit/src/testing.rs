@@ -74,11 +74,12 @@ async fn drop_orphans(db: &DatabaseConnection) {
         return;
     }
     let sql = format!("SELECT datname FROM pg_database WHERE datname LIKE '{PREFIX}%'");
-    let Ok(rows) = db.query_all_raw(sea_orm::Statement::from_string(
-        db.get_database_backend(),
-        sql,
-    ))
-    .await
+    let Ok(rows) = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            sql,
+        ))
+        .await
     else {
         return;
     };
