@@ -1072,27 +1072,16 @@ impl Run {
                     steps::http(&self.shared.env, h, &scope, &call, &policy).await
                 }
                 Some(Config::WebhookCall(w)) => {
-                    let registered = match w.webhook_id.as_str() {
-                        "" => Ok(None),
-                        id => steps::registered_webhook(&self.shared.webhooks, id, &w.event_type)
-                            .await
-                            .map(Some),
-                    };
-                    match registered {
-                        Err(e) => (Value::Null, Err(e)),
-                        Ok(endpoint) => {
-                            steps::webhook_call(
-                                &self.shared.env,
-                                w,
-                                endpoint.as_ref(),
-                                &scope,
-                                &idempotency_key,
-                                &call,
-                                &policy,
-                            )
-                            .await
-                        }
-                    }
+                    steps::webhook_call(
+                        &self.shared.env,
+                        &self.shared.webhooks,
+                        w,
+                        &scope,
+                        &idempotency_key,
+                        &call,
+                        &policy,
+                    )
+                    .await
                 }
                 Some(Config::Transform(t)) => {
                     let assignments = if t.rule_id.is_empty() {

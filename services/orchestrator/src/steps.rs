@@ -18,8 +18,6 @@ use crate::eval::{self, Programs, Scope};
 use crate::retry::{self, Policy};
 use crate::ssrf;
 
-pub use meshflow_webhook::Endpoint;
-
 /// Why a step attempt failed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepError {
@@ -550,11 +548,11 @@ pub fn validation(env: &Env, v: &pb::ValidationStep, scope: &Scope) -> Result<Va
 }
 
 /// The registered webhook a WEBHOOK_CALL names (by id or name), if it may receive `event_type`.
-pub async fn registered_webhook(
+async fn registered_webhook(
     webhooks: &meshflow_webhook::Store,
     id_or_name: &str,
     event_type: &str,
-) -> Result<Endpoint, StepError> {
+) -> Result<meshflow_webhook::Endpoint, StepError> {
     let endpoint = match webhooks.endpoint(id_or_name).await {
         Ok(Some(e)) => e,
         Ok(None) => {
@@ -593,17 +591,26 @@ pub async fn registered_webhook(
     Ok(endpoint)
 }
 
-/// WEBHOOK_CALL: a signed Standard Webhooks POST to a registered endpoint (its URL, secret and
-/// headers) or to the step's URL with the step's secret. `message_id` is stable across attempts.
+/// WEBHOOK_CALL: a signed Standard Webhooks POST to a registered endpoint of `webhooks` (its URL,
+/// secret and headers) or to the step's URL with the step's secret. `message_id` is stable across
+/// attempts.
 pub async fn webhook_call(
     env: &Env,
+    webhooks: &meshflow_webhook::Store,
     w: &pb::WebhookCallStep,
-    registered: Option<&Endpoint>,
     scope: &Scope,
     message_id: &str,
     call: &CallContext<'_>,
     policy: &Policy,
 ) -> (Value, Result<Value, StepError>) {
+    let endpoint = match w.webhook_id.as_str() {
+        "" => None,
+        id => match registered_webhook(webhooks, id, &w.event_type).await {
+            Ok(e) => Some(e),
+            Err(e) => return (Value::Null, Err(e)),
+        },
+    };
+    let registered = endpoint.as_ref();
     let p = &env.programs;
     let prepared = (|| -> Result<_, StepError> {
         let (url, secret) = match registered {
