@@ -209,6 +209,22 @@ pub fn already_exists(reason: &str, message: impl Into<String>) -> Status {
     )
 }
 
+/// ALREADY_EXISTS `NAME_TAKEN`: another resource of `kind` has the name.
+pub fn name_taken(kind: &str, name: &str) -> Status {
+    already_exists(
+        "NAME_TAKEN",
+        format!("a {kind} named `{name}` already exists"),
+    )
+}
+
+/// ABORTED `STALE_ETAG`: the resource changed since the client read it.
+pub fn stale_etag(kind: &str, id: &str) -> Status {
+    aborted(
+        "STALE_ETAG",
+        format!("{kind} {id} changed since it was read; read it again and retry with the new etag"),
+    )
+}
+
 /// ABORTED, e.g. a stale etag: read again and retry.
 pub fn aborted(reason: &str, message: impl Into<String>) -> Status {
     status(

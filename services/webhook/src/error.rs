@@ -20,7 +20,7 @@ pub enum Error {
     #[error("webhook {0} changed since it was read")]
     StaleEtag(String),
     /// An RPC of the delivery outbox, which this server does not run yet.
-    #[error("{0} is not available: deliveries are not recorded yet")]
+    #[error("{0} is not available yet: this server does not record webhook deliveries")]
     Unimplemented(&'static str),
     /// The database failed.
     #[error(transparent)]
@@ -48,19 +48,9 @@ impl From<Error> for Status {
         match err {
             Error::Invalid(violations) => status::invalid_argument("INVALID_ARGUMENT", &violations),
             Error::NotFound(id) => status::not_found("WEBHOOK_NOT_FOUND", "webhook", &id),
-            Error::NameTaken(name) => status::already_exists(
-                "NAME_TAKEN",
-                format!("a webhook named `{name}` already exists"),
-            ),
-            Error::StaleEtag(id) => status::aborted(
-                "STALE_ETAG",
-                format!(
-                    "webhook {id} changed since it was read; read it again and retry with the new etag"
-                ),
-            ),
-            Error::Unimplemented(rpc) => Status::unimplemented(format!(
-                "{rpc} is not available yet: this server does not record webhook deliveries"
-            )),
+            Error::NameTaken(name) => status::name_taken("webhook", &name),
+            Error::StaleEtag(id) => status::stale_etag("webhook", &id),
+            Error::Unimplemented(_) => Status::unimplemented(err.to_string()),
             Error::Storage(err) => status::storage(&err),
             Error::Internal(msg) => status::internal(&msg),
         }

@@ -313,17 +313,15 @@ impl Store {
         else {
             return Ok(None);
         };
-        let status = status_of(&row);
-        let secret = row.secret.clone();
-        let w = from_row(row, false)?;
+        let w = from_row(row, true)?;
         Ok(Some(Endpoint {
+            status: pb::WebhookStatus::try_from(w.status).unwrap_or(pb::WebhookStatus::Active),
             webhook_id: w.webhook_id,
             name: w.name,
             url: w.url,
-            secret,
+            secret: w.secret,
             headers: w.headers.into_iter().collect(),
             event_types: w.event_types,
-            status,
             disabled_reason: w.disabled_reason,
         }))
     }

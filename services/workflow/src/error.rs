@@ -74,16 +74,8 @@ impl From<Error> for Status {
             Error::RuleNotFound(id) => {
                 status::not_found("TRANSFORMATION_RULE_NOT_FOUND", "transformation rule", &id)
             }
-            Error::NameTaken { kind, name } => status::already_exists(
-                "NAME_TAKEN",
-                format!("a {kind} named `{name}` already exists"),
-            ),
-            Error::StaleEtag { kind, id } => status::aborted(
-                "STALE_ETAG",
-                format!(
-                    "{kind} {id} changed since it was read; read it again and retry with the new etag"
-                ),
-            ),
+            Error::NameTaken { kind, name } => status::name_taken(kind, &name),
+            Error::StaleEtag { kind, id } => status::stale_etag(kind, &id),
             Error::Storage(err) => status::storage(&err),
             Error::Internal(msg) => status::internal(&msg),
         }
