@@ -319,8 +319,13 @@ fn write(tx: &Connection, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, St
             }
         }
     }
-    for (workflow_id, delta, durations) in &metrics {
-        add_metrics(tx, workflow_id, delta, durations, now)?;
+    if !metrics.is_empty() {
+        // Prepared once for every row: a cached statement's lookup hashes its whole text.
+        let mut read = tx.prepare_cached(HISTOGRAM)?;
+        let mut add = tx.prepare_cached(METRICS_ADD)?;
+        for (workflow_id, delta, durations) in &metrics {
+            add_metrics(&mut read, &mut add, workflow_id, delta, durations, now)?;
+        }
     }
     let at = super::commit_time();
     let at_text = time(at);
@@ -345,9 +350,11 @@ fn write(tx: &Connection, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, St
     Ok(outcomes)
 }
 
-/// Adds merged increments to one metrics row.
+/// Adds merged increments to one metrics row, with `read` prepared from [`HISTOGRAM`] and `add`
+/// from [`METRICS_ADD`].
 fn add_metrics(
-    tx: &Connection,
+    read: &mut rusqlite::Statement<'_>,
+    add: &mut rusqlite::Statement<'_>,
     workflow_id: &str,
     d: &MetricsDelta,
     durations: &[i64],
@@ -357,8 +364,7 @@ fn add_metrics(
     let stored: Option<String> = if durations.is_empty() {
         None
     } else {
-        tx.prepare_cached(HISTOGRAM)?
-            .query_row(params![workflow_id, d.step_id], |r| r.get(0))
+        read.query_row(params![workflow_id, d.step_id], |r| r.get(0))
             .optional()?
     };
     let stored = match stored {
@@ -367,7 +373,7 @@ fn add_metrics(
         None => Vec::new(),
     };
     let histogram = Value::from(super::histogram_plus(stored, durations));
-    tx.prepare_cached(METRICS_ADD)?.execute(params![
+    add.execute(params![
         workflow_id,
         d.step_id,
         d.total,
