@@ -976,7 +976,7 @@ async fn fence<'a, C: ConnectionTrait>(
     commits: impl Iterator<Item = &'a Commit>,
     now: DateTime<Utc>,
 ) -> Result<bool, StoreError> {
-    let (p, last_sequence) = merged_patch(commits);
+    let p = merged_patch(commits);
     let mut update = execution::Entity::update_many()
         .col_expr(execution::Column::UpdateTime, Expr::value(now))
         .filter(execution::Column::Id.eq(execution_id))
@@ -985,13 +985,13 @@ async fn fence<'a, C: ConnectionTrait>(
         update = update.col_expr(execution::Column::Status, Expr::value(status.as_str_name()));
     }
     if let Some(v) = p.variables {
-        update = update.col_expr(execution::Column::Variables, Expr::value(v));
+        update = update.col_expr(execution::Column::Variables, Expr::value(v.clone()));
     }
     if let Some(v) = p.output {
-        update = update.col_expr(execution::Column::Output, Expr::value(v));
+        update = update.col_expr(execution::Column::Output, Expr::value(v.clone()));
     }
     if let Some(v) = p.error {
-        update = update.col_expr(execution::Column::Error, Expr::value(v));
+        update = update.col_expr(execution::Column::Error, Expr::value(v.clone()));
     }
     if let Some(wake) = p.wake_at {
         update = update.col_expr(execution::Column::WakeAt, Expr::value(wake));
@@ -1002,7 +1002,7 @@ async fn fence<'a, C: ConnectionTrait>(
     if let Some(t) = p.end_time {
         update = update.col_expr(execution::Column::EndTime, Expr::value(t));
     }
-    if let Some(seq) = last_sequence {
+    if let Some(seq) = p.last_sequence {
         update = update.col_expr(execution::Column::LastSequence, Expr::value(seq));
     }
     if p.release_lease {
@@ -1089,22 +1089,44 @@ fn by_execution(batch: &[Commit]) -> Vec<(&str, Vec<usize>)> {
 
 /// The row changes of consecutive commits of one execution as one patch (later values win, the
 /// start time is the first one), and the last event sequence among them.
-fn merged_patch<'a>(commits: impl Iterator<Item = &'a Commit>) -> (ExecutionPatch, Option<i64>) {
-    let mut p = ExecutionPatch::default();
-    let mut last_sequence = None;
+/// The row changes of one execution's commits merged in order (the last value of each field
+/// wins), borrowing their values.
+#[derive(Default)]
+struct Merged<'a> {
+    status: Option<pb::ExecutionStatus>,
+    variables: Option<&'a Value>,
+    output: Option<&'a Value>,
+    error: Option<&'a Value>,
+    wake_at: Option<Option<DateTime<Utc>>>,
+    start_time: Option<DateTime<Utc>>,
+    end_time: Option<DateTime<Utc>>,
+    release_lease: bool,
+    /// The sequence of the last event.
+    last_sequence: Option<i64>,
+}
+
+impl Merged<'_> {
+    /// Whether the change sets a column some index of the executions' table holds.
+    fn indexed(&self) -> bool {
+        self.status.is_some() || self.wake_at.is_some() || self.release_lease
+    }
+}
+
+fn merged_patch<'a>(commits: impl Iterator<Item = &'a Commit>) -> Merged<'a> {
+    let mut p = Merged::default();
     for c in commits {
         let q = &c.patch;
         p.status = q.status.or(p.status);
-        p.variables = q.variables.clone().or(p.variables);
-        p.output = q.output.clone().or(p.output);
-        p.error = q.error.clone().or(p.error);
+        p.variables = q.variables.as_ref().or(p.variables);
+        p.output = q.output.as_ref().or(p.output);
+        p.error = q.error.as_ref().or(p.error);
         p.wake_at = q.wake_at.or(p.wake_at);
         p.start_time = p.start_time.or(q.start_time);
         p.end_time = q.end_time.or(p.end_time);
         p.release_lease |= q.release_lease;
-        last_sequence = c.events.last().map(|e| e.sequence).or(last_sequence);
+        p.last_sequence = c.events.last().map(|e| e.sequence).or(p.last_sequence);
     }
-    (p, last_sequence)
+    p
 }
 
 fn duration_ms(s: &StepRow) -> Option<i64> {

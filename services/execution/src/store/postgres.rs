@@ -250,18 +250,18 @@ fn batch_statement<'q>(
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut last_sequence, mut release) = (Vec::new(), Vec::new());
     for (execution_id, members) in groups {
-        let (p, last) = super::merged_patch(members.iter().map(|&k| &batch[k]));
+        let p = super::merged_patch(members.iter().map(|&k| &batch[k]));
         id.push(execution_id.to_string());
         owner.push(batch[members[0]].owner.clone());
         status.push(p.status.map(|s| s.as_str_name().to_string()));
-        variables.push(opt_json(&p.variables)?);
-        output.push(opt_json(&p.output)?);
-        error.push(opt_json(&p.error)?);
+        variables.push(p.variables.map(json).transpose()?);
+        output.push(p.output.map(json).transpose()?);
+        error.push(p.error.map(json).transpose()?);
         set_wake.push(p.wake_at.is_some());
         wake_at.push(p.wake_at.flatten().map(time));
         start.push(p.start_time.map(time));
         end.push(p.end_time.map(time));
-        last_sequence.push(last);
+        last_sequence.push(p.last_sequence);
         release.push(p.release_lease);
     }
     // Attempts, the last write of each id winning (one statement may touch a row only once).

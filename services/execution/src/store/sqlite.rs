@@ -264,20 +264,23 @@ fn write(tx: &Connection, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, St
     let mut outcomes = vec![CommitOutcome::Done; batch.len()];
     let mut metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
     for (execution_id, members) in super::by_execution(batch) {
-        let (patch, last_sequence) = super::merged_patch(members.iter().map(|&k| &batch[k]));
-        let indexed = patch.status.is_some() || patch.wake_at.is_some() || patch.release_lease;
-        let fence = if indexed { FENCE } else { FENCE_UNINDEXED };
+        let patch = super::merged_patch(members.iter().map(|&k| &batch[k]));
+        let fence = if patch.indexed() {
+            FENCE
+        } else {
+            FENCE_UNINDEXED
+        };
         let fenced = tx.prepare_cached(fence)?.execute(params![
             now_text,
             patch.status.map(|s| s.as_str_name()),
-            patch.variables.as_ref().map(json).transpose()?,
-            patch.output.as_ref().map(json).transpose()?,
-            patch.error.as_ref().map(json).transpose()?,
+            patch.variables.map(json).transpose()?,
+            patch.output.map(json).transpose()?,
+            patch.error.map(json).transpose()?,
             patch.wake_at.is_some(),
             patch.wake_at.flatten().map(time),
             patch.start_time.map(time),
             patch.end_time.map(time),
-            last_sequence,
+            patch.last_sequence,
             patch.release_lease,
             execution_id,
             batch[members[0]].owner,
