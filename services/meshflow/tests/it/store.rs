@@ -285,6 +285,48 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
     );
     assert_eq!(histogram[three_ms], json!(2));
     assert_eq!(histogram.iter().filter_map(|n| n.as_i64()).sum::<i64>(), 2);
+
+    // Durations of one step in several buckets in one commit, for a new row and an existing one.
+    let bucket = |ms: i64| {
+        meshflow_execution::store::BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .expect("bucket")
+    };
+    for (sequence, expected) in [(3, 1), (4, 2)] {
+        let mut spread = commit(&ours, &workflow.workflow_id, "replica-b");
+        spread.events[0].sequence = sequence;
+        spread.steps.clear();
+        spread.metrics = [3, 700, 4, 90_000]
+            .into_iter()
+            .map(|ms| MetricsDelta {
+                step_id: "spread".into(),
+                completed: 1,
+                duration_ms: Some(ms),
+                ..Default::default()
+            })
+            .collect();
+        let outcomes = store.commit(&mut [spread]).await.expect("commit");
+        assert_eq!(outcomes, [CommitOutcome::Done]);
+        let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
+        let spread = metrics
+            .iter()
+            .find(|m| m.step_id == "spread")
+            .expect("spread");
+        assert_eq!(spread.completed, 4 * expected);
+        let histogram = spread.duration_histogram.as_array().expect("histogram");
+        assert_eq!(
+            histogram.len(),
+            meshflow_execution::store::BUCKETS_MS.len() + 1
+        );
+        assert_eq!(histogram[bucket(3)], json!(2 * expected));
+        assert_eq!(histogram[bucket(700)], json!(expected));
+        assert_eq!(histogram[bucket(90_000)], json!(expected));
+        assert_eq!(
+            histogram.iter().filter_map(|n| n.as_i64()).sum::<i64>(),
+            4 * expected
+        );
+    }
 }
 
 #[tokio::test]
