@@ -1088,9 +1088,8 @@ fn by_execution(batch: &[Commit]) -> Vec<(&str, Vec<usize>)> {
 }
 
 /// The row changes of consecutive commits of one execution as one patch (later values win, the
-/// start time is the first one), and the last event sequence among them.
-/// The row changes of one execution's commits merged in order (the last value of each field
-/// wins), borrowing their values.
+/// start time is the first one), borrowing the commits' values, and the last event sequence among
+/// them.
 #[derive(Default)]
 struct Merged<'a> {
     status: Option<pb::ExecutionStatus>,
@@ -1112,6 +1111,7 @@ impl Merged<'_> {
     }
 }
 
+/// Merges the row changes of one execution's commits, taken in the order they were queued.
 fn merged_patch<'a>(commits: impl Iterator<Item = &'a Commit>) -> Merged<'a> {
     let mut p = Merged::default();
     for c in commits {

@@ -260,10 +260,13 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
         .find(|m| m.step_id == "fetch")
         .expect("fetch");
     assert_eq!((fetch.attempts, fetch.completed), (1, 1));
-    let three_ms = meshflow_execution::store::BUCKETS_MS
-        .iter()
-        .position(|b| 3 <= *b)
-        .expect("bucket");
+    let bucket = |ms: i64| {
+        meshflow_execution::store::BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .expect("bucket")
+    };
+    let three_ms = bucket(3);
     assert_eq!(fetch.duration_histogram[three_ms], json!(1));
 
     // Increments add up, histograms bucket by bucket.
@@ -287,12 +290,6 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
     assert_eq!(histogram.iter().filter_map(|n| n.as_i64()).sum::<i64>(), 2);
 
     // Durations of one step in several buckets in one commit, for a new row and an existing one.
-    let bucket = |ms: i64| {
-        meshflow_execution::store::BUCKETS_MS
-            .iter()
-            .position(|b| ms <= *b)
-            .expect("bucket")
-    };
     for (sequence, expected) in [(3, 1), (4, 2)] {
         let mut spread = commit(&ours, &workflow.workflow_id, "replica-b");
         spread.events[0].sequence = sequence;
