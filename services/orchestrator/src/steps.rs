@@ -45,6 +45,14 @@ impl StepError {
         }
     }
 
+    /// A failure a later attempt may not meet (the retry policy decides whether there is one).
+    pub fn retryable(code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            retryable: true,
+            ..Self::fatal(code, message)
+        }
+    }
+
     /// The error as stored and sent (`ExecutionError` JSON).
     pub fn to_json(&self, step_path: &str) -> Value {
         let mut v = json!({"code": self.code, "message": self.message, "stepPath": step_path});
@@ -245,20 +253,11 @@ pub async fn http(
             });
             let err = match refused {
                 Some(r) => StepError::fatal("refused", r.to_string()),
-                None if e.is_timeout() => StepError {
-                    code: "timeout",
-                    message: format!("no response within {}ms", timeout.as_millis()),
-                    details: Value::Null,
-                    retryable: true,
-                    retry_after: None,
-                },
-                None => StepError {
-                    code: "transport",
-                    message: eval::redact_text(&error_chain(&e)),
-                    details: Value::Null,
-                    retryable: true,
-                    retry_after: None,
-                },
+                None if e.is_timeout() => StepError::retryable(
+                    "timeout",
+                    format!("no response within {}ms", timeout.as_millis()),
+                ),
+                None => StepError::retryable("transport", eval::redact_text(&error_chain(&e))),
             };
             return (recorded, Err(err));
         }
@@ -280,13 +279,7 @@ pub async fn http(
         Err(e) => {
             return (
                 recorded,
-                Err(StepError {
-                    code: "transport",
-                    message: error_chain(&e),
-                    details: Value::Null,
-                    retryable: true,
-                    retry_after: None,
-                }),
+                Err(StepError::retryable("transport", error_chain(&e))),
             );
         }
     };
@@ -563,10 +556,7 @@ async fn registered_webhook(
         }
         // The database may be back at the next attempt.
         Err(e) => {
-            return Err(StepError {
-                retryable: true,
-                ..StepError::fatal("webhook_lookup", e.to_string())
-            });
+            return Err(StepError::retryable("webhook_lookup", e.to_string()));
         }
     };
     if endpoint.status != meshflow_proto::webhook::v1::WebhookStatus::Active {
@@ -660,17 +650,14 @@ pub async fn webhook_call(
         .header("content-type", "application/json")
         .body(body);
     let outcome = match req.send().await {
-        Err(e) => Err(StepError {
-            code: if e.is_timeout() {
+        Err(e) => Err(StepError::retryable(
+            if e.is_timeout() {
                 "timeout"
             } else {
                 "transport"
             },
-            message: eval::redact_text(&error_chain(&e)),
-            details: Value::Null,
-            retryable: true,
-            retry_after: None,
-        }),
+            eval::redact_text(&error_chain(&e)),
+        )),
         Ok(r) if r.status().is_success() => {
             let mut out = json!({"status": r.status().as_u16(), "webhookId": message_id});
             if let Some(e) = registered {
