@@ -991,11 +991,24 @@ impl Run {
 
     /// The span of one attempt of a leaf step, in the execution's trace, and the `traceparent` its
     /// requests carry: the span's own when spans are exported, else a stable one derived from the
-    /// execution id, step path and attempt.
-    fn attempt_span(&self, step: &pb::Step, path: &str, attempt: i32) -> (tracing::Span, String) {
-        let stable = traceparent(&self.id, path, attempt);
+    /// execution id, step path and attempt. A step that `sends` no request gets no `traceparent`
+    /// unless its span has one.
+    fn attempt_span(
+        &self,
+        step: &pb::Step,
+        path: &str,
+        attempt: i32,
+        sends: bool,
+    ) -> (tracing::Span, String) {
+        let stable = || {
+            if sends {
+                traceparent(&self.id, path, attempt)
+            } else {
+                String::new()
+            }
+        };
         if !meshflow_kit::telemetry::exporting() {
-            return (tracing::Span::none(), stable);
+            return (tracing::Span::none(), stable());
         }
         let span = tracing::info_span!(
             "step attempt",
@@ -1011,7 +1024,7 @@ impl Run {
         );
         // The parent is the execution's root (never exported itself): one trace per execution.
         let own = meshflow_kit::telemetry::continue_trace(&span, &traceparent(&self.id, "", 0));
-        (span, own.unwrap_or(stable))
+        (span, own.unwrap_or_else(stable))
     }
 
     /// Leaf steps, with retries scheduled on stored `next_attempt_at`.
@@ -1060,7 +1073,7 @@ impl Run {
                 self.durable(made_from).await?;
             }
             let scope = self.scope(frame);
-            let (span, traceparent) = self.attempt_span(step, path, attempt);
+            let (span, traceparent) = self.attempt_span(step, path, attempt, external);
             let call = CallContext {
                 idempotency_key: &idempotency_key,
                 traceparent: &traceparent,
