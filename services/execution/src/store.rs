@@ -315,7 +315,7 @@ pub fn quantile_ms(histogram: &[i64], q: f64) -> Option<i64> {
 }
 
 /// The connection of the SQLite write path, opened on first use.
-type SqliteWriter = std::sync::Arc<tokio::sync::Mutex<rusqlite::Connection>>;
+type SqliteWriter = std::sync::Arc<tokio::sync::Mutex<sqlite::Writer>>;
 
 /// The connections of a SQLite file's own paths: the writer's, and one for the point reads a
 /// start or a parking driver makes (see [`sqlite::Reader`]).

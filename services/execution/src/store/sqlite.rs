@@ -10,6 +10,7 @@
 //! The connection waits out a competing writer in short sleeps, not SQLite's default steps of
 //! milliseconds: the competing writes (a new execution, a lease) are short.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -36,8 +37,57 @@ fn busy(count: i32) -> bool {
     limit
 }
 
+/// The writer's connection, and the metric rows as it last wrote or read them.
+pub(super) struct Writer {
+    conn: Connection,
+    metrics: Metrics,
+}
+
+/// Metric rows the writer knows, so a commit adds to them without reading them first. Valid while
+/// no other connection has committed: `PRAGMA data_version`, read inside each write transaction,
+/// changes when one has (a workflow deleted, another process on the same file), and the rows are
+/// read again.
+#[derive(Default)]
+struct Metrics {
+    version: i64,
+    rows: HashMap<(String, String), Counts>,
+}
+
+/// Most metric rows kept: a row not kept is read again by the commit that next adds to it.
+const METRICS_KEPT: usize = 4096;
+
+/// The values of one metrics row.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Counts {
+    total: i64,
+    active: i64,
+    completed: i64,
+    failed: i64,
+    cancelled: i64,
+    timed_out: i64,
+    skipped: i64,
+    attempts: i64,
+    histogram: Vec<i64>,
+}
+
+impl Counts {
+    fn plus(&self, d: &MetricsDelta, durations: &[i64]) -> Self {
+        Self {
+            total: self.total + d.total,
+            active: self.active + d.active,
+            completed: self.completed + d.completed,
+            failed: self.failed + d.failed,
+            cancelled: self.cancelled + d.cancelled,
+            timed_out: self.timed_out + d.timed_out,
+            skipped: self.skipped + d.skipped,
+            attempts: self.attempts + d.attempts,
+            histogram: super::histogram_plus(self.histogram.clone(), durations),
+        }
+    }
+}
+
 /// Opens the writer's connection to the database file at `path` (migrated already).
-pub(super) fn open(path: &Path, synchronous: &str) -> Result<Connection, StoreError> {
+pub(super) fn open(path: &Path, synchronous: &str) -> Result<Writer, StoreError> {
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -50,7 +100,10 @@ pub(super) fn open(path: &Path, synchronous: &str) -> Result<Connection, StoreEr
          PRAGMA wal_autocheckpoint = 0;"
     ))?;
     conn.set_prepared_statement_cache_capacity(32);
-    Ok(conn)
+    Ok(Writer {
+        conn,
+        metrics: Metrics::default(),
+    })
 }
 
 /// A read-only connection for the point reads on a start's and a parking driver's path. Through
@@ -149,37 +202,64 @@ const STEP: &str = "INSERT INTO step_executions (id, execution_id, step_id, step
     start_time = excluded.start_time, end_time = excluded.end_time,
     duration_ms = excluded.duration_ms, next_attempt_at = excluded.next_attempt_at";
 
-const EVENT: &str = "INSERT INTO execution_events (execution_id, sequence, time, event_type,
-    step_path, payload) VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+/// Most events one statement of [`EVENTS_INSERT`] writes.
+const EVENTS_PER_INSERT: usize = 8;
+
+/// The statements inserting 1 to [`EVENTS_PER_INSERT`] events of one group commit (see
+/// [`events_insert`]).
+static EVENTS_INSERT: std::sync::LazyLock<Vec<String>> =
+    std::sync::LazyLock::new(|| (1..=EVENTS_PER_INSERT).map(events_insert).collect());
+
+/// The statement inserting `n` events of one group commit, their shared time in `?1` and each
+/// event's execution id, sequence, type, step path and payload in the five parameters after.
+/// One statement for a commit's events, not one per event, opens its cursors and binds its time
+/// once.
+fn events_insert(n: usize) -> String {
+    let mut sql = String::from(
+        "INSERT INTO execution_events (execution_id, sequence, time, event_type, step_path, \
+         payload) VALUES ",
+    );
+    for i in 0..n {
+        let p = 2 + 5 * i;
+        if i > 0 {
+            sql.push_str(", ");
+        }
+        sql.push_str(&format!(
+            "(?{p}, ?{}, ?1, ?{}, ?{}, ?{})",
+            p + 1,
+            p + 2,
+            p + 3,
+            p + 4
+        ));
+    }
+    sql
+}
 
 const CONSUME: &str = "UPDATE execution_signals SET consumed_by = ?1 WHERE id = ?2";
 
-/// Adds increments to a metrics row (creating it). Counts add up in SQL; the histogram is read and
-/// added to here, inside the transaction that holds the write lock.
-const METRICS_ADD: &str = "INSERT INTO orchestration_metrics (workflow_id, step_id, total, active,
-    completed, failed, cancelled, timed_out, skipped, attempts, duration_histogram, update_time)
-    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
-    ON CONFLICT (workflow_id, step_id) DO UPDATE SET total = total + excluded.total,
-    active = active + excluded.active, completed = completed + excluded.completed,
-    failed = failed + excluded.failed, cancelled = cancelled + excluded.cancelled,
-    timed_out = timed_out + excluded.timed_out, skipped = skipped + excluded.skipped,
-    attempts = attempts + excluded.attempts,
-    duration_histogram = CASE WHEN ?13 THEN excluded.duration_histogram
-        ELSE duration_histogram END,
-    update_time = excluded.update_time";
-
-const HISTOGRAM: &str = "SELECT duration_histogram FROM orchestration_metrics
+const METRICS_READ: &str = "SELECT total, active, completed, failed, cancelled, timed_out,
+    skipped, attempts, duration_histogram FROM orchestration_metrics
     WHERE workflow_id = ?1 AND step_id = ?2";
+
+/// Sets a metrics row's values; the histogram stays when `?11` is NULL.
+const METRICS_SET: &str = "UPDATE orchestration_metrics SET total = ?3, active = ?4,
+    completed = ?5, failed = ?6, cancelled = ?7, timed_out = ?8, skipped = ?9, attempts = ?10,
+    duration_histogram = COALESCE(?11, duration_histogram), update_time = ?12
+    WHERE workflow_id = ?1 AND step_id = ?2";
+
+const METRICS_INSERT: &str = "INSERT INTO orchestration_metrics (workflow_id, step_id, total,
+    active, completed, failed, cancelled, timed_out, skipped, attempts, duration_histogram,
+    update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
 
 /// Inserts a new execution unless its workflow no longer matches `head`, `max_active`
 /// executions are active or not yet started, or an execution with that id or request id exists.
 pub(super) fn insert_execution(
-    conn: &mut Connection,
+    writer: &mut Writer,
     row: &execution::Model,
     max_active: u64,
     head: Head,
 ) -> Result<InsertOutcome, StoreError> {
-    immediate(conn, |tx| insert_in(tx, row, max_active, head))
+    immediate(&mut writer.conn, |tx| insert_in(tx, row, max_active, head))
 }
 
 fn insert_in(
@@ -231,10 +311,24 @@ fn insert_in(
 
 /// [`super::Store::commit`] on the writer's connection: the same rows, fencing and metrics.
 pub(super) fn commit(
-    conn: &mut Connection,
+    writer: &mut Writer,
     batch: &mut [Commit],
 ) -> Result<Vec<CommitOutcome>, StoreError> {
-    immediate(conn, |tx| write(tx, batch))
+    let Writer { conn, metrics } = writer;
+    match immediate(conn, |tx| write(tx, metrics, batch)) {
+        Ok((outcomes, written)) => {
+            // Known only once committed.
+            if metrics.rows.len() + written.len() > METRICS_KEPT {
+                metrics.rows.clear();
+            }
+            metrics.rows.extend(written);
+            Ok(outcomes)
+        }
+        Err(e) => {
+            metrics.rows.clear();
+            Err(e)
+        }
+    }
 }
 
 /// Runs `body` in an immediate transaction (the write lock taken at its start), committing what it
@@ -255,10 +349,17 @@ fn immediate<T>(
     result
 }
 
-/// The statements of one group commit. The events go last, stamped with the time just before
-/// they are written: only their own inserts and the commit itself come between that time and
-/// their being durable.
-fn write(tx: &Connection, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, StoreError> {
+/// The metric rows a commit wrote, by workflow and step id.
+type Written = Vec<((String, String), Counts)>;
+
+/// The statements of one group commit, and the metric rows it wrote. The events go last, stamped
+/// with the time just before they are written: only their own inserts and the commit itself come
+/// between that time and their being durable.
+fn write(
+    tx: &Connection,
+    known: &mut Metrics,
+    batch: &mut [Commit],
+) -> Result<(Vec<CommitOutcome>, Written), StoreError> {
     let now = Utc::now();
     let now_text = time(now);
     let mut outcomes = vec![CommitOutcome::Done; batch.len()];
@@ -322,74 +423,128 @@ fn write(tx: &Connection, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, St
             }
         }
     }
+    let mut written = Written::new();
     if !metrics.is_empty() {
-        // Prepared once for every row: a cached statement's lookup hashes its whole text.
-        let mut read = tx.prepare_cached(HISTOGRAM)?;
-        let mut add = tx.prepare_cached(METRICS_ADD)?;
-        for (workflow_id, delta, durations) in &metrics {
-            add_metrics(&mut read, &mut add, workflow_id, delta, durations, now)?;
+        let version: i64 = tx
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
+        if version != known.version {
+            known.version = version;
+            known.rows.clear();
+        }
+        for (workflow_id, delta, durations) in metrics {
+            let key = (workflow_id, delta.step_id.clone());
+            let counts = add_metrics(tx, known.rows.get(&key), &key, &delta, &durations, now)?;
+            written.push((key, counts));
         }
     }
     let at = super::commit_time();
     let at_text = time(at);
     super::stamp_written(batch, &outcomes, at);
-    let mut event = tx.prepare_cached(EVENT)?;
+    let mut rows = Vec::new();
     for (c, outcome) in batch.iter_mut().zip(&outcomes) {
         if *outcome != CommitOutcome::Done {
             continue;
         }
         for e in &mut c.events {
-            let payload = super::stored_payload(e)?;
-            event.execute(params![
-                c.execution_id,
-                e.sequence,
-                at_text,
-                super::event_type_name(e),
-                Some(e.step_path.as_str()).filter(|p| !p.is_empty()),
-                payload,
-            ])?;
+            rows.push((&c.execution_id, super::stored_payload(e)?, &*e));
         }
     }
-    Ok(outcomes)
+    for chunk in rows.chunks(EVENTS_PER_INSERT) {
+        let mut insert = tx.prepare_cached(&EVENTS_INSERT[chunk.len() - 1])?;
+        insert.raw_bind_parameter(1, &at_text)?;
+        for (i, (execution_id, payload, e)) in chunk.iter().enumerate() {
+            let p = 2 + 5 * i;
+            insert.raw_bind_parameter(p, execution_id)?;
+            insert.raw_bind_parameter(p + 1, e.sequence)?;
+            insert.raw_bind_parameter(p + 2, super::event_type_name(e))?;
+            insert
+                .raw_bind_parameter(p + 3, Some(e.step_path.as_str()).filter(|s| !s.is_empty()))?;
+            insert.raw_bind_parameter(p + 4, payload)?;
+        }
+        insert.raw_execute()?;
+    }
+    Ok((outcomes, written))
 }
 
-/// Adds merged increments to one metrics row, with `read` prepared from [`HISTOGRAM`] and `add`
-/// from [`METRICS_ADD`].
+/// Adds merged increments to the metrics row `key` (workflow and step id), creating it, and
+/// returns its new values. `known`: its values as the writer last wrote them, if still valid;
+/// else the row is read.
 fn add_metrics(
-    read: &mut rusqlite::Statement<'_>,
-    add: &mut rusqlite::Statement<'_>,
-    workflow_id: &str,
+    tx: &Connection,
+    known: Option<&Counts>,
+    key: &(String, String),
     d: &MetricsDelta,
     durations: &[i64],
     now: DateTime<Utc>,
-) -> Result<(), StoreError> {
-    // Without durations the stored histogram stays; a new row starts at zero.
-    let stored: Option<String> = if durations.is_empty() {
-        None
-    } else {
-        read.query_row(params![workflow_id, d.step_id], |r| r.get(0))
-            .optional()?
+) -> Result<Counts, StoreError> {
+    let (workflow_id, step_id) = key;
+    let current = match known {
+        Some(counts) => Some(counts.clone()),
+        None => read_metrics(tx, workflow_id, step_id)?,
     };
-    let stored = match stored {
-        Some(text) => serde_json::from_str(&text)
-            .map_err(|e| StoreError::Corrupt(format!("duration histogram: {e}")))?,
-        None => Vec::new(),
+    let exists = current.is_some();
+    let next = current.unwrap_or_default().plus(d, durations);
+    let now = time(now);
+    let write = |sql: &str, histogram: Option<String>| -> Result<usize, StoreError> {
+        Ok(tx.prepare_cached(sql)?.execute(params![
+            workflow_id,
+            step_id,
+            next.total,
+            next.active,
+            next.completed,
+            next.failed,
+            next.cancelled,
+            next.timed_out,
+            next.skipped,
+            next.attempts,
+            histogram,
+            now,
+        ])?)
     };
-    let histogram = Value::from(super::histogram_plus(stored, durations));
-    add.execute(params![
-        workflow_id,
-        d.step_id,
-        d.total,
-        d.active,
-        d.completed,
-        d.failed,
-        d.cancelled,
-        d.timed_out,
-        d.skipped,
-        d.attempts,
-        json(&histogram)?,
-        time(now),
-        !durations.is_empty(),
-    ])?;
-    Ok(())
+    let histogram = || json(&Value::from(next.histogram.clone()));
+    // Without durations the stored histogram stays. A row known to the writer is gone only if
+    // another connection deleted it (its workflow's) unseen: then it is created again.
+    let set = exists
+        && write(
+            METRICS_SET,
+            (!durations.is_empty()).then(histogram).transpose()?,
+        )? == 1;
+    if !set {
+        write(METRICS_INSERT, Some(histogram()?))?;
+    }
+    Ok(next)
+}
+
+/// The values of a metrics row, if it exists.
+fn read_metrics(
+    tx: &Connection,
+    workflow_id: &str,
+    step_id: &str,
+) -> Result<Option<Counts>, StoreError> {
+    let row = tx
+        .prepare_cached(METRICS_READ)?
+        .query_row([workflow_id, step_id], |r| {
+            Ok((
+                Counts {
+                    total: r.get(0)?,
+                    active: r.get(1)?,
+                    completed: r.get(2)?,
+                    failed: r.get(3)?,
+                    cancelled: r.get(4)?,
+                    timed_out: r.get(5)?,
+                    skipped: r.get(6)?,
+                    attempts: r.get(7)?,
+                    histogram: Vec::new(),
+                },
+                r.get::<_, String>(8)?,
+            ))
+        })
+        .optional()?;
+    row.map(|(mut counts, text)| {
+        counts.histogram = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("duration histogram: {e}")))?;
+        Ok(counts)
+    })
+    .transpose()
 }

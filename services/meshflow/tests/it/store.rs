@@ -326,6 +326,65 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
     }
 }
 
+/// Metric rows changed by another connection (another replica or process, a deleted workflow)
+/// between two commits: the second commit adds to what is stored, not to what its writer last
+/// wrote, and creates a deleted row again.
+#[tokio::test]
+async fn a_commit_adds_to_metrics_another_connection_changed() {
+    use sea_orm::ConnectionTrait;
+    let (db, store, workflow) = fresh_store("metrics-shared").await;
+    let ours = execution(&store, &workflow.workflow_id, "replica-a").await;
+    let fetch = |metrics: Vec<meshflow_execution::store::entity::metrics::Model>| {
+        let row = metrics
+            .into_iter()
+            .find(|m| m.step_id == "fetch")
+            .expect("fetch");
+        let counted: i64 = row
+            .duration_histogram
+            .as_array()
+            .expect("histogram")
+            .iter()
+            .filter_map(|n| n.as_i64())
+            .sum();
+        (row.completed, row.attempts, counted)
+    };
+    let mut sequence = 0;
+    let mut next = || {
+        sequence += 1;
+        let mut c = commit(&ours, &workflow.workflow_id, "replica-a");
+        c.events[0].sequence = sequence;
+        c.steps[0].attempt = i32::try_from(sequence).expect("attempt");
+        c
+    };
+
+    assert_eq!(
+        store.commit(&mut [next()]).await.expect("commit"),
+        [CommitOutcome::Done]
+    );
+    db.execute_unprepared(
+        "UPDATE orchestration_metrics SET completed = completed + 100, attempts = attempts + 100 \
+         WHERE step_id = 'fetch'",
+    )
+    .await
+    .expect("update elsewhere");
+    assert_eq!(
+        store.commit(&mut [next()]).await.expect("commit"),
+        [CommitOutcome::Done]
+    );
+    let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
+    assert_eq!(fetch(metrics), (102, 102, 2));
+
+    db.execute_unprepared("DELETE FROM orchestration_metrics WHERE step_id = 'fetch'")
+        .await
+        .expect("delete elsewhere");
+    assert_eq!(
+        store.commit(&mut [next()]).await.expect("commit"),
+        [CommitOutcome::Done]
+    );
+    let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
+    assert_eq!(fetch(metrics), (1, 1, 1));
+}
+
 #[tokio::test]
 async fn an_event_reads_back_as_committed_without_its_columns_repeated_in_its_payload() {
     use sea_orm::{ConnectionTrait, Statement};
