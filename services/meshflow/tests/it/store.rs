@@ -436,6 +436,79 @@ async fn an_event_reads_back_as_committed_without_its_columns_repeated_in_its_pa
     assert_eq!(payload["output"]["body"]["tags"], json!(["a"]));
 }
 
+/// A batch's events are written however many there are, in however many statements, each with its
+/// own step path (or none), and those of an execution whose lease is lost are not.
+#[tokio::test]
+async fn every_event_of_a_large_batch_is_written_once() {
+    let (_, store, workflow) = fresh_store("many-events").await;
+    let a = execution(&store, &workflow.workflow_id, "replica-a").await;
+    let b = execution(&store, &workflow.workflow_id, "replica-a").await;
+    let lost = execution(&store, &workflow.workflow_id, "replica-b").await;
+    let events = |id: &str, n: i64| -> Vec<epb::ExecutionEvent> {
+        (1..=n)
+            .map(|sequence| epb::ExecutionEvent {
+                execution_id: id.to_string(),
+                sequence,
+                r#type: epb::EventType::Log as i32,
+                step_path: if sequence % 2 == 0 {
+                    format!("each[{sequence}].get")
+                } else {
+                    String::new()
+                },
+                message: format!("event {sequence}"),
+                ..Default::default()
+            })
+            .collect()
+    };
+    let mut batch = [
+        commit(&a, &workflow.workflow_id, "replica-a"),
+        commit(&lost, &workflow.workflow_id, "replica-a"),
+        commit(&b, &workflow.workflow_id, "replica-a"),
+    ];
+    batch[0].events = events(&a, 13);
+    batch[1].events = events(&lost, 5);
+    batch[2].events = events(&b, 9);
+    let outcomes = store.commit(&mut batch).await.expect("commit");
+    assert_eq!(
+        outcomes,
+        [
+            CommitOutcome::Done,
+            CommitOutcome::LeaseLost,
+            CommitOutcome::Done
+        ]
+    );
+    for (id, n) in [(&a, 13), (&b, 9)] {
+        let read = store.events_after(id, 0, 100).await.expect("events");
+        let expected: Vec<(i64, String, String)> = (1..=n)
+            .map(|s| {
+                let path = if s % 2 == 0 {
+                    format!("each[{s}].get")
+                } else {
+                    String::new()
+                };
+                (s, path, format!("event {s}"))
+            })
+            .collect();
+        assert_eq!(
+            read.iter()
+                .map(|e| (e.sequence, e.step_path.clone(), e.message.clone()))
+                .collect::<Vec<_>>(),
+            expected
+        );
+        assert!(
+            read.iter()
+                .all(|e| e.time.is_some() && e.time == read[0].time)
+        );
+    }
+    assert!(
+        store
+            .events_after(&lost, 0, 100)
+            .await
+            .expect("events")
+            .is_empty()
+    );
+}
+
 /// On PostgreSQL every pooled connection (the writer's too) plans a statement once and keeps the
 /// plan. One made while the executions table is empty must still find rows by key, not by reading
 /// the table: kept as the table grows, a sequential scan would read every execution at every commit.
