@@ -82,7 +82,7 @@ impl Outcome {
 struct Frame {
     outer: Option<Arc<Frame>>,
     local: Mutex<Map<String, Value>>,
-    item: Option<(Value, i64)>,
+    item: Option<(Arc<Value>, i64)>,
     /// The driver's commit that made this frame's results so far durable: the commit that opened
     /// its block, then the latest that recorded a result in it. Whatever a step of the block can
     /// read is durable once this commit is.
@@ -100,7 +100,7 @@ impl Frame {
     }
 
     /// The frame of a block nested in `outer`, opened by the driver's commit `opened`.
-    fn child(outer: &Arc<Frame>, item: Option<(Value, i64)>, opened: u64) -> Arc<Self> {
+    fn child(outer: &Arc<Frame>, item: Option<(Arc<Value>, i64)>, opened: u64) -> Arc<Self> {
         let item = item.or_else(|| outer.item.clone());
         Arc::new(Self {
             outer: Some(outer.clone()),
@@ -162,7 +162,8 @@ struct State {
     seq: i64,
     /// When the execution started running (for its duration).
     start_time: Option<DateTime<Utc>>,
-    vars: Value,
+    /// Replaced, not changed in place, so a scope made before a transform keeps what it saw.
+    vars: Arc<Value>,
     status: ExecutionStatus,
     /// Latest stored attempt per step path, as loaded at start.
     memo: HashMap<String, step::Model>,
@@ -187,9 +188,10 @@ pub struct Run {
     /// Execution id.
     pub id: String,
     workflow_id: String,
-    version: i64,
     def: Arc<pb::WorkflowVersion>,
-    input: Value,
+    input: Arc<Value>,
+    /// `execution` and `workflow` as expressions see them.
+    about: (Arc<Value>, Arc<Value>),
     deadline: Option<DateTime<Utc>>,
     state: Mutex<State>,
     /// Wakes the park monitor when `busy` or `waits` change.
@@ -291,14 +293,19 @@ impl Run {
             shared,
             id: exec.id.clone(),
             workflow_id: exec.workflow_id.clone(),
-            version: exec.workflow_version,
             def,
-            input: exec.input.clone(),
+            input: Arc::new(exec.input.clone()),
+            about: (
+                Arc::new(
+                    json!({"id": exec.id, "workflow_id": exec.workflow_id, "workflow_version": exec.workflow_version}),
+                ),
+                Arc::new(json!({"id": exec.workflow_id, "version": exec.workflow_version})),
+            ),
             deadline: exec.deadline_at,
             state: Mutex::new(State {
                 seq: exec.last_sequence,
                 start_time: exec.start_time,
-                vars: exec.variables.clone(),
+                vars: Arc::new(exec.variables.clone()),
                 status,
                 memo,
                 first_start,
@@ -500,15 +507,12 @@ impl Run {
             steps: Some(frame.clone()),
             ..Scope::default()
         };
-        s.set("input", self.input.clone());
-        s.set("vars", self.lock().vars.clone());
-        s.set("execution", json!({"id": self.id, "workflow_id": self.workflow_id, "workflow_version": self.version}));
-        s.set(
-            "workflow",
-            json!({"id": self.workflow_id, "version": self.version}),
-        );
+        s.share("input", self.input.clone());
+        s.share("vars", self.lock().vars.clone());
+        s.share("execution", self.about.0.clone());
+        s.share("workflow", self.about.1.clone());
         if let Some((item, index)) = &frame.item {
-            s.set("item", item.clone());
+            s.share("item", item.clone());
             s.set("index", json!(index));
         }
         s
@@ -755,7 +759,7 @@ impl Run {
             events.push(e);
             change.patch = ExecutionPatch {
                 status: Some(status),
-                variables: Some(st.vars.clone()),
+                variables: Some(Value::clone(&st.vars)),
                 output: output.clone(),
                 error: error.clone(),
                 wake_at: Some(None),
@@ -1107,7 +1111,7 @@ impl Run {
                             .map(|r| r.assignments)
                             .map_err(|e| StepError::fatal("rule", e.to_string()))
                     };
-                    let mut vars = self.lock().vars.clone();
+                    let mut vars = Value::clone(&self.lock().vars);
                     let r = assignments.and_then(|a| {
                         steps::transform(&self.shared.env.programs, &a, &scope, &mut vars)
                     });
@@ -1187,8 +1191,9 @@ impl Run {
                         }
                         if let Some(vars) = vars_after {
                             // Secrets never reach storage; later steps see what a replay would see.
-                            st.vars = redacted(vars);
-                            change.patch.variables = Some(st.vars.clone());
+                            let vars = redacted(vars);
+                            change.patch.variables = Some(vars.clone());
+                            st.vars = Arc::new(vars);
                         }
                         let mut e = run.step_event(
                             st,
@@ -1752,7 +1757,7 @@ impl Run {
             let run = self.clone();
             let steps = f.steps.clone();
             let prefix = format!("{path}[{i}]/");
-            let frame = Frame::child(&frame, Some((item, i as i64)), opened);
+            let frame = Frame::child(&frame, Some((Arc::new(item), i as i64)), opened);
             async move { (i, run.run_block(&steps, prefix, frame).await) }
         };
         for x in queue.by_ref().take(limit) {

@@ -70,8 +70,9 @@ impl Programs {
 /// The variables an expression sees.
 #[derive(Clone, Default)]
 pub struct Scope {
-    /// Named values: `input`, `vars`, `execution`, `workflow`, `item`, `index`, `response`, ...
-    pub vars: Vec<(&'static str, Value)>,
+    /// Named values: `input`, `vars`, `execution`, `workflow`, `item`, `index`, ... Shared, not
+    /// copied: a scope is made for every step, and an expression reads few of them, if any.
+    pub vars: Vec<(&'static str, Arc<Value>)>,
     /// Step results, materialised per expression with only the steps it reads.
     pub steps: Option<Arc<dyn StepResults>>,
 }
@@ -152,6 +153,11 @@ fn project_value(value: &Value, tails: &[&[String]]) -> Value {
 impl Scope {
     /// Adds or replaces a variable.
     pub fn set(&mut self, name: &'static str, value: Value) {
+        self.share(name, Arc::new(value));
+    }
+
+    /// Adds or replaces a variable with a value shared with its owner.
+    pub fn share(&mut self, name: &'static str, value: Arc<Value>) {
         match self.vars.iter_mut().find(|(n, _)| *n == name) {
             Some(slot) => slot.1 = value,
             None => self.vars.push((name, value)),
@@ -206,7 +212,7 @@ pub fn eval_with(
             .vars
             .iter()
             .filter(|(k, _)| reads(k) && !extra.iter().any(|(e, _)| e == k))
-            .map(|(k, v)| (*k, v)),
+            .map(|(k, v)| (*k, &**v)),
     );
     let steps_value;
     if reads("steps") && !vars.iter().any(|(k, _)| *k == "steps") {
@@ -223,7 +229,17 @@ pub fn eval_with(
 
 /// Evaluates an expression that must be a boolean.
 pub fn eval_bool(programs: &Programs, source: &str, scope: &Scope) -> Result<bool, EvalError> {
-    match eval(programs, source, scope)? {
+    eval_bool_with(programs, source, scope, &[])
+}
+
+/// [`eval_bool`] with extra variables, as [`eval_with`].
+pub fn eval_bool_with(
+    programs: &Programs,
+    source: &str,
+    scope: &Scope,
+    extra: &[(&'static str, &Value)],
+) -> Result<bool, EvalError> {
+    match eval_with(programs, source, scope, extra)? {
         Value::Bool(b) => Ok(b),
         other => Err(EvalError::Runtime(format!(
             "`{source}` must be true or false, got {other}"

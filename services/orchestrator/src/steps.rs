@@ -299,12 +299,11 @@ pub async fn http(
     let body = serde_json::from_slice::<Value>(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     let response_value = json!({"status": status, "headers": response_headers, "body": body});
-    let mut rscope = scope.clone();
-    rscope.set("response", response_value.clone());
+    let response = [("response", &response_value)];
     let ok = if h.success_condition.is_empty() {
         (200..300).contains(&status)
     } else {
-        match eval::eval_bool(p, &h.success_condition, &rscope) {
+        match eval::eval_bool_with(p, &h.success_condition, scope, &response) {
             Ok(b) => b,
             Err(e) => return (recorded, Err(e.into())),
         }
@@ -335,7 +334,7 @@ pub async fn http(
         let mut names: Vec<&String> = h.extract.keys().collect();
         names.sort();
         for name in names {
-            match eval::eval(p, &h.extract[name], &rscope) {
+            match eval::eval_with(p, &h.extract[name], scope, &response) {
                 Ok(v) => {
                     out.insert(name.clone(), v);
                 }
@@ -516,10 +515,9 @@ pub fn validation(env: &Env, v: &pb::ValidationStep, scope: &Scope) -> Result<Va
             );
         }
     }
-    let mut rscope = scope.clone();
-    rscope.set("value", value.clone());
+    let rule_scope = [("value", &value)];
     for (i, rule) in v.rules.iter().enumerate() {
-        match eval::eval_bool(&env.programs, &rule.expression, &rscope) {
+        match eval::eval_bool_with(&env.programs, &rule.expression, scope, &rule_scope) {
             Ok(true) => {}
             Ok(false) => violations.push(json!({"rule": i, "message": rule.message})),
             Err(e) => {
