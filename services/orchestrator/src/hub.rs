@@ -8,8 +8,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use meshflow_proto::execution::v1::ExecutionEvent;
 use tokio::sync::broadcast;
 
-/// Live events buffered per execution before a watcher is considered lagging.
-const CAPACITY: usize = 1024;
+/// Live events buffered per execution before a watcher is considered lagging (it then reads the
+/// rest from history). Every watched execution allocates and initialises all of them when its
+/// first watcher subscribes.
+const CAPACITY: usize = 256;
 
 /// Per-execution broadcast channels, created when someone watches.
 #[derive(Default)]
