@@ -436,10 +436,12 @@ async fn an_event_reads_back_as_committed_without_its_columns_repeated_in_its_pa
     assert_eq!(payload["output"]["body"]["tags"], json!(["a"]));
 }
 
-/// A batch's events are written however many there are, in however many statements, each with its
-/// own step path (or none), and those of an execution whose lease is lost are not.
+/// A batch's events and attempt rows are written however many there are (SQLite writes events
+/// eight to a statement), each event with its own step path (or none); a later row of an attempt
+/// in the same batch updates the earlier one; nothing of an execution whose lease is lost is
+/// written.
 #[tokio::test]
-async fn every_event_of_a_large_batch_is_written_once() {
+async fn every_row_of_a_large_batch_is_written_once() {
     let (_, store, workflow) = fresh_store("many-events").await;
     let a = execution(&store, &workflow.workflow_id, "replica-a").await;
     let b = execution(&store, &workflow.workflow_id, "replica-a").await;
@@ -464,18 +466,54 @@ async fn every_event_of_a_large_batch_is_written_once() {
         commit(&a, &workflow.workflow_id, "replica-a"),
         commit(&lost, &workflow.workflow_id, "replica-a"),
         commit(&b, &workflow.workflow_id, "replica-a"),
+        commit(&a, &workflow.workflow_id, "replica-a"),
     ];
     batch[0].events = events(&a, 13);
     batch[1].events = events(&lost, 5);
     batch[2].events = events(&b, 9);
+    batch[3].events.clear();
+    // Eleven attempts of `a`, then the end of the fourth in a later commit of the same batch.
+    let template = batch[0].steps[0].clone();
+    batch[0].steps = (1..=11)
+        .map(|i| StepRow {
+            id: meshflow_kit::id::new_id(),
+            step_path: format!("each[{i}].get"),
+            ..template.clone()
+        })
+        .collect();
+    let mut ended = batch[0].steps[3].clone();
+    ended.status = epb::StepStatus::Succeeded;
+    ended.output = Some(json!({"n": 4}));
+    ended.end_time = Some(Utc::now());
+    batch[3].steps = vec![ended.clone()];
     let outcomes = store.commit(&mut batch).await.expect("commit");
     assert_eq!(
         outcomes,
         [
             CommitOutcome::Done,
             CommitOutcome::LeaseLost,
+            CommitOutcome::Done,
             CommitOutcome::Done
         ]
+    );
+    let steps = store.list_steps(&a, None, None, 100).await.expect("steps");
+    assert_eq!(steps.len(), 11);
+    let running = steps
+        .iter()
+        .filter(|s| s.status == "STEP_STATUS_RUNNING")
+        .count();
+    assert_eq!(running, 10);
+    let fourth = steps.iter().find(|s| s.id == ended.id).expect("fourth");
+    assert_eq!(
+        (fourth.status.as_str(), fourth.output.clone()),
+        ("STEP_STATUS_SUCCEEDED", Some(json!({"n": 4})))
+    );
+    assert!(
+        store
+            .list_steps(&lost, None, None, 100)
+            .await
+            .expect("steps")
+            .is_empty()
     );
     for (id, n) in [(&a, 13), (&b, 9)] {
         let read = store.events_after(id, 0, 100).await.expect("events");
