@@ -69,6 +69,13 @@ impl Outcome {
         }
     }
 
+    fn into_output(self) -> Value {
+        match self {
+            Self::Succeeded(v) => v,
+            _ => Value::Null,
+        }
+    }
+
     fn status(&self) -> &'static str {
         match self {
             Self::Succeeded(_) => "SUCCEEDED",
@@ -604,7 +611,7 @@ impl Run {
         };
         let park = self.clone().park_monitor();
         tokio::select! {
-            r = body => r.map(|outcomes| outcomes.into_iter().map(|(k, o)| (k, o.output())).collect()),
+            r = body => r.map(|outcomes| outcomes.into_iter().map(|(k, o)| (k, o.into_output())).collect()),
             reason = cancel.wait_for(Option::is_some) => {
                 let reason = reason.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
                 Err(Halt::Cancelled(reason))
@@ -1632,8 +1639,10 @@ impl Run {
             .clone()
             .run_block(body, prefix, Frame::child(&frame, None, opened))
             .await?;
-        let outputs: Map<String, Value> =
-            outcomes.into_iter().map(|(k, o)| (k, o.output())).collect();
+        let outputs: Map<String, Value> = outcomes
+            .into_iter()
+            .map(|(k, o)| (k, o.into_output()))
+            .collect();
         let output = json!({"branch": decision["branch"], "steps": outputs});
         self.close_composite(step, &path, &row_id, decision, output)
             .await
@@ -1684,8 +1693,10 @@ impl Run {
         while let Some((_, name, result)) = running.next().await {
             match result {
                 Ok(outcomes) => {
-                    let o: Map<String, Value> =
-                        outcomes.into_iter().map(|(k, o)| (k, o.output())).collect();
+                    let o: Map<String, Value> = outcomes
+                        .into_iter()
+                        .map(|(k, o)| (k, o.into_output()))
+                        .collect();
                     outputs.insert(name, Value::Object(o));
                 }
                 Err(Halt::Failed(e)) => {
@@ -1766,8 +1777,12 @@ impl Run {
         while let Some((i, result)) = running.next().await {
             match result {
                 Ok(outcomes) => {
-                    results[i] =
-                        Value::Object(outcomes.into_iter().map(|(k, o)| (k, o.output())).collect());
+                    results[i] = Value::Object(
+                        outcomes
+                            .into_iter()
+                            .map(|(k, o)| (k, o.into_output()))
+                            .collect(),
+                    );
                 }
                 Err(Halt::Failed(e)) => {
                     drop(running);
