@@ -1030,13 +1030,56 @@ fn json_text(v: &Value) -> Result<String, StoreError> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-/// A stored histogram (empty for a new row) with `durations` added, bucket by bucket.
-fn histogram_plus(mut histogram: Vec<i64>, durations: &[i64]) -> Vec<i64> {
-    histogram.resize(BUCKETS_MS.len() + 1, 0);
-    for ms in durations {
-        histogram[bucket_of(*ms)] += 1;
+/// The values of one metrics row (zero for a new row).
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Counts {
+    total: i64,
+    active: i64,
+    completed: i64,
+    failed: i64,
+    cancelled: i64,
+    timed_out: i64,
+    skipped: i64,
+    attempts: i64,
+    histogram: Vec<i64>,
+}
+
+impl Counts {
+    /// The values of a stored row.
+    fn of(m: &metrics::Model) -> Self {
+        Self {
+            total: m.total,
+            active: m.active,
+            completed: m.completed,
+            failed: m.failed,
+            cancelled: m.cancelled,
+            timed_out: m.timed_out,
+            skipped: m.skipped,
+            attempts: m.attempts,
+            histogram: serde_json::from_value(m.duration_histogram.clone()).unwrap_or_default(),
+        }
     }
-    histogram
+
+    /// These values with merged increments added, and `durations` added to the histogram bucket
+    /// by bucket.
+    fn plus(&self, d: &MetricsDelta, durations: &[i64]) -> Self {
+        let mut histogram = self.histogram.clone();
+        histogram.resize(BUCKETS_MS.len() + 1, 0);
+        for ms in durations {
+            histogram[bucket_of(*ms)] += 1;
+        }
+        Self {
+            total: self.total + d.total,
+            active: self.active + d.active,
+            completed: self.completed + d.completed,
+            failed: self.failed + d.failed,
+            cancelled: self.cancelled + d.cancelled,
+            timed_out: self.timed_out + d.timed_out,
+            skipped: self.skipped + d.skipped,
+            attempts: self.attempts + d.attempts,
+            histogram,
+        }
+    }
 }
 
 /// The time a group commit stamps on its events: now, to the microsecond, the finest time every
@@ -1322,39 +1365,23 @@ fn next_metrics(
     durations: &[i64],
     now: DateTime<Utc>,
 ) -> metrics::Model {
-    let histogram = histogram_plus(
-        current
-            .as_ref()
-            .and_then(|m| serde_json::from_value(m.duration_histogram.clone()).ok())
-            .unwrap_or_default(),
-        durations,
-    );
-    let base = current.unwrap_or(metrics::Model {
+    let next = current
+        .as_ref()
+        .map(Counts::of)
+        .unwrap_or_default()
+        .plus(d, durations);
+    metrics::Model {
         workflow_id: workflow_id.to_string(),
         step_id: d.step_id.clone(),
-        total: 0,
-        active: 0,
-        completed: 0,
-        failed: 0,
-        cancelled: 0,
-        timed_out: 0,
-        skipped: 0,
-        attempts: 0,
-        duration_histogram: Value::Null,
-        update_time: now,
-    });
-    metrics::Model {
-        workflow_id: base.workflow_id,
-        step_id: base.step_id,
-        total: base.total + d.total,
-        active: base.active + d.active,
-        completed: base.completed + d.completed,
-        failed: base.failed + d.failed,
-        cancelled: base.cancelled + d.cancelled,
-        timed_out: base.timed_out + d.timed_out,
-        skipped: base.skipped + d.skipped,
-        attempts: base.attempts + d.attempts,
-        duration_histogram: Value::from(histogram),
+        total: next.total,
+        active: next.active,
+        completed: next.completed,
+        failed: next.failed,
+        cancelled: next.cancelled,
+        timed_out: next.timed_out,
+        skipped: next.skipped,
+        attempts: next.attempts,
+        duration_histogram: Value::from(next.histogram),
         update_time: now,
     }
 }
@@ -1421,5 +1448,33 @@ mod tests {
         assert_eq!(quantile_ms(&h, 0.95), Some(5_000));
         assert_eq!(quantile_ms(&h, 0.1), Some(1));
         assert_eq!(bucket_of(100_000_000), BUCKETS_MS.len());
+    }
+
+    #[test]
+    fn metric_increments_add_to_a_stored_row_or_start_one() {
+        let now = Utc::now();
+        let delta = MetricsDelta {
+            step_id: "get".into(),
+            completed: 2,
+            attempts: 3,
+            ..Default::default()
+        };
+        let first = next_metrics(None, "w", &delta, &[3, 700], now);
+        assert_eq!(
+            (first.workflow_id.as_str(), first.step_id.as_str()),
+            ("w", "get")
+        );
+        assert_eq!((first.total, first.completed, first.attempts), (0, 2, 3));
+        let histogram: Vec<i64> =
+            serde_json::from_value(first.duration_histogram.clone()).expect("histogram");
+        assert_eq!(histogram.len(), BUCKETS_MS.len() + 1);
+        assert_eq!((histogram[bucket_of(3)], histogram[bucket_of(700)]), (1, 1));
+
+        let second = next_metrics(Some(first), "w", &delta, &[3], now);
+        assert_eq!((second.completed, second.attempts), (4, 6));
+        let histogram: Vec<i64> =
+            serde_json::from_value(second.duration_histogram).expect("histogram");
+        assert_eq!((histogram[bucket_of(3)], histogram[bucket_of(700)]), (2, 1));
+        assert_eq!(histogram.iter().sum::<i64>(), 3);
     }
 }

@@ -20,7 +20,7 @@ use serde_json::Value;
 
 use super::entity::execution;
 use super::{
-    Commit, CommitOutcome, HEAD_SQLITE, Head, InsertOutcome, MetricsDelta, StoreError,
+    Commit, CommitOutcome, Counts, HEAD_SQLITE, Head, InsertOutcome, MetricsDelta, StoreError,
     json_text as json, time_text as time,
 };
 
@@ -55,36 +55,6 @@ struct Metrics {
 
 /// Most metric rows kept: a row not kept is read again by the commit that next adds to it.
 const METRICS_KEPT: usize = 4096;
-
-/// The values of one metrics row.
-#[derive(Debug, Clone, Default, PartialEq)]
-struct Counts {
-    total: i64,
-    active: i64,
-    completed: i64,
-    failed: i64,
-    cancelled: i64,
-    timed_out: i64,
-    skipped: i64,
-    attempts: i64,
-    histogram: Vec<i64>,
-}
-
-impl Counts {
-    fn plus(&self, d: &MetricsDelta, durations: &[i64]) -> Self {
-        Self {
-            total: self.total + d.total,
-            active: self.active + d.active,
-            completed: self.completed + d.completed,
-            failed: self.failed + d.failed,
-            cancelled: self.cancelled + d.cancelled,
-            timed_out: self.timed_out + d.timed_out,
-            skipped: self.skipped + d.skipped,
-            attempts: self.attempts + d.attempts,
-            histogram: super::histogram_plus(self.histogram.clone(), durations),
-        }
-    }
-}
 
 /// Opens the writer's connection to the database file at `path` (migrated already).
 pub(super) fn open(path: &Path, synchronous: &str) -> Result<Writer, StoreError> {
