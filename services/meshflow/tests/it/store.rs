@@ -348,41 +348,35 @@ async fn a_commit_adds_to_metrics_another_connection_changed() {
             .sum();
         (row.completed, row.attempts, counted)
     };
-    let mut sequence = 0;
-    let mut next = || {
-        sequence += 1;
+    // What another connection does before each commit, and the row after it.
+    let steps = [
+        (None, (1, 1, 1)),
+        (
+            Some(
+                "UPDATE orchestration_metrics SET completed = completed + 100, \
+                 attempts = attempts + 100 WHERE step_id = 'fetch'",
+            ),
+            (102, 102, 2),
+        ),
+        (
+            Some("DELETE FROM orchestration_metrics WHERE step_id = 'fetch'"),
+            (1, 1, 1),
+        ),
+    ];
+    for (sequence, (elsewhere, expected)) in (1..).zip(steps) {
+        if let Some(sql) = elsewhere {
+            db.execute_unprepared(sql).await.expect("elsewhere");
+        }
         let mut c = commit(&ours, &workflow.workflow_id, "replica-a");
         c.events[0].sequence = sequence;
         c.steps[0].attempt = i32::try_from(sequence).expect("attempt");
-        c
-    };
-
-    assert_eq!(
-        store.commit(&mut [next()]).await.expect("commit"),
-        [CommitOutcome::Done]
-    );
-    db.execute_unprepared(
-        "UPDATE orchestration_metrics SET completed = completed + 100, attempts = attempts + 100 \
-         WHERE step_id = 'fetch'",
-    )
-    .await
-    .expect("update elsewhere");
-    assert_eq!(
-        store.commit(&mut [next()]).await.expect("commit"),
-        [CommitOutcome::Done]
-    );
-    let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
-    assert_eq!(fetch(metrics), (102, 102, 2));
-
-    db.execute_unprepared("DELETE FROM orchestration_metrics WHERE step_id = 'fetch'")
-        .await
-        .expect("delete elsewhere");
-    assert_eq!(
-        store.commit(&mut [next()]).await.expect("commit"),
-        [CommitOutcome::Done]
-    );
-    let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
-    assert_eq!(fetch(metrics), (1, 1, 1));
+        assert_eq!(
+            store.commit(&mut [c]).await.expect("commit"),
+            [CommitOutcome::Done]
+        );
+        let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
+        assert_eq!(fetch(metrics), expected, "after {elsewhere:?}");
+    }
 }
 
 #[tokio::test]
