@@ -56,6 +56,13 @@ struct Metrics {
 /// Most metric rows kept: a row not kept is read again by the commit that next adds to it.
 const METRICS_KEPT: usize = 4096;
 
+impl Writer {
+    /// A workflow's status and current version, if it exists.
+    pub(super) fn head(&self, workflow_id: &str) -> Result<Option<(String, i64)>, StoreError> {
+        Ok(head_in(&self.conn, workflow_id)?)
+    }
+}
+
 /// Opens the writer's connection to the database file at `path` (migrated already).
 pub(super) fn open(path: &Path, synchronous: &str) -> Result<Writer, StoreError> {
     let conn = Connection::open_with_flags(
