@@ -1067,23 +1067,20 @@ impl Counts {
 
     /// These values with merged increments added, and `durations` added to the histogram bucket
     /// by bucket.
-    fn plus(&self, d: &MetricsDelta, durations: &[i64]) -> Self {
-        let mut histogram = self.histogram.clone();
-        histogram.resize(BUCKETS_MS.len() + 1, 0);
+    fn plus(mut self, d: &MetricsDelta, durations: &[i64]) -> Self {
+        self.histogram.resize(BUCKETS_MS.len() + 1, 0);
         for ms in durations {
-            histogram[bucket_of(*ms)] += 1;
+            self.histogram[bucket_of(*ms)] += 1;
         }
-        Self {
-            total: self.total + d.total,
-            active: self.active + d.active,
-            completed: self.completed + d.completed,
-            failed: self.failed + d.failed,
-            cancelled: self.cancelled + d.cancelled,
-            timed_out: self.timed_out + d.timed_out,
-            skipped: self.skipped + d.skipped,
-            attempts: self.attempts + d.attempts,
-            histogram,
-        }
+        self.total += d.total;
+        self.active += d.active;
+        self.completed += d.completed;
+        self.failed += d.failed;
+        self.cancelled += d.cancelled;
+        self.timed_out += d.timed_out;
+        self.skipped += d.skipped;
+        self.attempts += d.attempts;
+        self
     }
 }
 

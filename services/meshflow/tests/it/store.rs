@@ -116,6 +116,31 @@ fn commit(execution_id: &str, workflow_id: &str, owner: &str) -> Commit {
     }
 }
 
+/// The metrics row of `step_id` in `workflow_id`, as stored now.
+async fn metrics_row(
+    store: &Store,
+    workflow_id: &str,
+    step_id: &str,
+) -> meshflow_execution::store::entity::metrics::Model {
+    store
+        .metrics(workflow_id)
+        .await
+        .expect("metrics")
+        .into_iter()
+        .find(|m| m.step_id == step_id)
+        .unwrap_or_else(|| panic!("no metrics row for {step_id}"))
+}
+
+/// The durations a stored histogram counts.
+fn counted(m: &meshflow_execution::store::entity::metrics::Model) -> i64 {
+    m.duration_histogram
+        .as_array()
+        .expect("histogram")
+        .iter()
+        .filter_map(|n| n.as_i64())
+        .sum()
+}
+
 /// The insert of an execution checks, in its own transaction, that the workflow is still what the
 /// start read: ACTIVE, and at the version the start expects to be current. Otherwise nothing is
 /// written.
@@ -254,11 +279,7 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
         ["STEP_STATUS_RUNNING"]
     );
     // Only the fenced commit's increments count, written with it.
-    let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
-    let fetch = metrics
-        .iter()
-        .find(|m| m.step_id == "fetch")
-        .expect("fetch");
+    let fetch = metrics_row(&store, &workflow.workflow_id, "fetch").await;
     assert_eq!((fetch.attempts, fetch.completed), (1, 1));
     let bucket = |ms: i64| {
         meshflow_execution::store::BUCKETS_MS
@@ -275,11 +296,7 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
     again.steps[0].attempt = 2;
     let outcomes = store.commit(&mut [again]).await.expect("commit");
     assert_eq!(outcomes, [CommitOutcome::Done]);
-    let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
-    let fetch = metrics
-        .iter()
-        .find(|m| m.step_id == "fetch")
-        .expect("fetch");
+    let fetch = metrics_row(&store, &workflow.workflow_id, "fetch").await;
     assert_eq!((fetch.attempts, fetch.completed), (2, 2));
     let histogram = fetch.duration_histogram.as_array().expect("histogram");
     assert_eq!(
@@ -287,7 +304,7 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
         meshflow_execution::store::BUCKETS_MS.len() + 1
     );
     assert_eq!(histogram[three_ms], json!(2));
-    assert_eq!(histogram.iter().filter_map(|n| n.as_i64()).sum::<i64>(), 2);
+    assert_eq!(counted(&fetch), 2);
 
     // Durations of one step in several buckets in one commit, for a new row and an existing one.
     for (sequence, expected) in [(3, 1), (4, 2)] {
@@ -305,11 +322,7 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
             .collect();
         let outcomes = store.commit(&mut [spread]).await.expect("commit");
         assert_eq!(outcomes, [CommitOutcome::Done]);
-        let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
-        let spread = metrics
-            .iter()
-            .find(|m| m.step_id == "spread")
-            .expect("spread");
+        let spread = metrics_row(&store, &workflow.workflow_id, "spread").await;
         assert_eq!(spread.completed, 4 * expected);
         let histogram = spread.duration_histogram.as_array().expect("histogram");
         assert_eq!(
@@ -319,10 +332,7 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
         assert_eq!(histogram[bucket(3)], json!(2 * expected));
         assert_eq!(histogram[bucket(700)], json!(expected));
         assert_eq!(histogram[bucket(90_000)], json!(expected));
-        assert_eq!(
-            histogram.iter().filter_map(|n| n.as_i64()).sum::<i64>(),
-            4 * expected
-        );
+        assert_eq!(counted(&spread), 4 * expected);
     }
 }
 
@@ -334,20 +344,6 @@ async fn a_commit_adds_to_metrics_another_connection_changed() {
     use sea_orm::ConnectionTrait;
     let (db, store, workflow) = fresh_store("metrics-shared").await;
     let ours = execution(&store, &workflow.workflow_id, "replica-a").await;
-    let fetch = |metrics: Vec<meshflow_execution::store::entity::metrics::Model>| {
-        let row = metrics
-            .into_iter()
-            .find(|m| m.step_id == "fetch")
-            .expect("fetch");
-        let counted: i64 = row
-            .duration_histogram
-            .as_array()
-            .expect("histogram")
-            .iter()
-            .filter_map(|n| n.as_i64())
-            .sum();
-        (row.completed, row.attempts, counted)
-    };
     // What another connection does before each commit, and the row after it.
     let steps = [
         (None, (1, 1, 1)),
@@ -374,8 +370,12 @@ async fn a_commit_adds_to_metrics_another_connection_changed() {
             store.commit(&mut [c]).await.expect("commit"),
             [CommitOutcome::Done]
         );
-        let metrics = store.metrics(&workflow.workflow_id).await.expect("metrics");
-        assert_eq!(fetch(metrics), expected, "after {elsewhere:?}");
+        let fetch = metrics_row(&store, &workflow.workflow_id, "fetch").await;
+        assert_eq!(
+            (fetch.completed, fetch.attempts, counted(&fetch)),
+            expected,
+            "after {elsewhere:?}"
+        );
     }
 }
 
