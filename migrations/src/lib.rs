@@ -15,6 +15,7 @@ mod m20261126_000005_drop_unused_step_indexes;
 mod m20261126_000006_index_pending_signals;
 mod m20261127_000007_lighter_history_writes;
 mod m20261127_000008_event_payloads_as_json;
+mod m20261127_000009_index_workflow_metrics_rows;
 
 /// Applies and reverts every migration in order.
 pub struct Migrator;
@@ -31,6 +32,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261126_000006_index_pending_signals::Migration),
             Box::new(m20261127_000007_lighter_history_writes::Migration),
             Box::new(m20261127_000008_event_payloads_as_json::Migration),
+            Box::new(m20261127_000009_index_workflow_metrics_rows::Migration),
         ]
     }
 }

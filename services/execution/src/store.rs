@@ -1299,17 +1299,22 @@ fn merge_into(
 /// counted once, as PENDING or as active.
 async fn active_in<C: ConnectionTrait>(c: &C) -> Result<u64, StoreError> {
     let backend = c.get_database_backend();
-    let sql = match backend {
-        DbBackend::Postgres => ACTIVE_POSTGRES,
-        _ => sqlite::ACTIVE,
-    };
     let active: i64 = c
-        .query_one_raw(Statement::from_string(backend, sql))
+        .query_one_raw(Statement::from_string(backend, active_statement(backend)))
         .await?
         .map(|row| row.try_get_by_index(0))
         .transpose()?
         .unwrap_or(0);
     Ok(u64::try_from(active).unwrap_or(0))
+}
+
+/// The statement [`active_in`] runs on `backend`: it reads each workflow's own metrics row through
+/// a partial index, never the rows of its steps. Public so tests can check its plan.
+pub fn active_statement(backend: DbBackend) -> &'static str {
+    match backend {
+        DbBackend::Postgres => ACTIVE_POSTGRES,
+        _ => sqlite::ACTIVE,
+    }
 }
 
 /// How a start is admitted under the concurrency limit.

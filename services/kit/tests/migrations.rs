@@ -119,7 +119,8 @@ async fn postgres_history_tables_are_light_to_write() {
     let payload = "SELECT atttypid::regtype::text FROM pg_attribute
         WHERE attrelid = 'execution_events'::regclass AND attname = 'payload'";
 
-    Migrator::up(&db, None).await.expect("up");
+    // Up to the payloads' migration (the eighth), so the steps down below revert the two in question.
+    Migrator::up(&db, Some(8)).await.expect("up");
     assert_eq!(scalar(keys).await, "0");
     let expected = if scalar(lz4).await == "true" { "l" } else { "" };
     assert_eq!(scalar(compression).await, expected);

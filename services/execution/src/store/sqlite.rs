@@ -143,8 +143,8 @@ const INSERT_EXECUTION: &str = "INSERT INTO workflow_executions (id, workflow_id
     update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
     ?17, ?18)";
 
-/// Executions counted against the concurrency limit: those started and not ended (in the metrics),
-/// and those not yet started.
+/// Executions counted against the concurrency limit: those started and not ended (in the
+/// workflows' own metrics rows, through their partial index), and those not yet started.
 pub(super) const ACTIVE: &str =
     "SELECT (SELECT COALESCE(SUM(MAX(active, 0)), 0) FROM orchestration_metrics
     WHERE step_id = '') + (SELECT COUNT(*) FROM workflow_executions

@@ -735,3 +735,46 @@ async fn a_commit_chosen_as_a_deadlock_victim_runs_again() {
     let row = store.execution(&lower).await.expect("read").expect("row");
     assert_eq!(row.last_sequence, 1);
 }
+
+/// A start counts the executions that are not terminal from each workflow's own metrics row,
+/// through a partial index of those rows: not by reading the row of every step of every workflow.
+#[tokio::test]
+async fn a_start_counts_active_executions_from_workflow_rows_only() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement, TransactionTrait};
+
+    let (db, _store, _workflow) = fresh_store("admission-plan").await;
+    let backend = db.get_database_backend();
+    let sql = meshflow_execution::store::active_statement(backend);
+    let txn = db.begin().await.expect("begin");
+    let run = |sql: String| Statement::from_string(backend, sql);
+    let plan: Vec<String> = if backend == DbBackend::Postgres {
+        // The table is tiny here: forbid what a large one would never choose.
+        txn.execute_raw(run("SET LOCAL enable_seqscan = off".into()))
+            .await
+            .expect("set");
+        txn.query_all_raw(run(format!("EXPLAIN {sql}")))
+            .await
+            .expect("explain")
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(0).expect("line"))
+            .collect()
+    } else {
+        txn.query_all_raw(run(format!("EXPLAIN QUERY PLAN {sql}")))
+            .await
+            .expect("explain")
+            .iter()
+            .map(|r| r.try_get_by_index::<String>(3).expect("detail"))
+            .collect()
+    };
+    txn.rollback().await.expect("rollback");
+    // PostgreSQL names the table on a line of its own ("Bitmap Heap Scan on ...").
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("idx_orchestration_metrics_workflow_rows"))
+            && !plan
+                .iter()
+                .any(|l| l.contains("Seq Scan")
+                    || l.trim_end().ends_with("SCAN orchestration_metrics")),
+        "{plan:#?}"
+    );
+}
