@@ -414,8 +414,10 @@ impl Store {
         // PENDING, so nothing here locks the workflow's metrics row.
         let outcome = match self.sqlite_writer().await? {
             Some(writer) => {
-                let mut conn = writer.lock().await;
-                sqlite::insert_execution(&mut conn, &row, max_active, head)?
+                on_writer(&writer, |w| {
+                    sqlite::insert_execution(w, &row, max_active, head)
+                })
+                .await?
             }
             None => {
                 let first = if self.db.get_database_backend() == DbBackend::Postgres {
@@ -525,9 +527,11 @@ impl Store {
         let read = match self.sqlite().await? {
             // The point-read connection's page cache starts over after every commit; an idle
             // writer's still holds the pages, so it reads in a fraction of the time.
-            Some(s) => match s.writer.try_lock() {
-                Ok(writer) => writer.head(workflow_id)?,
-                Err(_) => s.reader.head(workflow_id)?,
+            Some(s) => match s.writer.try_lock().map(|w| w.head(workflow_id)) {
+                Ok(Err(e)) if !sqlite::is_busy(&e) => return Err(e),
+                Ok(Ok(head)) => head,
+                // Busy or not idle: the point-read connection waits for a checkpoint if need be.
+                _ => s.reader.head(workflow_id)?,
             },
             None => read_head(&self.db, workflow_id).await?,
         };
@@ -640,8 +644,7 @@ impl Store {
     /// each backend allows.
     pub async fn commit(&self, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, StoreError> {
         if let Some(writer) = self.sqlite_writer().await? {
-            let mut conn = writer.lock().await;
-            return sqlite::commit(&mut conn, batch);
+            return on_writer(&writer, |w| sqlite::commit(w, batch)).await;
         }
         let now = commit_time();
         if self.db.get_database_backend() == DbBackend::Postgres {
@@ -1314,6 +1317,37 @@ pub fn active_statement(backend: DbBackend) -> &'static str {
     match backend {
         DbBackend::Postgres => ACTIVE_POSTGRES,
         _ => sqlite::ACTIVE,
+    }
+}
+
+/// How long the SQLite writer waits for the write lock, as long as a pooled connection would.
+const WRITER_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `write` on the SQLite writer's connection, and again while it finds the write lock taken
+/// (by a pooled connection, a checkpoint resetting the WAL, or another process). Between attempts
+/// the runtime thread is free, so a pooled connection holding the lock can hand over its results
+/// and finish: waiting inside SQLite's busy handler instead, a start on a single-threaded runtime
+/// waited out the whole timeout behind a connection that was waiting for that thread. The first
+/// retries only yield; later ones wait a millisecond.
+async fn on_writer<T>(
+    writer: &SqliteWriter,
+    mut write: impl FnMut(&mut sqlite::Writer) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let began = std::time::Instant::now();
+    let mut tries = 0u32;
+    loop {
+        let result = write(&mut *writer.lock().await);
+        match result {
+            Err(e) if sqlite::is_busy(&e) && began.elapsed() < WRITER_BUSY_TIMEOUT => {
+                tries += 1;
+                if tries <= 16 {
+                    tokio::task::yield_now().await;
+                } else {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            other => return other,
+        }
     }
 }
 

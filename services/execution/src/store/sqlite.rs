@@ -24,6 +24,7 @@ use super::{
     json_text as json, time_text as time,
 };
 
+/// The point-read connection's busy handler. A read waits only while a checkpoint resets the WAL.
 fn busy(count: i32) -> bool {
     // About ten seconds in all, like the pooled connections' busy timeout.
     let (pause, limit) = if count < 100 {
@@ -69,7 +70,11 @@ pub(super) fn open(path: &Path, synchronous: &str) -> Result<Writer, StoreError>
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
-    conn.busy_handler(Some(busy))?;
+    // No busy handler: a transaction that finds the write lock taken fails at once with
+    // SQLITE_BUSY (see [`is_busy`]) and the store waits for it asynchronously. Waiting here would
+    // block a runtime thread, and the lock's holder, a pooled connection's worker, may need that
+    // very thread to take its statement's results before it can finish and release the lock.
+    conn.busy_timeout(Duration::ZERO)?;
     // The journal mode is stored in the file; the rest is per connection. Checkpoints run in the
     // background (`meshflow_kit::db`), not inside a commit.
     conn.execute_batch(&format!(
@@ -306,6 +311,13 @@ pub(super) fn commit(
             Err(e)
         }
     }
+}
+
+/// Whether `err` is the writer finding the write lock taken: nothing was written, and the same
+/// transaction may run again.
+pub(super) fn is_busy(err: &StoreError) -> bool {
+    matches!(err, StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+        if e.code == rusqlite::ErrorCode::DatabaseBusy)
 }
 
 /// Runs `body` in an immediate transaction (the write lock taken at its start), committing what it

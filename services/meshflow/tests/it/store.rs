@@ -747,6 +747,16 @@ async fn a_start_counts_active_executions_from_workflow_rows_only() {
     let sql = meshflow_execution::store::active_statement(backend);
     let txn = db.begin().await.expect("begin");
     let run = |sql: String| Statement::from_string(backend, sql);
+    // Run it first: a SQLite connection explains with the schema it last read, which may predate
+    // the migrations if the pool opened it before they ran.
+    let count = txn
+        .query_one_raw(run(sql.to_string()))
+        .await
+        .expect("count")
+        .expect("row")
+        .try_get_by_index::<i64>(0)
+        .expect("value");
+    assert_eq!(count, 0);
     let plan: Vec<String> = if backend == DbBackend::Postgres {
         // The table is tiny here: forbid what a large one would never choose.
         txn.execute_raw(run("SET LOCAL enable_seqscan = off".into()))
@@ -777,4 +787,39 @@ async fn a_start_counts_active_executions_from_workflow_rows_only() {
                     || l.trim_end().ends_with("SCAN orchestration_metrics")),
         "{plan:#?}"
     );
+}
+
+/// On SQLite a pooled connection that holds the write lock needs the runtime to take its results
+/// before it can finish and release the lock. A start that finds the lock taken waits without
+/// holding the runtime's thread: on this single-threaded runtime, waiting inside SQLite's busy
+/// handler instead left the pooled transaction unable to commit until the start gave up.
+#[tokio::test]
+async fn a_start_waits_for_a_pooled_write_without_holding_the_runtime_thread() {
+    use sea_orm::{ConnectionTrait, DbBackend, TransactionTrait};
+    let (db, store, workflow) = fresh_store("busy").await;
+    if db.get_database_backend() != DbBackend::Sqlite {
+        return;
+    }
+    // A write, even of no row, takes the write lock until the transaction ends.
+    let txn = db.begin().await.expect("begin");
+    txn.execute_unprepared("UPDATE workflows SET revision = revision WHERE id = ''")
+        .await
+        .expect("write");
+    let row = new_execution(&workflow.workflow_id, "me");
+    let start = tokio::spawn(async move {
+        store
+            .insert_execution(
+                row,
+                10,
+                Head {
+                    current_version: None,
+                },
+            )
+            .await
+    });
+    // The start runs now, finds the lock taken, and must let this task go on.
+    tokio::task::yield_now().await;
+    txn.commit().await.expect("commit");
+    let inserted = start.await.expect("task").expect("insert");
+    assert!(matches!(inserted, Inserted::Created(_)), "{inserted:?}");
 }
