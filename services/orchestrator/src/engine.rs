@@ -14,7 +14,7 @@ use meshflow_proto::execution::v1::{self as epb, EventType};
 use meshflow_proto::orchestrator::v1 as opb;
 use meshflow_proto::workflow::v1 as wpb;
 use serde_json::Value;
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, mpsc};
 
 use crate::driver::{CANCEL_SIGNAL, Halt, Run};
 use crate::error::Error;
@@ -24,8 +24,7 @@ use crate::ssrf;
 use crate::steps::{self, Env};
 use crate::writer::Writer;
 
-/// A subscription to the live events of one execution.
-pub type Live = broadcast::Receiver<Arc<epb::ExecutionEvent>>;
+pub use crate::hub::Live;
 
 /// Engine settings.
 #[derive(Debug, Clone)]
@@ -608,12 +607,11 @@ impl Engine {
         }
         self.shared.kick.notify_one();
         // Wait for the terminal event (or give up after a few seconds and report the current state).
+        // The subscription ends only if this fell far behind: the row read below tells the rest.
         let wait = async {
-            loop {
-                match events.recv().await {
-                    Ok(e) if is_terminal_event(&e) => return,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
+            while let Some(e) = events.recv().await {
+                if is_terminal_event(&e) {
+                    return;
                 }
             }
         };
@@ -747,21 +745,30 @@ impl Watch {
                 }
                 continue;
             }
-            tokio::select! {
-                received = self.live.recv() => match received {
-                    Ok(e) if e.sequence == self.last + 1 => return Ok(Some(self.sent((*e).clone()))),
-                    Ok(e) if e.sequence <= self.last => {}
-                    // A gap: what is missing is in history.
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {
+            // An event already received needs no timer: a commit's events arrive together.
+            let received = match self.live.try_recv() {
+                Ok(e) => Some(e),
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+                Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                    received = self.live.recv() => received,
+                    // Events committed by another replica reach this one only through the database.
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {
                         self.read_history().await?;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        self.live = self.engine.hub.subscribe(&self.id);
-                        self.read_history().await?;
+                        continue;
                     }
                 },
-                // Events committed by another replica reach this one only through the database.
-                () = tokio::time::sleep(Duration::from_millis(500)) => {
+            };
+            match received {
+                Some(e) if e.sequence == self.last + 1 => return Ok(Some(self.sent(e))),
+                Some(e) if e.sequence <= self.last => {}
+                // A gap: what is missing is in history.
+                Some(_) => {
+                    self.read_history().await?;
+                }
+                // This watcher fell behind and lost its channel: subscribe again, then read what
+                // it missed.
+                None => {
+                    self.live = self.engine.hub.subscribe(&self.id);
                     self.read_history().await?;
                 }
             }

@@ -1,55 +1,149 @@
-//! Live fan-out of committed events to watchers: a bounded broadcast channel per watched execution.
-//! Publishing never waits; a watcher that falls behind loses live events and reads them back from
+//! Live fan-out of committed events to watchers: a bounded channel per watcher of an execution.
+//! Publishing never waits; a watcher that falls behind loses its channel and reads the rest from
 //! history instead, so a slow client never slows an execution.
+//!
+//! A channel per watcher, rather than one broadcast ring per execution, lets the last watcher of an
+//! execution take the published events themselves: the usual single watcher receives each event
+//! without a copy, and an event leaves memory once sent, where a ring keeps it until overwritten.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError};
 
 use meshflow_proto::execution::v1::ExecutionEvent;
-use tokio::sync::broadcast;
+use tokio::sync::mpsc;
 
-/// Live events buffered per execution before a watcher is considered lagging (it then reads the
-/// rest from history). Every watched execution allocates and initialises all of them when its
-/// first watcher subscribes.
+/// Live events buffered per watcher before it is considered lagging (it then reads the rest from
+/// history). A channel allocates its slots in blocks as they fill, not all at once.
 const CAPACITY: usize = 256;
 
-/// Per-execution broadcast channels, created when someone watches.
+/// A subscription to the live events of one execution. It ends (`recv` gives `None`) when the
+/// watcher fell [`CAPACITY`] events behind: what it missed is in history, and a new subscription
+/// taken before reading history misses nothing after it.
+pub type Live = mpsc::Receiver<ExecutionEvent>;
+
+/// The watchers of each watched execution.
 #[derive(Default)]
 pub struct Hub {
-    channels: Mutex<HashMap<String, broadcast::Sender<Arc<ExecutionEvent>>>>,
+    channels: Mutex<HashMap<String, Vec<mpsc::Sender<ExecutionEvent>>>>,
 }
 
 impl Hub {
     /// Receives events of `execution_id` committed from now on.
-    pub fn subscribe(&self, execution_id: &str) -> broadcast::Receiver<Arc<ExecutionEvent>> {
-        let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        channels
+    pub fn subscribe(&self, execution_id: &str) -> Live {
+        let (tx, rx) = mpsc::channel(CAPACITY);
+        self.channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
             .entry(execution_id.to_string())
-            .or_insert_with(|| broadcast::channel(CAPACITY).0)
-            .subscribe()
+            .or_default()
+            .push(tx);
+        rx
     }
 
-    /// Publishes committed events; drops the channel once nobody listens.
+    /// Publishes committed events, in order, to every watcher of `execution_id`. A watcher whose
+    /// channel is full or gone is dropped.
     pub fn publish(&self, execution_id: &str, events: Vec<ExecutionEvent>) {
         if events.is_empty() {
             return;
         }
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        let Some(tx) = channels.get(execution_id) else {
+        let Some(watchers) = channels.get_mut(execution_id) else {
             return;
         };
-        for event in events {
-            // No receiver left: forget the channel.
-            if tx.send(Arc::new(event)).is_err() {
-                channels.remove(execution_id);
-                return;
-            }
+        // Every watcher but the last gets copies; the last takes the events.
+        let last = watchers.pop();
+        watchers.retain(|tx| events.iter().all(|e| tx.try_send(e.clone()).is_ok()));
+        if let Some(tx) = last
+            && events.into_iter().all(|e| tx.try_send(e).is_ok())
+        {
+            watchers.push(tx);
+        }
+        if watchers.is_empty() {
+            channels.remove(execution_id);
         }
     }
 
-    /// Forgets channels without receivers.
+    /// Forgets watchers that are gone.
     pub fn sweep(&self) {
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
-        channels.retain(|_, tx| tx.receiver_count() > 0);
+        channels.retain(|_, watchers| {
+            watchers.retain(|tx| !tx.is_closed());
+            !watchers.is_empty()
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(sequence: i64) -> ExecutionEvent {
+        ExecutionEvent {
+            sequence,
+            ..Default::default()
+        }
+    }
+
+    fn drain(live: &mut Live) -> Vec<i64> {
+        std::iter::from_fn(|| live.try_recv().ok())
+            .map(|e| e.sequence)
+            .collect()
+    }
+
+    #[test]
+    fn every_watcher_receives_every_event_in_order() {
+        let hub = Hub::default();
+        let mut a = hub.subscribe("x");
+        let mut b = hub.subscribe("x");
+        let mut other = hub.subscribe("y");
+        hub.publish("x", vec![event(1), event(2)]);
+        hub.publish("x", vec![event(3)]);
+        assert_eq!(drain(&mut a), [1, 2, 3]);
+        assert_eq!(drain(&mut b), [1, 2, 3]);
+        assert_eq!(drain(&mut other), Vec::<i64>::new());
+    }
+
+    #[test]
+    fn a_watcher_that_falls_behind_is_dropped_and_the_others_keep_receiving() {
+        let hub = Hub::default();
+        let mut slow = hub.subscribe("x");
+        let mut fast = hub.subscribe("x");
+        let mut sent = 0;
+        while sent < CAPACITY as i64 + 5 {
+            sent += 1;
+            hub.publish("x", vec![event(sent)]);
+            assert_eq!(drain(&mut fast), [sent]);
+        }
+        // The slow one kept what fitted, then its channel ended.
+        let kept = drain(&mut slow);
+        assert_eq!(kept, (1..=CAPACITY as i64).collect::<Vec<_>>());
+        assert!(matches!(
+            slow.try_recv(),
+            Err(mpsc::error::TryRecvError::Disconnected)
+        ));
+        hub.publish("x", vec![event(sent + 1)]);
+        assert_eq!(drain(&mut fast), [sent + 1]);
+    }
+
+    #[test]
+    fn an_execution_without_watchers_is_forgotten() {
+        let hub = Hub::default();
+        let live = hub.subscribe("x");
+        drop(live);
+        hub.publish("x", vec![event(1)]);
+        assert!(hub.channels.lock().expect("lock").is_empty());
+        let kept = hub.subscribe("y");
+        let gone = hub.subscribe("z");
+        drop(gone);
+        hub.sweep();
+        assert_eq!(
+            hub.channels
+                .lock()
+                .expect("lock")
+                .keys()
+                .collect::<Vec<_>>(),
+            ["y"]
+        );
+        drop(kept);
     }
 }
