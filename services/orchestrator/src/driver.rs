@@ -598,7 +598,7 @@ impl Run {
         let root = Frame::root();
         let body = self
             .clone()
-            .run_block(&def.steps, String::new(), root.clone());
+            .run_block(Arc::from(def.steps.as_slice()), String::new(), root.clone());
         let mut cancel = self.cancel.subscribe();
         let deadline = self.deadline;
         let timeout = async move {
@@ -795,11 +795,10 @@ impl Run {
     /// Runs a block (a DAG by `depends_on`), returning each step's outcome by id.
     fn run_block(
         self: Arc<Self>,
-        steps: &[pb::Step],
+        steps: Arc<[pb::Step]>,
         prefix: String,
         frame: Arc<Frame>,
     ) -> BoxFuture<'static, Result<Vec<(String, Outcome)>, Halt>> {
-        let steps: Vec<pb::Step> = steps.to_vec();
         Box::pin(async move {
             let index: HashMap<&str, usize> = steps
                 .iter()
@@ -819,10 +818,10 @@ impl Run {
             let mut running = FuturesUnordered::new();
             let launch = |i: usize| {
                 let run = self.clone();
-                let step = steps[i].clone();
-                let path = format!("{prefix}{}", step.id);
+                let steps = steps.clone();
+                let path = format!("{prefix}{}", steps[i].id);
                 let frame = frame.clone();
-                async move { (i, run.run_step(step, path, frame).await) }
+                async move { (i, run.run_step(&steps[i], path, frame).await) }
             };
             for i in (0..steps.len()).filter(|&i| waiting_on[i] == 0) {
                 running.push(launch(i));
@@ -852,7 +851,7 @@ impl Run {
 
     async fn run_step(
         self: Arc<Self>,
-        step: pb::Step,
+        step: &pb::Step,
         path: String,
         frame: Arc<Frame>,
     ) -> Result<Outcome, Halt> {
@@ -863,7 +862,7 @@ impl Run {
                 }
                 StepStatus::Skipped => return Ok(Outcome::Skipped),
                 StepStatus::Failed if m.next_attempt_at.is_none() => {
-                    return self.failed(&step, m.error.unwrap_or(Value::Null));
+                    return self.failed(step, m.error.unwrap_or(Value::Null));
                 }
                 _ => {}
             }
@@ -875,7 +874,7 @@ impl Run {
             .filter(|d| !d.is_zero());
         let work = self
             .clone()
-            .run_step_inner(step.clone(), path.clone(), frame);
+            .run_step_inner(step, path.clone(), frame);
         match timeout {
             None => work.await,
             Some(limit) => {
@@ -887,7 +886,7 @@ impl Run {
                             "timeout",
                             format!("step did not finish within {}ms", limit.as_millis()),
                         );
-                        self.record_failure(&step, &path, err).await
+                        self.record_failure(step, &path, err).await
                     }
                 }
             }
@@ -896,23 +895,23 @@ impl Run {
 
     async fn run_step_inner(
         self: Arc<Self>,
-        step: pb::Step,
+        step: &pb::Step,
         path: String,
         frame: Arc<Frame>,
     ) -> Result<Outcome, Halt> {
         match &step.config {
-            Some(Config::Conditional(c)) => self.conditional(&step, c, path, frame).await,
-            Some(Config::Parallel(p)) => self.parallel(&step, p, path, frame).await,
-            Some(Config::ForEach(f)) => self.for_each(&step, f, path, frame).await,
+            Some(Config::Conditional(c)) => self.conditional(step, c, path, frame).await,
+            Some(Config::Parallel(p)) => self.parallel(step, p, path, frame).await,
+            Some(Config::ForEach(f)) => self.for_each(step, f, path, frame).await,
             Some(Config::Wait(w)) => {
                 self.set_busy(1);
-                let r = self.wait(&step, w, &path).await;
+                let r = self.wait(step, w, &path).await;
                 self.set_busy(-1);
                 r
             }
             _ => {
                 self.set_busy(1);
-                let r = self.leaf(&step, &path, &frame).await;
+                let r = self.leaf(step, &path, &frame).await;
                 self.set_busy(-1);
                 r
             }
@@ -1637,7 +1636,7 @@ impl Run {
         };
         let outcomes = self
             .clone()
-            .run_block(body, prefix, Frame::child(&frame, None, opened))
+            .run_block(Arc::from(body), prefix, Frame::child(&frame, None, opened))
             .await?;
         let outputs: Map<String, Value> = outcomes
             .into_iter()
@@ -1681,11 +1680,11 @@ impl Run {
         let mut first_error: Option<Value> = None;
         let launch = |(i, b): (usize, &pb::ParallelBranch)| {
             let run = self.clone();
-            let steps = b.steps.clone();
+            let steps = Arc::from(b.steps.as_slice());
             let name = b.name.clone();
             let prefix = format!("{path}[{name}]/");
             let frame = Frame::child(&frame, None, opened);
-            async move { (i, name, run.run_block(&steps, prefix, frame).await) }
+            async move { (i, name, run.run_block(steps, prefix, frame).await) }
         };
         for b in queue.by_ref().take(limit) {
             running.push(launch(b));
@@ -1764,12 +1763,14 @@ impl Run {
             .collect::<Vec<_>>()
             .into_iter();
         let mut running = FuturesUnordered::new();
+        // Every item's block runs the same steps: one copy serves them all.
+        let steps: Arc<[pb::Step]> = Arc::from(f.steps.as_slice());
         let launch = |(i, item): (usize, Value)| {
             let run = self.clone();
-            let steps = f.steps.clone();
+            let steps = steps.clone();
             let prefix = format!("{path}[{i}]/");
             let frame = Frame::child(&frame, Some((Arc::new(item), i as i64)), opened);
-            async move { (i, run.run_block(&steps, prefix, frame).await) }
+            async move { (i, run.run_block(steps, prefix, frame).await) }
         };
         for x in queue.by_ref().take(limit) {
             running.push(launch(x));
