@@ -16,6 +16,7 @@ mod m20261126_000006_index_pending_signals;
 mod m20261127_000007_lighter_history_writes;
 mod m20261127_000008_event_payloads_as_json;
 mod m20261127_000009_index_workflow_metrics_rows;
+mod m20261127_000010_key_step_attempts_by_place;
 
 /// Applies and reverts every migration in order.
 pub struct Migrator;
@@ -33,6 +34,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000007_lighter_history_writes::Migration),
             Box::new(m20261127_000008_event_payloads_as_json::Migration),
             Box::new(m20261127_000009_index_workflow_metrics_rows::Migration),
+            Box::new(m20261127_000010_key_step_attempts_by_place::Migration),
         ]
     }
 }

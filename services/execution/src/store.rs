@@ -700,19 +700,23 @@ impl Store {
         if !steps.is_empty() {
             step::Entity::insert_many(steps)
                 .on_conflict(
-                    OnConflict::column(step::Column::Id)
-                        .update_columns([
-                            step::Column::Status,
-                            step::Column::Input,
-                            step::Column::Output,
-                            step::Column::Error,
-                            step::Column::Logs,
-                            step::Column::StartTime,
-                            step::Column::EndTime,
-                            step::Column::DurationMs,
-                            step::Column::NextAttemptAt,
-                        ])
-                        .to_owned(),
+                    OnConflict::columns([
+                        step::Column::ExecutionId,
+                        step::Column::StepPath,
+                        step::Column::Attempt,
+                    ])
+                    .update_columns([
+                        step::Column::Status,
+                        step::Column::Input,
+                        step::Column::Output,
+                        step::Column::Error,
+                        step::Column::Logs,
+                        step::Column::StartTime,
+                        step::Column::EndTime,
+                        step::Column::DurationMs,
+                        step::Column::NextAttemptAt,
+                    ])
+                    .to_owned(),
                 )
                 .exec_without_returning(&txn)
                 .await?;

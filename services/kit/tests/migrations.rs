@@ -136,3 +136,77 @@ async fn postgres_history_tables_are_light_to_write() {
     assert_eq!(scalar(keys).await, "2");
     assert_eq!(scalar(compression).await, "");
 }
+
+/// Attempts are keyed by their place, not by their id; the change keeps every row, both ways (on
+/// SQLite the table is rebuilt).
+#[tokio::test]
+async fn step_attempts_keep_their_rows_as_their_key_changes() {
+    use sea_orm::ConnectionTrait;
+    let url = meshflow_kit::testing::fresh_database_url()
+        .await
+        .expect("database");
+    let db = Database::connect(url.as_str()).await.expect("connect");
+    let backend = db.get_database_backend();
+    let run = async |sql: &str| {
+        db.execute_unprepared(sql).await.expect(sql);
+    };
+    let rows = async || -> Vec<(String, i64)> {
+        db.query_all_raw(sea_orm::Statement::from_string(
+            backend,
+            "SELECT id, attempt FROM step_executions ORDER BY id",
+        ))
+        .await
+        .expect("select")
+        .iter()
+        .map(|r| {
+            (
+                r.try_get_by_index::<String>(0).expect("id"),
+                i64::from(r.try_get_by_index::<i32>(1).expect("attempt")),
+            )
+        })
+        .collect()
+    };
+    // Up to the migration before the change.
+    Migrator::up(&db, Some(9)).await.expect("up");
+    let now = "'2026-11-27T00:00:00+00:00'";
+    run(&format!(
+        "INSERT INTO workflows (id, name, description, status, current_version, triggers, \
+         revision, create_time, update_time) VALUES ('w', 'w', '', 'WORKFLOW_STATUS_ACTIVE', 1, \
+         '[]', 1, {now}, {now})"
+    ))
+    .await;
+    run(&format!(
+        "INSERT INTO workflow_versions (workflow_id, version, definition, create_time) \
+         VALUES ('w', 1, '{{}}', {now})"
+    ))
+    .await;
+    run(&format!(
+        "INSERT INTO workflow_executions (id, workflow_id, workflow_version, status, input, \
+         variables, last_sequence, create_time, update_time) VALUES ('e', 'w', 1, \
+         'EXECUTION_STATUS_RUNNING', '{{}}', '{{}}', 0, {now}, {now})"
+    ))
+    .await;
+    for (id, attempt) in [("a1", 1), ("a2", 2)] {
+        run(&format!(
+            "INSERT INTO step_executions (id, execution_id, step_id, step_path, step_type, \
+             status, attempt, logs) VALUES ('{id}', 'e', 's', 's', 'STEP_TYPE_HTTP_REQUEST', \
+             'STEP_STATUS_FAILED', {attempt}, '[]')"
+        ))
+        .await;
+    }
+    let expected = vec![("a1".to_string(), 1), ("a2".to_string(), 2)];
+
+    Migrator::up(&db, Some(1)).await.expect("keyed by place");
+    assert_eq!(rows().await, expected);
+    // The place is the key: a second row for it is refused.
+    let duplicate = "INSERT INTO step_executions (id, execution_id, step_id, step_path, \
+        step_type, status, attempt, logs) VALUES ('a3', 'e', 's', 's', 'STEP_TYPE_HTTP_REQUEST', \
+        'STEP_STATUS_FAILED', 2, '[]')";
+    assert!(db.execute_unprepared(duplicate).await.is_err());
+
+    Migrator::down(&db, Some(1)).await.expect("keyed by id");
+    assert_eq!(rows().await, expected);
+    assert!(db.execute_unprepared(duplicate).await.is_err());
+    Migrator::up(&db, None).await.expect("up again");
+    assert_eq!(rows().await, expected);
+}

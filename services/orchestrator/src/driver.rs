@@ -596,9 +596,9 @@ impl Run {
 
         let def = self.def.clone();
         let root = Frame::root();
-        let body = self
-            .clone()
-            .run_block(Arc::from(def.steps.as_slice()), String::new(), root.clone());
+        let body =
+            self.clone()
+                .run_block(Arc::from(def.steps.as_slice()), String::new(), root.clone());
         let mut cancel = self.cancel.subscribe();
         let deadline = self.deadline;
         let timeout = async move {
@@ -872,9 +872,7 @@ impl Run {
             .as_ref()
             .and_then(meshflow_kit::convert::from_duration)
             .filter(|d| !d.is_zero());
-        let work = self
-            .clone()
-            .run_step_inner(step, path.clone(), frame);
+        let work = self.clone().run_step_inner(step, path.clone(), frame);
         match timeout {
             None => work.await,
             Some(limit) => {

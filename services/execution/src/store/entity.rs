@@ -38,20 +38,23 @@ pub mod execution {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-/// `step_executions`: one row per attempt of a step path.
+/// `step_executions`: one row per attempt of a step path, keyed by that place.
 pub mod step {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
     #[sea_orm(table_name = "step_executions")]
     pub struct Model {
-        #[sea_orm(primary_key, auto_increment = false)]
+        /// Unique as generated (UUIDv7, so in start order), but not a key.
         pub id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
         pub execution_id: String,
         pub step_id: String,
+        #[sea_orm(primary_key, auto_increment = false)]
         pub step_path: String,
         pub step_type: String,
         pub status: String,
+        #[sea_orm(primary_key, auto_increment = false)]
         pub attempt: i32,
         #[sea_orm(column_type = "JsonBinary", nullable)]
         pub input: Option<Json>,

@@ -79,7 +79,7 @@ const COMMIT_TEMPLATE: &str = "WITH fenced AS (
         AS s(id, execution_id, step_id, step_path, step_type, status, attempt, input, output, error,
              logs, start_time, end_time, duration_ms, next_attempt_at)
     WHERE s.execution_id IN (SELECT id FROM fenced)
-    ON CONFLICT (id) DO UPDATE SET status = excluded.status, input = excluded.input,
+    ON CONFLICT (execution_id, step_path, attempt) DO UPDATE SET status = excluded.status, input = excluded.input,
         output = excluded.output, error = excluded.error, logs = excluded.logs,
         start_time = excluded.start_time, end_time = excluded.end_time,
         duration_ms = excluded.duration_ms, next_attempt_at = excluded.next_attempt_at

@@ -179,7 +179,8 @@ const FENCE_UNINDEXED: &str = "UPDATE workflow_executions SET update_time = ?1,
 const STEP: &str = "INSERT INTO step_executions (id, execution_id, step_id, step_path, step_type,
     status, attempt, input, output, error, logs, start_time, end_time, duration_ms, next_attempt_at)
     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
-    ON CONFLICT (id) DO UPDATE SET status = excluded.status, input = excluded.input,
+    ON CONFLICT (execution_id, step_path, attempt) DO UPDATE SET status = excluded.status,
+    input = excluded.input,
     output = excluded.output, error = excluded.error, logs = excluded.logs,
     start_time = excluded.start_time, end_time = excluded.end_time,
     duration_ms = excluded.duration_ms, next_attempt_at = excluded.next_attempt_at";
