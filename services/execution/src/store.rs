@@ -1327,24 +1327,27 @@ pub fn active_statement(backend: DbBackend) -> &'static str {
 /// How long the SQLite writer waits for the write lock, as long as a pooled connection would.
 const WRITER_BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long the SQLite writer retries at once, only yielding to the runtime, before it waits a
+/// timer tick (a millisecond) between attempts. A pooled write holds the lock for a fraction of it.
+const WRITER_BUSY_YIELDING: std::time::Duration = std::time::Duration::from_millis(1);
+
 /// Runs `write` on the SQLite writer's connection, and again while it finds the write lock taken
 /// (by a pooled connection, a checkpoint resetting the WAL, or another process). Between attempts
 /// the runtime thread is free, so a pooled connection holding the lock can hand over its results
 /// and finish: waiting inside SQLite's busy handler instead, a start on a single-threaded runtime
-/// waited out the whole timeout behind a connection that was waiting for that thread. The first
-/// retries only yield; later ones wait a millisecond.
+/// waited out the whole timeout behind a connection that was waiting for that thread. For the first
+/// [`WRITER_BUSY_YIELDING`] the retries only yield, so the commit goes on as soon as the lock is
+/// free; later ones wait a millisecond each.
 async fn on_writer<T>(
     writer: &SqliteWriter,
     mut write: impl FnMut(&mut sqlite::Writer) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
     let began = std::time::Instant::now();
-    let mut tries = 0u32;
     loop {
         let result = write(&mut *writer.lock().await);
         match result {
             Err(e) if sqlite::is_busy(&e) && began.elapsed() < WRITER_BUSY_TIMEOUT => {
-                tries += 1;
-                if tries <= 16 {
+                if began.elapsed() < WRITER_BUSY_YIELDING {
                     tokio::task::yield_now().await;
                 } else {
                     tokio::time::sleep(std::time::Duration::from_millis(1)).await;
