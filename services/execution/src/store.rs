@@ -762,22 +762,83 @@ impl Store {
             .map(|s| format!("'{}'", s.as_str_name()))
             .collect();
         let statuses = statuses.join(", ");
-        let (p, lock) = match backend {
-            DbBackend::Postgres => (["$1", "$2", "$3"], " FOR UPDATE SKIP LOCKED"),
-            _ => (["?1", "?2", "?3"], ""),
-        };
-        let [p_owner, p_until, p_now] = p;
+        if backend != DbBackend::Postgres {
+            return self.claim_sqlite(owner, now, until, limit, &statuses).await;
+        }
         let sql = format!(
-            "UPDATE workflow_executions SET lease_owner = {p_owner}, lease_expires_at = {p_until} WHERE id IN (\
+            "UPDATE workflow_executions SET lease_owner = $1, lease_expires_at = $2 WHERE id IN (\
                SELECT id FROM workflow_executions WHERE status IN ({statuses}) AND (\
-                 (wake_at IS NOT NULL AND wake_at <= {p_now} AND (lease_owner IS NULL OR lease_owner = {p_owner})) \
-                 OR (lease_owner IS NOT NULL AND lease_expires_at < {p_now})) \
-               ORDER BY id LIMIT {limit}{lock}) RETURNING id"
+                 (wake_at IS NOT NULL AND wake_at <= $3 AND (lease_owner IS NULL OR lease_owner = $1)) \
+                 OR (lease_owner IS NOT NULL AND lease_expires_at < $3)) \
+               ORDER BY id LIMIT {limit} FOR UPDATE SKIP LOCKED) RETURNING id"
         );
         let values: Vec<sea_orm::Value> = vec![owner.into(), until.into(), now.into()];
         let rows = self
             .db
             .query_all_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String>("", "id").map_err(StoreError::from))
+            .collect()
+    }
+
+    /// [`Self::claim`] on SQLite: the due executions are found by a read, through the indexes of
+    /// wake-up and lease expiry (named: without statistics SQLite preferred the status index), and
+    /// only those are updated. A write takes the database's one write lock, and the group commit
+    /// waits for it: the single statement held it while it read every unfinished execution through
+    /// the status index (about 5 ms with 10,000 parked, against 0.01 ms for this read), at every
+    /// poll, whether or not any was due.
+    async fn claim_sqlite(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+        limit: u64,
+        statuses: &str,
+    ) -> Result<Vec<String>, StoreError> {
+        let backend = DbBackend::Sqlite;
+        let due = format!(
+            "SELECT id FROM workflow_executions INDEXED BY idx_workflow_executions_wake_at \
+               WHERE wake_at <= ?2 AND status IN ({statuses}) \
+               AND (lease_owner IS NULL OR lease_owner = ?1) \
+             UNION SELECT id FROM workflow_executions INDEXED BY idx_workflow_executions_lease \
+               WHERE lease_expires_at < ?2 AND lease_owner IS NOT NULL AND status IN ({statuses}) \
+             ORDER BY id LIMIT {limit}"
+        );
+        let ids: Vec<String> = self
+            .db
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                due,
+                [owner.into(), now.into()],
+            ))
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String>("", "id"))
+            .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            return Ok(ids);
+        }
+        // The same conditions again, in the writing statement: another replica may have claimed
+        // some of them since the read.
+        let claim = format!(
+            "UPDATE workflow_executions SET lease_owner = ?1, lease_expires_at = ?2 \
+             WHERE id IN (SELECT value FROM json_each(?4)) AND status IN ({statuses}) AND (\
+               (wake_at IS NOT NULL AND wake_at <= ?3 AND (lease_owner IS NULL OR lease_owner = ?1)) \
+               OR (lease_owner IS NOT NULL AND lease_expires_at < ?3)) RETURNING id"
+        );
+        let rows = self
+            .db
+            .query_all_raw(Statement::from_sql_and_values(
+                backend,
+                claim,
+                [
+                    owner.into(),
+                    until.into(),
+                    now.into(),
+                    json_text(&Value::from(ids))?.into(),
+                ],
+            ))
             .await?;
         rows.iter()
             .map(|r| r.try_get::<String>("", "id").map_err(StoreError::from))
