@@ -751,26 +751,15 @@ impl Store {
         until: DateTime<Utc>,
         limit: u64,
     ) -> Result<Vec<String>, StoreError> {
-        let active = [
-            pb::ExecutionStatus::Pending,
-            pb::ExecutionStatus::Running,
-            pb::ExecutionStatus::Waiting,
-        ];
         let backend = self.db.get_database_backend();
-        let statuses: Vec<String> = active
-            .iter()
-            .map(|s| format!("'{}'", s.as_str_name()))
-            .collect();
-        let statuses = statuses.join(", ");
         if backend != DbBackend::Postgres {
-            return self.claim_sqlite(owner, now, until, limit, &statuses).await;
+            return self.claim_sqlite(owner, now, until, limit).await;
         }
         let sql = format!(
             "UPDATE workflow_executions SET lease_owner = $1, lease_expires_at = $2 WHERE id IN (\
-               SELECT id FROM workflow_executions WHERE status IN ({statuses}) AND (\
-                 (wake_at IS NOT NULL AND wake_at <= $3 AND (lease_owner IS NULL OR lease_owner = $1)) \
-                 OR (lease_owner IS NOT NULL AND lease_expires_at < $3)) \
-               ORDER BY id LIMIT {limit} FOR UPDATE SKIP LOCKED) RETURNING id"
+               SELECT id FROM workflow_executions WHERE {} \
+               ORDER BY id LIMIT {limit} FOR UPDATE SKIP LOCKED) RETURNING id",
+            claimable("$1", "$3")
         );
         let values: Vec<sea_orm::Value> = vec![owner.into(), until.into(), now.into()];
         let rows = self
@@ -794,9 +783,10 @@ impl Store {
         now: DateTime<Utc>,
         until: DateTime<Utc>,
         limit: u64,
-        statuses: &str,
     ) -> Result<Vec<String>, StoreError> {
         let backend = DbBackend::Sqlite;
+        // [`claimable`], one index per branch of its `OR`.
+        let statuses = &*UNFINISHED;
         let due = format!(
             "SELECT id FROM workflow_executions INDEXED BY idx_workflow_executions_wake_at \
                WHERE wake_at <= ?2 AND status IN ({statuses}) \
@@ -823,9 +813,8 @@ impl Store {
         // some of them since the read.
         let claim = format!(
             "UPDATE workflow_executions SET lease_owner = ?1, lease_expires_at = ?2 \
-             WHERE id IN (SELECT value FROM json_each(?4)) AND status IN ({statuses}) AND (\
-               (wake_at IS NOT NULL AND wake_at <= ?3 AND (lease_owner IS NULL OR lease_owner = ?1)) \
-               OR (lease_owner IS NOT NULL AND lease_expires_at < ?3)) RETURNING id"
+             WHERE id IN (SELECT value FROM json_each(?4)) AND {} RETURNING id",
+            claimable("?1", "?3")
         );
         let rows = self
             .db
@@ -1383,6 +1372,31 @@ pub fn active_statement(backend: DbBackend) -> &'static str {
         DbBackend::Postgres => ACTIVE_POSTGRES,
         _ => sqlite::ACTIVE,
     }
+}
+
+/// The statuses of executions that have not ended, as an SQL list.
+static UNFINISHED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    [
+        pb::ExecutionStatus::Pending,
+        pb::ExecutionStatus::Running,
+        pb::ExecutionStatus::Waiting,
+    ]
+    .iter()
+    .map(|s| format!("'{}'", s.as_str_name()))
+    .collect::<Vec<_>>()
+    .join(", ")
+});
+
+/// The condition under which `owner` may claim an execution at `now` (both placeholders): it has
+/// not ended, and it is due (its wake-up has come, its lease free or `owner`'s) or abandoned (its
+/// lease expired).
+fn claimable(owner: &str, now: &str) -> String {
+    format!(
+        "status IN ({}) AND (\
+           (wake_at IS NOT NULL AND wake_at <= {now} AND (lease_owner IS NULL OR lease_owner = {owner})) \
+           OR (lease_owner IS NOT NULL AND lease_expires_at < {now}))",
+        *UNFINISHED
+    )
 }
 
 /// How long the SQLite writer waits for the write lock, as long as a pooled connection would.

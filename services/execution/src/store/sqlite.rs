@@ -307,6 +307,8 @@ pub(super) fn commit(
             metrics.rows.extend(written);
             Ok(outcomes)
         }
+        // A transaction that found the lock taken wrote nothing: the rows known still stand.
+        Err(e) if is_busy(&e) => Err(e),
         Err(e) => {
             metrics.rows.clear();
             Err(e)
