@@ -345,7 +345,7 @@ fn immediate<T>(
 type Written = Vec<((String, String), Counts)>;
 
 /// The statements of one group commit, and the metric rows it wrote. The events go last, stamped
-/// with the time just before they are written: only their own inserts and the commit itself come
+/// with the time just before they are inserted: only their inserts and the commit itself come
 /// between that time and their being durable.
 fn write(
     tx: &Connection,
@@ -430,18 +430,27 @@ fn write(
             written.push((key, counts));
         }
     }
+    // A stored payload leaves the time out, so the payloads are made before the stamp is taken.
+    let mut payloads = Vec::new();
+    for (c, outcome) in batch.iter_mut().zip(&outcomes) {
+        if *outcome == CommitOutcome::Done {
+            for e in &mut c.events {
+                payloads.push(super::stored_payload(e)?);
+            }
+        }
+    }
     let at = super::commit_time();
     let at_text = time(at);
     super::stamp_written(batch, &outcomes, at);
-    let mut rows = Vec::new();
-    for (c, outcome) in batch.iter_mut().zip(&outcomes) {
-        if *outcome != CommitOutcome::Done {
-            continue;
-        }
-        for e in &mut c.events {
-            rows.push((&c.execution_id, super::stored_payload(e)?, &*e));
-        }
-    }
+    let events = batch
+        .iter()
+        .zip(&outcomes)
+        .filter(|(_, outcome)| **outcome == CommitOutcome::Done)
+        .flat_map(|(c, _)| c.events.iter().map(move |e| (&c.execution_id, e)));
+    let rows: Vec<_> = events
+        .zip(payloads)
+        .map(|((execution_id, e), payload)| (execution_id, payload, e))
+        .collect();
     for chunk in rows.chunks(EVENTS_PER_INSERT) {
         let mut insert = tx.prepare_cached(&EVENTS_INSERT[chunk.len() - 1])?;
         insert.raw_bind_parameter(1, &at_text)?;
