@@ -329,7 +329,7 @@ struct Sqlite {
 pub struct Store {
     db: DatabaseConnection,
     sqlite: std::sync::Arc<tokio::sync::OnceCell<Option<Sqlite>>>,
-    postgres: std::sync::Arc<tokio::sync::OnceCell<sea_orm::sqlx::PgPool>>,
+    postgres: std::sync::Arc<std::sync::OnceLock<postgres::Writer>>,
 }
 
 impl Store {
@@ -342,11 +342,10 @@ impl Store {
         }
     }
 
-    /// The writer's own PostgreSQL connection (see [`postgres::writer_pool`]), opened on first use.
-    async fn postgres_writer(&self) -> Result<&sea_orm::sqlx::PgPool, StoreError> {
+    /// The writer's own PostgreSQL connection (see [`postgres::Writer`]).
+    fn postgres_writer(&self) -> &postgres::Writer {
         self.postgres
-            .get_or_try_init(|| postgres::writer_pool(self.db.get_postgres_connection_pool()))
-            .await
+            .get_or_init(|| postgres::Writer::new(self.db.get_postgres_connection_pool()))
     }
 
     /// The writer's own connection when the database is a SQLite file; `None` for PostgreSQL and
@@ -648,8 +647,7 @@ impl Store {
         }
         let now = commit_time();
         if self.db.get_database_backend() == DbBackend::Postgres {
-            let pool = self.postgres_writer().await?;
-            return postgres::commit(pool, batch, now).await;
+            return postgres::commit(self.postgres_writer(), batch, now).await;
         }
         stamp(batch.iter_mut(), now);
         let txn = self.db.begin().await?;

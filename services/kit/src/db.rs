@@ -11,6 +11,12 @@ use crate::config::{ServerConfig, SqliteSynchronous};
 /// How long a pooled SQLite connection waits for a competing writer.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A pooled connection idle for this long is pinged before it is handed out, and one in use more
+/// recently is not. sqlx pings on every checkout by default: a round trip to the server (on SQLite,
+/// to the connection's worker thread) before every statement or transaction, for the rare
+/// connection the server dropped while it sat idle.
+pub const PING_IF_IDLE_FOR: Duration = Duration::from_secs(10);
+
 /// Connects to `config.database_url` and applies every pending migration.
 pub async fn connect(config: &ServerConfig) -> Result<DatabaseConnection, DbErr> {
     connect_url(
@@ -30,7 +36,8 @@ pub async fn connect_url(
     let mut opts = ConnectOptions::new(url.to_string());
     opts.sqlx_logging(false)
         .connect_timeout(Duration::from_secs(10))
-        .acquire_timeout(Duration::from_secs(10));
+        .acquire_timeout(Duration::from_secs(10))
+        .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR);
     let sqlite = url.starts_with("sqlite:");
     let memory = sqlite && (url.contains(":memory:") || url.contains("mode=memory"));
     if sqlite {

@@ -11,6 +11,7 @@
 //! plan does not depend on the batch, and a custom plan at every bind cost as much as running it).
 
 use std::collections::HashSet;
+use std::time::Instant;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sqlx::{self, PgPool, Postgres, Row};
@@ -131,15 +132,54 @@ UNION ALL SELECT NULL, NULL FROM (SELECT count(*) FROM signals) AS g(n) WHERE n 
 UNION ALL SELECT NULL, NULL FROM (SELECT count(*) FROM metrics) AS m(n) WHERE n < 0
 UNION ALL SELECT NULL, (SELECT t FROM stamp) FROM (SELECT count(*) FROM events) AS v(n) WHERE n > 0";
 
-/// A one-connection pool to the same server as `pool`, with its settings, for the writer.
-pub(super) async fn writer_pool(pool: &PgPool) -> Result<PgPool, StoreError> {
-    let options = (*pool.connect_options()).clone();
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .min_connections(1)
-        .connect_with(options)
-        .await
-        .map_err(db)
+/// The writer's own connection to the same server as the pool, with the pool's settings. Not a
+/// pool of one: a pool pings its connection when it hands it out and again when it takes it back,
+/// two round trips to the server beside each group commit's one. This connection is pinged only
+/// when it has sat idle (see [`meshflow_kit::db::PING_IF_IDLE_FOR`]), and opened again after a
+/// failed commit.
+pub(super) struct Writer {
+    options: sqlx::postgres::PgConnectOptions,
+    conn: tokio::sync::Mutex<Option<(sqlx::PgConnection, Instant)>>,
+}
+
+impl Writer {
+    /// A writer for the server `pool` connects to; it connects at its first commit.
+    pub(super) fn new(pool: &PgPool) -> Self {
+        Self {
+            options: (*pool.connect_options()).clone(),
+            conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Runs `write` on the connection, opened or checked first as needed.
+    async fn with<T>(
+        &self,
+        write: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+    ) -> Result<T, StoreError> {
+        use sqlx::Connection;
+        let mut slot = self.conn.lock().await;
+        let kept = match slot.take() {
+            Some((conn, used)) if used.elapsed() < meshflow_kit::db::PING_IF_IDLE_FOR => Some(conn),
+            Some((mut conn, _)) => conn.ping().await.is_ok().then_some(conn),
+            None => None,
+        };
+        let mut conn = match kept {
+            Some(conn) => conn,
+            None => self.connect().await?,
+        };
+        let result = write(&mut conn).await;
+        // After a failure the connection is opened again: the error may have ended it (the server
+        // reports a terminated session as an error of the statement that finds it gone).
+        if result.is_ok() {
+            *slot = Some((conn, Instant::now()));
+        }
+        result.map_err(db)
+    }
+
+    async fn connect(&self) -> Result<sqlx::PgConnection, StoreError> {
+        use sqlx::ConnectOptions;
+        self.options.connect().await.map_err(db)
+    }
 }
 
 fn opt_json(v: &Option<Value>) -> Result<Option<String>, StoreError> {
@@ -156,7 +196,7 @@ fn db(err: sqlx::Error) -> StoreError {
 /// The statement stamps the events itself, as its last step before it commits (see [`COMMIT`]);
 /// the events of `batch` get that time.
 pub(super) async fn commit(
-    pool: &PgPool,
+    writer: &Writer,
     batch: &mut [Commit],
     now: DateTime<Utc>,
 ) -> Result<Vec<CommitOutcome>, StoreError> {
@@ -168,21 +208,26 @@ pub(super) async fn commit(
     let (outcomes, at) = {
         let batch = &*batch;
         let groups = super::by_execution(batch);
-        let mut attempt = 1;
-        let rows = loop {
-            match batch_statement(batch, &groups, &payloads, now)?
-                .fetch_all(pool)
-                .await
-            {
-                Ok(rows) => break rows,
-                Err(err) if attempt < ATTEMPTS && retryable(&err) => {
-                    // The statement is its own transaction: nothing of it was written.
-                    tracing::warn!(error = %err, attempt, "group commit retried");
-                    attempt += 1;
+        let rows = writer
+            .with(async |conn| {
+                let mut attempt = 1;
+                loop {
+                    let statement = match batch_statement(batch, &groups, &payloads, now) {
+                        Ok(statement) => statement,
+                        Err(err) => return Ok(Err(err)),
+                    };
+                    match statement.fetch_all(&mut *conn).await {
+                        Ok(rows) => return Ok(Ok(rows)),
+                        Err(err) if attempt < ATTEMPTS && retryable(&err) => {
+                            // The statement is its own transaction: nothing of it was written.
+                            tracing::warn!(error = %err, attempt, "group commit retried");
+                            attempt += 1;
+                        }
+                        Err(err) => return Err(err),
+                    }
                 }
-                Err(err) => return Err(db(err)),
-            }
-        };
+            })
+            .await??;
         let (fenced, at) = read_outcome(&rows)?;
         let mut outcomes = vec![CommitOutcome::Done; batch.len()];
         for (execution_id, members) in groups {

@@ -736,6 +736,57 @@ async fn a_commit_chosen_as_a_deadlock_victim_runs_again() {
     assert_eq!(row.last_sequence, 1);
 }
 
+/// On PostgreSQL, the writer keeps one connection of its own between commits (no pool pinging it
+/// before and after each). When the server ends that connection, the commit that finds it gone
+/// fails and writes nothing, and the next one opens a new connection and lands.
+#[tokio::test]
+async fn a_writer_whose_connection_the_server_ended_connects_again() {
+    use sea_orm::{ConnectionTrait, DbBackend, Statement};
+    if !meshflow_kit::testing::on_postgres() {
+        return;
+    }
+    let (db, store, workflow_id, lower, higher) = two_leased("reconnect").await;
+    let mut first = [commit(&lower, &workflow_id, "me")];
+    assert_eq!(
+        store.commit(&mut first).await.expect("first commit"),
+        [CommitOutcome::Done]
+    );
+
+    // The writer's session is the one whose last statement was a group commit.
+    let ended = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'WITH fenced AS%'",
+        ))
+        .await
+        .expect("terminate")
+        .and_then(|row| row.try_get_by_index::<i64>(0).ok());
+    assert_eq!(ended, Some(1), "one writer session");
+
+    let mut lost = [commit(&higher, &workflow_id, "me")];
+    store
+        .commit(&mut lost)
+        .await
+        .expect_err("the ended connection fails its commit");
+    let row = store.execution(&higher).await.expect("read").expect("row");
+    assert_eq!(
+        row.last_sequence, 0,
+        "nothing of the failed commit was written"
+    );
+
+    let mut again = [commit(&higher, &workflow_id, "me")];
+    assert_eq!(
+        store
+            .commit(&mut again)
+            .await
+            .expect("commit on a new connection"),
+        [CommitOutcome::Done]
+    );
+    let row = store.execution(&higher).await.expect("read").expect("row");
+    assert_eq!(row.last_sequence, 1);
+}
+
 /// A start counts the executions that are not terminal from each workflow's own metrics row,
 /// through a partial index of those rows: not by reading the row of every step of every workflow.
 #[tokio::test]
