@@ -11,6 +11,7 @@
 //! milliseconds: the competing writes (a new execution, a lease) are short.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::Path;
 use std::time::Duration;
 
@@ -384,28 +385,43 @@ fn write(
             }
             continue;
         }
+        // An attempt changed by several commits of the batch (an instant step's start and end) is
+        // written once, as the last of them left it: each upsert sets every column it changes.
+        let mut attempts: Vec<&super::StepRow> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        for &k in &members {
+            for r in &batch[k].steps {
+                match index.entry(&r.id) {
+                    Entry::Occupied(at) => attempts[*at.get()] = r,
+                    Entry::Vacant(at) => {
+                        at.insert(attempts.len());
+                        attempts.push(r);
+                    }
+                }
+            }
+        }
         let mut step = tx.prepare_cached(STEP)?;
+        for r in attempts {
+            step.execute(params![
+                r.id,
+                execution_id,
+                r.step_id,
+                r.step_path,
+                r.step_type,
+                r.status.as_str_name(),
+                r.attempt,
+                r.input.as_ref().map(json).transpose()?,
+                r.output.as_ref().map(json).transpose()?,
+                r.error.as_ref().map(json).transpose()?,
+                json(&r.logs)?,
+                r.start_time.map(time),
+                r.end_time.map(time),
+                super::duration_ms(r),
+                r.next_attempt_at.map(time),
+            ])?;
+        }
         for &k in &members {
             let c = &batch[k];
-            for r in &c.steps {
-                step.execute(params![
-                    r.id,
-                    execution_id,
-                    r.step_id,
-                    r.step_path,
-                    r.step_type,
-                    r.status.as_str_name(),
-                    r.attempt,
-                    r.input.as_ref().map(json).transpose()?,
-                    r.output.as_ref().map(json).transpose()?,
-                    r.error.as_ref().map(json).transpose()?,
-                    json(&r.logs)?,
-                    r.start_time.map(time),
-                    r.end_time.map(time),
-                    super::duration_ms(r),
-                    r.next_attempt_at.map(time),
-                ])?;
-            }
             if let Some((signal_id, consumer)) = &c.consume_signal {
                 tx.prepare_cached(CONSUME)?
                     .execute(params![consumer, signal_id])?;
