@@ -154,7 +154,7 @@ impl Writer {
     /// Runs `write` on the connection, opened or checked first as needed.
     async fn with<T>(
         &self,
-        write: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, sqlx::Error>,
+        write: impl AsyncFnOnce(&mut sqlx::PgConnection) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         use sqlx::Connection;
         let mut slot = self.conn.lock().await;
@@ -173,7 +173,7 @@ impl Writer {
         if result.is_ok() {
             *slot = Some((conn, Instant::now()));
         }
-        result.map_err(db)
+        result
     }
 
     async fn connect(&self) -> Result<sqlx::PgConnection, StoreError> {
@@ -212,22 +212,21 @@ pub(super) async fn commit(
             .with(async |conn| {
                 let mut attempt = 1;
                 loop {
-                    let statement = match batch_statement(batch, &groups, &payloads, now) {
-                        Ok(statement) => statement,
-                        Err(err) => return Ok(Err(err)),
-                    };
-                    match statement.fetch_all(&mut *conn).await {
-                        Ok(rows) => return Ok(Ok(rows)),
+                    match batch_statement(batch, &groups, &payloads, now)?
+                        .fetch_all(&mut *conn)
+                        .await
+                    {
+                        Ok(rows) => return Ok(rows),
                         Err(err) if attempt < ATTEMPTS && retryable(&err) => {
                             // The statement is its own transaction: nothing of it was written.
                             tracing::warn!(error = %err, attempt, "group commit retried");
                             attempt += 1;
                         }
-                        Err(err) => return Err(err),
+                        Err(err) => return Err(db(err)),
                     }
                 }
             })
-            .await??;
+            .await?;
         let (fenced, at) = read_outcome(&rows)?;
         let mut outcomes = vec![CommitOutcome::Done; batch.len()];
         for (execution_id, members) in groups {
