@@ -157,7 +157,7 @@ pub struct ExecutionPatch {
     pub release_lease: bool,
 }
 
-/// One step attempt as written (inserted or replaced by id).
+/// One step attempt as written (inserted, or replacing the attempt at its place).
 #[derive(Debug, Clone)]
 pub struct StepRow {
     /// UUIDv7 of the attempt.
@@ -652,9 +652,7 @@ impl Store {
         stamp(batch.iter_mut(), now);
         let txn = self.db.begin().await?;
         let mut outcomes = vec![CommitOutcome::Done; batch.len()];
-        let mut steps: Vec<step::ActiveModel> = Vec::new();
-        let mut step_index: std::collections::HashMap<&str, usize> =
-            std::collections::HashMap::new();
+        let mut written: Vec<&Commit> = Vec::new();
         let mut events: Vec<event::ActiveModel> = Vec::new();
         let mut signals: Vec<(String, String)> = Vec::new();
         let mut metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
@@ -676,16 +674,7 @@ impl Store {
             }
             for &k in &members {
                 let c = &batch[k];
-                for r in &c.steps {
-                    let model = step_model(&c.execution_id, r);
-                    match step_index.get(r.id.as_str()) {
-                        Some(&at) => steps[at] = model,
-                        None => {
-                            step_index.insert(&r.id, steps.len());
-                            steps.push(model);
-                        }
-                    }
-                }
+                written.push(c);
                 for e in &c.events {
                     events.push(event_model(&c.execution_id, e, now)?);
                 }
@@ -695,6 +684,10 @@ impl Store {
                 }
             }
         }
+        let steps: Vec<step::ActiveModel> = last_writes(written)
+            .into_iter()
+            .map(|(execution_id, r)| step_model(execution_id, r))
+            .collect();
         if !steps.is_empty() {
             step::Entity::insert_many(steps)
                 .on_conflict(
@@ -1229,6 +1222,29 @@ fn merged_patch<'a>(commits: impl Iterator<Item = &'a Commit>) -> Merged<'a> {
     p
 }
 
+/// The attempts `commits` write, each once, as the last commit to change it left it, in the order
+/// they were first written. Every upsert of an attempt sets every column it changes, so writing
+/// only the last is writing them all; and one PostgreSQL statement may touch a row only once.
+/// Attempts are told apart by their place, the table's key.
+fn last_writes<'a>(commits: impl IntoIterator<Item = &'a Commit>) -> Vec<(&'a str, &'a StepRow)> {
+    let mut rows: Vec<(&str, &StepRow)> = Vec::new();
+    let mut index: std::collections::HashMap<(&str, &str, i32), usize> =
+        std::collections::HashMap::new();
+    for c in commits {
+        for r in &c.steps {
+            let row = (c.execution_id.as_str(), r);
+            match index.entry((row.0, r.step_path.as_str(), r.attempt)) {
+                std::collections::hash_map::Entry::Occupied(at) => rows[*at.get()] = row,
+                std::collections::hash_map::Entry::Vacant(at) => {
+                    at.insert(rows.len());
+                    rows.push(row);
+                }
+            }
+        }
+    }
+    rows
+}
+
 fn duration_ms(s: &StepRow) -> Option<i64> {
     match (s.start_time, s.end_time) {
         (Some(a), Some(b)) => Some((b - a).num_milliseconds()),
@@ -1557,6 +1573,66 @@ async fn upsert_metrics<C: ConnectionTrait>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn attempt(id: &str, path: &str, attempt: i32, status: pb::StepStatus) -> StepRow {
+        StepRow {
+            id: id.into(),
+            step_id: path.into(),
+            step_path: path.into(),
+            step_type: "STEP_TYPE_DATA_TRANSFORM".into(),
+            status,
+            attempt,
+            input: None,
+            output: None,
+            error: None,
+            logs: Value::Array(Vec::new()),
+            start_time: None,
+            end_time: None,
+            next_attempt_at: None,
+        }
+    }
+
+    fn commit_of(execution_id: &str, steps: Vec<StepRow>) -> Commit {
+        Commit {
+            execution_id: execution_id.into(),
+            workflow_id: "w".into(),
+            owner: "me".into(),
+            patch: ExecutionPatch::default(),
+            steps,
+            events: Vec::new(),
+            consume_signal: None,
+            metrics: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_batch_writes_each_attempt_place_once_as_last_changed() {
+        use pb::StepStatus::{Running, Succeeded};
+        let batch = [
+            commit_of("e1", vec![attempt("a", "keep", 1, Running)]),
+            commit_of("e2", vec![attempt("b", "keep", 1, Running)]),
+            // The same place under another id is the same row: the table is keyed by place.
+            commit_of(
+                "e1",
+                vec![
+                    attempt("c", "keep", 1, Succeeded),
+                    attempt("d", "keep", 2, Running),
+                ],
+            ),
+        ];
+        let written: Vec<(&str, &str, i32, pb::StepStatus)> = last_writes(&batch)
+            .into_iter()
+            .map(|(e, r)| (e, r.id.as_str(), r.attempt, r.status))
+            .collect();
+        assert_eq!(
+            written,
+            [
+                ("e1", "c", 1, Succeeded),
+                ("e2", "b", 1, Running),
+                ("e1", "d", 2, Running),
+            ]
+        );
+    }
 
     #[test]
     fn histogram_quantiles() {

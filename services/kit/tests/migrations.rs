@@ -22,6 +22,14 @@ const TABLES: &[&str] = &[
     "webhook_delivery_attempts",
 ];
 
+/// A connection to a fresh database (PostgreSQL when the tests have one), not migrated.
+async fn fresh_unmigrated() -> sea_orm::DatabaseConnection {
+    let url = meshflow_kit::testing::fresh_database_url()
+        .await
+        .expect("database");
+    Database::connect(url.as_str()).await.expect("connect")
+}
+
 async fn present(manager: &SchemaManager<'_>) -> Vec<&'static str> {
     let mut out = Vec::new();
     for table in TABLES {
@@ -34,10 +42,7 @@ async fn present(manager: &SchemaManager<'_>) -> Vec<&'static str> {
 
 #[tokio::test]
 async fn migrations_run_up_down_and_up_again() {
-    let url = meshflow_kit::testing::fresh_database_url()
-        .await
-        .expect("database");
-    let db = Database::connect(url.as_str()).await.expect("connect");
+    let db = fresh_unmigrated().await;
     let manager = SchemaManager::new(&db);
 
     Migrator::up(&db, None).await.expect("up");
@@ -93,10 +98,7 @@ async fn postgres_history_tables_are_light_to_write() {
     if !meshflow_kit::testing::on_postgres() {
         return;
     }
-    let url = meshflow_kit::testing::fresh_database_url()
-        .await
-        .expect("database");
-    let db = Database::connect(url.as_str()).await.expect("connect");
+    let db = fresh_unmigrated().await;
     let scalar = async |sql: &str| -> String {
         db.query_one_raw(sea_orm::Statement::from_string(
             sea_orm::DbBackend::Postgres,
@@ -142,10 +144,7 @@ async fn postgres_history_tables_are_light_to_write() {
 #[tokio::test]
 async fn step_attempts_keep_their_rows_as_their_key_changes() {
     use sea_orm::ConnectionTrait;
-    let url = meshflow_kit::testing::fresh_database_url()
-        .await
-        .expect("database");
-    let db = Database::connect(url.as_str()).await.expect("connect");
+    let db = fresh_unmigrated().await;
     let backend = db.get_database_backend();
     let run = async |sql: &str| {
         db.execute_unprepared(sql).await.expect(sql);

@@ -308,20 +308,7 @@ fn batch_statement<'q>(
         last_sequence.push(p.last_sequence);
         release.push(p.release_lease);
     }
-    // Attempts, the last write of each id winning (one statement may touch a row only once).
-    let mut rows: Vec<(&str, &super::StepRow)> = Vec::new();
-    let mut index: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for c in batch {
-        for r in &c.steps {
-            match index.get(r.id.as_str()) {
-                Some(&at) => rows[at] = (&c.execution_id, r),
-                None => {
-                    index.insert(&r.id, rows.len());
-                    rows.push((&c.execution_id, r));
-                }
-            }
-        }
-    }
+    let rows = super::last_writes(batch);
     let (mut s_id, mut s_execution, mut s_step_id) = (Vec::new(), Vec::new(), Vec::new());
     let (mut s_path, mut s_type) = (Vec::new(), Vec::new());
     let (mut s_status, mut s_attempt) = (Vec::new(), Vec::new());

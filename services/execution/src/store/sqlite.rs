@@ -11,7 +11,6 @@
 //! milliseconds: the competing writes (a new execution, a lease) are short.
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::path::Path;
 use std::time::Duration;
 
@@ -385,23 +384,10 @@ fn write(
             }
             continue;
         }
-        // An attempt changed by several commits of the batch (an instant step's start and end) is
-        // written once, as the last of them left it: each upsert sets every column it changes.
-        let mut attempts: Vec<&super::StepRow> = Vec::new();
-        let mut index: HashMap<&str, usize> = HashMap::new();
-        for &k in &members {
-            for r in &batch[k].steps {
-                match index.entry(&r.id) {
-                    Entry::Occupied(at) => attempts[*at.get()] = r,
-                    Entry::Vacant(at) => {
-                        at.insert(attempts.len());
-                        attempts.push(r);
-                    }
-                }
-            }
-        }
         let mut step = tx.prepare_cached(STEP)?;
-        for r in attempts {
+        // An attempt changed by several commits of the batch (an instant step's start and end) is
+        // written once.
+        for (_, r) in super::last_writes(members.iter().map(|&k| &batch[k])) {
             step.execute(params![
                 r.id,
                 execution_id,
