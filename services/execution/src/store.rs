@@ -241,6 +241,20 @@ pub struct MetricsDelta {
     pub duration_ms: Option<i64>,
 }
 
+impl MetricsDelta {
+    /// Adds `d`'s counts to these (not its duration: the caller keeps those).
+    fn add(&mut self, d: &MetricsDelta) {
+        self.total += d.total;
+        self.active += d.active;
+        self.completed += d.completed;
+        self.failed += d.failed;
+        self.cancelled += d.cancelled;
+        self.timed_out += d.timed_out;
+        self.skipped += d.skipped;
+        self.attempts += d.attempts;
+    }
+}
+
 /// Outcome of one commit of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CommitOutcome {
@@ -290,6 +304,16 @@ fn bucket_of(ms: i64) -> usize {
         .iter()
         .position(|b| ms <= *b)
         .unwrap_or(BUCKETS_MS.len())
+}
+
+/// The histogram of `durations` (milliseconds): a count per bucket of [`BUCKETS_MS`], and one for
+/// longer ones.
+fn histogram_of(durations: &[i64]) -> Vec<i64> {
+    let mut histogram = vec![0; BUCKETS_MS.len() + 1];
+    for ms in durations {
+        histogram[bucket_of(*ms)] += 1;
+    }
+    histogram
 }
 
 /// The `q` quantile (0..1) of a histogram, as the upper bound of its bucket, in milliseconds.
@@ -1333,12 +1357,13 @@ fn event_model(
     })
 }
 
-/// Adds a delta into a list merged per (workflow, step id), collecting durations.
+/// Adds a delta into a list merged per (workflow, step id), collecting durations; returns the
+/// place of the row it went into.
 fn merge_into(
     merged: &mut Vec<(String, MetricsDelta, Vec<i64>)>,
     workflow_id: &str,
     d: &MetricsDelta,
-) {
+) -> usize {
     let found = merged
         .iter()
         .position(|(w, m, _)| w == workflow_id && m.step_id == d.step_id);
@@ -1354,15 +1379,9 @@ fn merge_into(
         merged.len() - 1
     });
     let (_, m, durations) = &mut merged[slot];
-    m.total += d.total;
-    m.active += d.active;
-    m.completed += d.completed;
-    m.failed += d.failed;
-    m.cancelled += d.cancelled;
-    m.timed_out += d.timed_out;
-    m.skipped += d.skipped;
-    m.attempts += d.attempts;
+    m.add(d);
     durations.extend(d.duration_ms);
+    slot
 }
 
 /// Number of executions that are not terminal: those started (the maintained `active` counters)

@@ -336,6 +336,96 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
     }
 }
 
+/// A batch's metric increments count once each, and only those of executions whose lease held:
+/// when each metric row has increments from one execution only, and when two executions add to the
+/// same row. (PostgreSQL sums the first kind in the writer and the second in its statement.)
+#[tokio::test]
+async fn a_batch_counts_each_increment_once_and_only_those_whose_lease_held() {
+    let (_, store, workflow) = fresh_store("batch-metrics").await;
+    let w = &workflow.workflow_id;
+    let first = execution(&store, w, "me").await;
+    let second = execution(&store, w, "me").await;
+    let elsewhere = execution(&store, w, "other").await;
+    let with = |execution_id: &str, sequence: i64, step_id: &str, durations: &[i64]| {
+        let mut c = commit(execution_id, w, "me");
+        c.events[0].sequence = sequence;
+        c.steps.clear();
+        c.metrics = durations
+            .iter()
+            .map(|&ms| MetricsDelta {
+                step_id: step_id.into(),
+                attempts: 1,
+                completed: 1,
+                duration_ms: Some(ms),
+                ..Default::default()
+            })
+            .collect();
+        c
+    };
+    let bucket = |ms: i64| {
+        meshflow_execution::store::BUCKETS_MS
+            .iter()
+            .position(|b| ms <= *b)
+            .expect("bucket")
+    };
+
+    // Each row from one execution; the one whose lease another replica holds counts nothing.
+    let outcomes = store
+        .commit(&mut [
+            with(&first, 1, "alone", &[3, 700]),
+            with(&elsewhere, 1, "lost", &[3]),
+            with(&first, 2, "alone", &[3]),
+        ])
+        .await
+        .expect("commit");
+    assert_eq!(
+        outcomes,
+        [
+            CommitOutcome::Done,
+            CommitOutcome::LeaseLost,
+            CommitOutcome::Done
+        ]
+    );
+    let alone = metrics_row(&store, w, "alone").await;
+    assert_eq!((alone.attempts, alone.completed), (3, 3));
+    assert_eq!(alone.duration_histogram[bucket(3)], json!(2));
+    assert_eq!(alone.duration_histogram[bucket(700)], json!(1));
+    assert_eq!(counted(&alone), 3);
+    assert!(
+        store
+            .metrics(w)
+            .await
+            .expect("metrics")
+            .iter()
+            .all(|m| m.step_id != "lost"),
+        "no row for the fenced-out execution's increments"
+    );
+
+    // Two executions add to one row, a third (fenced out) to it as well.
+    let outcomes = store
+        .commit(&mut [
+            with(&first, 3, "alone", &[3]),
+            with(&second, 1, "alone", &[3, 90_000]),
+            with(&elsewhere, 1, "alone", &[700]),
+        ])
+        .await
+        .expect("commit");
+    assert_eq!(
+        outcomes,
+        [
+            CommitOutcome::Done,
+            CommitOutcome::Done,
+            CommitOutcome::LeaseLost
+        ]
+    );
+    let alone = metrics_row(&store, w, "alone").await;
+    assert_eq!((alone.attempts, alone.completed), (6, 6));
+    assert_eq!(alone.duration_histogram[bucket(3)], json!(4));
+    assert_eq!(alone.duration_histogram[bucket(700)], json!(1));
+    assert_eq!(alone.duration_histogram[bucket(90_000)], json!(1));
+    assert_eq!(counted(&alone), 6);
+}
+
 /// Metric rows changed by another connection (another replica or process, a deleted workflow)
 /// between two commits: the second commit adds to what is stored, not to what its writer last
 /// wrote, and creates a deleted row again.
