@@ -474,14 +474,16 @@ impl Deltas {
     }
 
     fn unsummed(batch: &[Commit]) -> Self {
-        let mut deltas = Self::empty(Durations::Buckets(Vec::new()));
-        for c in batch {
-            for d in &c.metrics {
-                if let Durations::Buckets(b) = &mut deltas.durations {
-                    b.push(d.duration_ms.map(|ms| super::bucket_of(ms) as i32));
-                }
-                deltas.push(&c.execution_id, &c.workflow_id, d);
-            }
+        let increments = batch
+            .iter()
+            .flat_map(|c| c.metrics.iter().map(move |d| (c, d)));
+        let buckets = increments
+            .clone()
+            .map(|(_, d)| d.duration_ms.map(|ms| super::bucket_of(ms) as i32))
+            .collect();
+        let mut deltas = Self::empty(Durations::Buckets(buckets));
+        for (c, d) in increments {
+            deltas.push(&c.execution_id, &c.workflow_id, d);
         }
         deltas
     }
@@ -524,28 +526,13 @@ impl Deltas {
     }
 
     fn bind(self, query: Query<'_>) -> Query<'_> {
-        let [
-            total,
-            active,
-            completed,
-            failed,
-            cancelled,
-            timed_out,
-            skipped,
-            attempts,
-        ] = self.counts;
-        let query = query
+        let mut query = query
             .bind(self.execution)
             .bind(self.workflow)
-            .bind(self.step)
-            .bind(total)
-            .bind(active)
-            .bind(completed)
-            .bind(failed)
-            .bind(cancelled)
-            .bind(timed_out)
-            .bind(skipped)
-            .bind(attempts);
+            .bind(self.step);
+        for column in self.counts {
+            query = query.bind(column);
+        }
         match self.durations {
             Durations::Buckets(b) => query.bind(b),
             Durations::Histograms(h) => query.bind(h),
