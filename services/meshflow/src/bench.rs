@@ -242,6 +242,36 @@ async fn execute(
     Ok((started.elapsed(), lags))
 }
 
+/// How long the benchmark's client waits before each request of
+/// `http_round_trip_after_idle_p50_ms`: about what a W1 step spends between a response and the
+/// next request.
+const IDLE_BEFORE_REQUEST: Duration = Duration::from_micros(250);
+
+/// The median of 500 round trips of `GET /item/{n}` to `base`, each sent after `pause`.
+///
+/// The pause blocks this thread on purpose: the target and this client then wait on an idle
+/// machine, as they do between W1's steps, and each request pays for waking them up.
+async fn round_trip_p50(
+    http: &reqwest::Client,
+    base: &str,
+    pause: Duration,
+) -> anyhow::Result<f64> {
+    let mut rtts = Vec::with_capacity(500);
+    for i in 0..500 {
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+        let t = Instant::now();
+        http.get(format!("{base}/item/{}", i % 10 + 1))
+            .send()
+            .await?
+            .bytes()
+            .await?;
+        rtts.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    Ok(percentile(&sorted(rtts), 0.5))
+}
+
 /// Starts the local target on a thread and runtime of its own, as a separate service would run:
 /// it answers the server's requests without waiting behind this client's work on the event
 /// streams. Returns its base URL; it serves until the process exits.
@@ -314,20 +344,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let w1_id = create(&channel, w1(&base)).await?;
     let w2_id = create(&channel, w2(&base)).await?;
 
-    // The HTTP round trips W1 makes, measured from here.
+    // The HTTP round trips W1 makes, measured from here: back to back (what the overhead figure
+    // subtracts), and each after the CPUs sat idle about as long as a step's own work keeps them
+    // waiting, as W1's requests are sent (for reading the overhead on a given machine).
     let http = reqwest::Client::builder().no_proxy().build()?;
-    let mut rtts = Vec::new();
-    for i in 0..500 {
-        let t = Instant::now();
-        http.get(format!("{base}/item/{}", i % 10 + 1))
-            .send()
-            .await?
-            .bytes()
-            .await?;
-        rtts.push(t.elapsed().as_secs_f64() * 1000.0);
-    }
-    let rtt = percentile(&sorted(rtts), 0.5);
+    let rtt = round_trip_p50(&http, &base, Duration::ZERO).await?;
     println!("http_round_trip_p50_ms: {rtt:.3}");
+    let idle = round_trip_p50(&http, &base, IDLE_BEFORE_REQUEST).await?;
+    println!("http_round_trip_after_idle_p50_ms: {idle:.3}");
 
     // W1 alone.
     let mut client = OrchestratorServiceClient::new(channel.clone());
