@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use meshflow_kit::db::SelectUnique;
 use meshflow_proto::execution::v1 as pb;
 use meshflow_proto::workflow::v1 as wpb;
-use sea_orm::sea_query::{Expr, OnConflict};
+use sea_orm::sea_query::{Expr, ExprTrait, OnConflict, QueryStatementBuilder};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectionTrait, DatabaseConnection, DbBackend, DbErr,
     EntityTrait, QueryFilter, QueryOrder, QuerySelect, Statement, TransactionTrait,
@@ -186,13 +186,6 @@ pub struct StepRow {
     pub end_time: Option<DateTime<Utc>>,
     /// When the next attempt is due.
     pub next_attempt_at: Option<DateTime<Utc>>,
-}
-
-/// An event to append.
-#[derive(Debug, Clone)]
-pub struct EventRow {
-    /// The event, with its sequence and time set.
-    pub event: pb::ExecutionEvent,
 }
 
 /// Atomic changes of one execution: the row, attempts, events, a consumed signal.
@@ -641,21 +634,40 @@ impl Store {
         Ok(query.all(&self.db).await?)
     }
 
-    /// Events with a sequence above `after`, in order, at most `limit`.
+    /// Events with a sequence above `after`, in order, at most `limit`. Fewer than `limit` means
+    /// there are no more (yet).
     pub async fn events_after(
         &self,
         execution_id: &str,
         after: i64,
         limit: u64,
     ) -> Result<Vec<pb::ExecutionEvent>, StoreError> {
+        // A row holds a run of events (see [`EventRow`]): reading starts at the row holding event
+        // `after + 1`, the last to start at or before it. Every row read then holds an event past
+        // `after`, so `limit` rows hold at least `limit` of them.
+        let holding_next = sea_orm::sea_query::Query::select()
+            .expr(event::Column::Sequence.max())
+            .from(event::Entity)
+            .and_where(event::Column::ExecutionId.eq(execution_id))
+            .and_where(event::Column::Sequence.lte(after.saturating_add(1)))
+            .to_owned();
+        let start = sea_orm::sea_query::Func::coalesce([
+            Expr::SubQuery(None, Box::new(holding_next.into_sub_query_statement())),
+            Expr::val(after.saturating_add(1)),
+        ]);
         let rows = event::Entity::find()
             .filter(event::Column::ExecutionId.eq(execution_id))
-            .filter(event::Column::Sequence.gt(after))
+            .filter(Expr::col(event::Column::Sequence).gte(start))
             .order_by_asc(event::Column::Sequence)
             .limit(limit)
             .all(&self.db)
             .await?;
-        rows.into_iter().map(from_stored).collect()
+        let mut events = Vec::new();
+        for row in rows {
+            events.extend(from_stored(row)?.into_iter().filter(|e| e.sequence > after));
+        }
+        events.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(events)
     }
 
     /// Writes a batch of commits in one transaction. Commits of one execution are merged: one fenced
@@ -677,7 +689,6 @@ impl Store {
         let txn = self.db.begin().await?;
         let mut outcomes = vec![CommitOutcome::Done; batch.len()];
         let mut written: Vec<&Commit> = Vec::new();
-        let mut events: Vec<event::ActiveModel> = Vec::new();
         let mut signals: Vec<(String, String)> = Vec::new();
         let mut metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
         for (execution_id, members) in by_execution(batch) {
@@ -699,9 +710,6 @@ impl Store {
             for &k in &members {
                 let c = &batch[k];
                 written.push(c);
-                for e in &c.events {
-                    events.push(event_model(&c.execution_id, e, now)?);
-                }
                 signals.extend(c.consume_signal.clone());
                 for d in &c.metrics {
                     merge_into(&mut metrics, &c.workflow_id, d);
@@ -736,6 +744,10 @@ impl Store {
                 .exec_without_returning(&txn)
                 .await?;
         }
+        let events = event_rows(batch, |k| outcomes[k] == CommitOutcome::Done)?
+            .into_iter()
+            .map(|r| event_model(r, now))
+            .collect::<Result<Vec<_>, _>>()?;
         if !events.is_empty() {
             event::Entity::insert_many(events)
                 .exec_without_returning(&txn)
@@ -1302,58 +1314,113 @@ fn step_model(execution_id: &str, s: &StepRow) -> step::ActiveModel {
     }
 }
 
-/// The stored JSON of an event, without what its row's columns hold: the execution, sequence,
-/// time, type and step path, which [`from_stored`] puts back. Those fields are most of a small
-/// event's JSON, and every event is written once per step change. The event is as it was after.
-fn stored_payload(e: &mut pb::ExecutionEvent) -> Result<String, StoreError> {
-    let kept = (
-        std::mem::take(&mut e.execution_id),
-        std::mem::take(&mut e.sequence),
-        e.time.take(),
-        std::mem::take(&mut e.r#type),
-        std::mem::take(&mut e.step_path),
-    );
-    let text = serde_json::to_string(e);
-    (e.execution_id, e.sequence, e.time, e.r#type, e.step_path) = kept;
-    text.map_err(|err| StoreError::Corrupt(err.to_string()))
+/// One stored row of events: the events of one execution that one group commit wrote, in order.
+/// The row's sequence, type and step path are its first event's; its payload is a JSON array of
+/// the events, each without its execution id and time, which the row's columns hold. Rows written
+/// before events were grouped hold one event each, as a JSON object without any of the columns'
+/// fields; [`from_stored`] reads both.
+///
+/// One row per commit and execution rather than per event: a step's commit writes about four
+/// events, and each row costs its table and its key index an entry.
+pub(crate) struct EventRow {
+    pub execution_id: String,
+    pub sequence: i64,
+    pub event_type: &'static str,
+    pub step_path: Option<String>,
+    pub payload: String,
 }
 
-/// An event read back: its stored JSON with the fields its columns hold put back (rows written
-/// before payloads left them out hold the same values in both).
-fn from_stored(r: event::Model) -> Result<pb::ExecutionEvent, StoreError> {
+/// The event rows of the commits of `batch` that `written` keeps (by index): one per execution,
+/// its commits' events in batch order. Each event is as it was after.
+fn event_rows(
+    batch: &mut [Commit],
+    written: impl Fn(usize) -> bool,
+) -> Result<Vec<EventRow>, StoreError> {
+    let groups: Vec<(String, Vec<usize>)> = by_execution(batch)
+        .into_iter()
+        .map(|(id, members)| {
+            let members = members.into_iter().filter(|&k| written(k)).collect();
+            (id.to_string(), members)
+        })
+        .collect();
+    let mut rows = Vec::with_capacity(groups.len());
+    for (execution_id, members) in groups {
+        let mut payload = Vec::new();
+        let mut first: Option<(i64, &'static str, Option<String>)> = None;
+        for k in members {
+            for e in &mut batch[k].events {
+                payload.push(if first.is_none() { b'[' } else { b',' });
+                first.get_or_insert_with(|| {
+                    (
+                        e.sequence,
+                        event_type_name(e),
+                        Some(e.step_path.clone()).filter(|p| !p.is_empty()),
+                    )
+                });
+                // The row's columns hold these.
+                let kept = (std::mem::take(&mut e.execution_id), e.time.take());
+                let written = serde_json::to_writer(&mut payload, &*e);
+                (e.execution_id, e.time) = kept;
+                written.map_err(|err| StoreError::Corrupt(err.to_string()))?;
+            }
+        }
+        if let Some((sequence, event_type, step_path)) = first {
+            payload.push(b']');
+            rows.push(EventRow {
+                execution_id,
+                sequence,
+                event_type,
+                step_path,
+                payload: String::from_utf8(payload)
+                    .map_err(|err| StoreError::Corrupt(err.to_string()))?,
+            });
+        }
+    }
+    Ok(rows)
+}
+
+/// The events of a stored row: its payload with the fields its columns hold put back.
+fn from_stored(r: event::Model) -> Result<Vec<pb::ExecutionEvent>, StoreError> {
     let corrupt = |what: String| {
         StoreError::Corrupt(format!("event {}#{}: {what}", r.execution_id, r.sequence))
     };
-    let mut e: pb::ExecutionEvent =
-        serde_json::from_value(r.payload).map_err(|err| corrupt(err.to_string()))?;
-    e.r#type = pb::EventType::from_str_name(&r.event_type)
-        .ok_or_else(|| corrupt(format!("unknown event type {}", r.event_type)))?
-        as i32;
-    e.execution_id = r.execution_id;
-    e.sequence = r.sequence;
-    e.time = Some(meshflow_kit::convert::timestamp(r.time));
-    e.step_path = r.step_path.unwrap_or_default();
-    Ok(e)
+    let time = Some(meshflow_kit::convert::timestamp(r.time));
+    match r.payload {
+        Value::Array(items) => items
+            .into_iter()
+            .map(|item| {
+                let mut e: pb::ExecutionEvent =
+                    serde_json::from_value(item).map_err(|err| corrupt(err.to_string()))?;
+                e.execution_id = r.execution_id.clone();
+                e.time = time;
+                Ok(e)
+            })
+            .collect(),
+        payload => {
+            let mut e: pb::ExecutionEvent =
+                serde_json::from_value(payload).map_err(|err| corrupt(err.to_string()))?;
+            e.r#type = pb::EventType::from_str_name(&r.event_type)
+                .ok_or_else(|| corrupt(format!("unknown event type {}", r.event_type)))?
+                as i32;
+            e.execution_id = r.execution_id;
+            e.sequence = r.sequence;
+            e.time = time;
+            e.step_path = r.step_path.unwrap_or_default();
+            Ok(vec![e])
+        }
+    }
 }
 
-fn event_model(
-    execution_id: &str,
-    e: &pb::ExecutionEvent,
-    now: DateTime<Utc>,
-) -> Result<event::ActiveModel, StoreError> {
-    let time = e
-        .time
-        .as_ref()
-        .and_then(meshflow_kit::convert::from_timestamp)
-        .unwrap_or(now);
+fn event_model(r: EventRow, time: DateTime<Utc>) -> Result<event::ActiveModel, StoreError> {
     Ok(event::ActiveModel {
-        execution_id: Set(execution_id.to_string()),
-        sequence: Set(e.sequence),
+        execution_id: Set(r.execution_id),
+        sequence: Set(r.sequence),
         time: Set(time),
-        event_type: Set(event_type_name(e).to_string()),
-        step_path: Set(Some(e.step_path.clone()).filter(|p| !p.is_empty())),
-        payload: Set(serde_json::from_str(&stored_payload(&mut e.clone())?)
-            .map_err(|err| StoreError::Corrupt(err.to_string()))?),
+        event_type: Set(r.event_type.to_string()),
+        step_path: Set(r.step_path),
+        payload: Set(
+            serde_json::from_str(&r.payload).map_err(|err| StoreError::Corrupt(err.to_string()))?
+        ),
     })
 }
 

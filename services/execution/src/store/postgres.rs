@@ -234,11 +234,8 @@ pub(super) async fn commit(
     batch: &mut [Commit],
     now: DateTime<Utc>,
 ) -> Result<Vec<CommitOutcome>, StoreError> {
-    let payloads = batch
-        .iter_mut()
-        .flat_map(|c| c.events.iter_mut())
-        .map(super::stored_payload)
-        .collect::<Result<Vec<_>, _>>()?;
+    // Every execution's rows: the statement leaves out those whose fence failed.
+    let events = super::event_rows(batch, |_| true)?;
     let (outcomes, at) = {
         let batch = &*batch;
         let groups = super::by_execution(batch);
@@ -246,7 +243,7 @@ pub(super) async fn commit(
             .with(async |conn| {
                 let mut attempt = 1;
                 loop {
-                    match batch_statement(batch, &groups, &payloads, now)?
+                    match batch_statement(batch, &groups, &events, now)?
                         .fetch_all(&mut *conn)
                         .await
                     {
@@ -313,7 +310,7 @@ type Query<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 fn batch_statement<'q>(
     batch: &[Commit],
     groups: &[(&str, Vec<usize>)],
-    e_payload: &'q [String],
+    events: &[super::EventRow],
     now: DateTime<Utc>,
 ) -> Result<Query<'q>, StoreError> {
     // The fenced row update of each execution.
@@ -367,19 +364,16 @@ fn batch_statement<'q>(
         s_duration.push(super::duration_ms(r));
         s_next.push(r.next_attempt_at.map(time));
     }
-    // Events.
+    // Event rows.
     let now_text = time(now);
-    let (mut e_execution, mut e_sequence) = (Vec::new(), Vec::new());
-    let (mut e_type, mut e_path) = (Vec::new(), Vec::new());
+    let e_execution: Vec<&str> = events.iter().map(|r| r.execution_id.as_str()).collect();
+    let e_sequence: Vec<i64> = events.iter().map(|r| r.sequence).collect();
+    let e_type: Vec<&str> = events.iter().map(|r| r.event_type).collect();
+    let e_path: Vec<Option<&str>> = events.iter().map(|r| r.step_path.as_deref()).collect();
+    let e_payload: Vec<&str> = events.iter().map(|r| r.payload.as_str()).collect();
     // Signals consumed.
     let (mut g_id, mut g_consumer, mut g_execution) = (Vec::new(), Vec::new(), Vec::new());
     for c in batch {
-        for e in &c.events {
-            e_execution.push(c.execution_id.clone());
-            e_sequence.push(e.sequence);
-            e_type.push(super::event_type_name(e).to_string());
-            e_path.push(Some(e.step_path.clone()).filter(|p| !p.is_empty()));
-        }
         if let Some((signal_id, consumer)) = &c.consume_signal {
             g_id.push(signal_id.clone());
             g_consumer.push(consumer.clone());

@@ -185,18 +185,18 @@ const STEP: &str = "INSERT INTO step_executions (id, execution_id, step_id, step
     start_time = excluded.start_time, end_time = excluded.end_time,
     duration_ms = excluded.duration_ms, next_attempt_at = excluded.next_attempt_at";
 
-/// Most events one statement of [`EVENTS_INSERT`] writes.
+/// Most event rows one statement of [`EVENTS_INSERT`] writes.
 const EVENTS_PER_INSERT: usize = 8;
 
-/// The statements inserting 1 to [`EVENTS_PER_INSERT`] events of one group commit (see
+/// The statements inserting 1 to [`EVENTS_PER_INSERT`] event rows of one group commit (see
 /// [`events_insert`]).
 static EVENTS_INSERT: std::sync::LazyLock<Vec<String>> =
     std::sync::LazyLock::new(|| (1..=EVENTS_PER_INSERT).map(events_insert).collect());
 
-/// The statement inserting `n` events of one group commit, their shared time in `?1` and each
-/// event's execution id, sequence, type, step path and payload in the five parameters after.
-/// One statement for a commit's events, not one per event, opens its cursors and binds its time
-/// once.
+/// The statement inserting `n` event rows of one group commit (one per execution, see
+/// [`super::EventRow`]), their shared time in `?1` and each row's execution id, sequence, type,
+/// step path and payload in the five parameters after. One statement for a commit's rows, not one
+/// per row, opens its cursors and binds its time once.
 fn events_insert(n: usize) -> String {
     let mut sql = String::from(
         "INSERT INTO execution_events (execution_id, sequence, time, event_type, step_path, \
@@ -432,38 +432,21 @@ fn write(
             written.push((key, counts));
         }
     }
-    // A stored payload leaves the time out, so the payloads are made before the stamp is taken.
-    let mut payloads = Vec::new();
-    for (c, outcome) in batch.iter_mut().zip(&outcomes) {
-        if *outcome == CommitOutcome::Done {
-            for e in &mut c.events {
-                payloads.push(super::stored_payload(e)?);
-            }
-        }
-    }
+    // A stored event leaves the time out, so the rows are made before the stamp is taken.
+    let rows = super::event_rows(batch, |k| outcomes[k] == CommitOutcome::Done)?;
     let at = super::commit_time();
     let at_text = time(at);
     super::stamp_written(batch, &outcomes, at);
-    let events = batch
-        .iter()
-        .zip(&outcomes)
-        .filter(|(_, outcome)| **outcome == CommitOutcome::Done)
-        .flat_map(|(c, _)| c.events.iter().map(move |e| (&c.execution_id, e)));
-    let rows: Vec<_> = events
-        .zip(payloads)
-        .map(|((execution_id, e), payload)| (execution_id, payload, e))
-        .collect();
     for chunk in rows.chunks(EVENTS_PER_INSERT) {
         let mut insert = tx.prepare_cached(&EVENTS_INSERT[chunk.len() - 1])?;
         insert.raw_bind_parameter(1, &at_text)?;
-        for (i, (execution_id, payload, e)) in chunk.iter().enumerate() {
+        for (i, r) in chunk.iter().enumerate() {
             let p = 2 + 5 * i;
-            insert.raw_bind_parameter(p, execution_id)?;
-            insert.raw_bind_parameter(p + 1, e.sequence)?;
-            insert.raw_bind_parameter(p + 2, super::event_type_name(e))?;
-            insert
-                .raw_bind_parameter(p + 3, Some(e.step_path.as_str()).filter(|s| !s.is_empty()))?;
-            insert.raw_bind_parameter(p + 4, payload)?;
+            insert.raw_bind_parameter(p, &r.execution_id)?;
+            insert.raw_bind_parameter(p + 1, r.sequence)?;
+            insert.raw_bind_parameter(p + 2, r.event_type)?;
+            insert.raw_bind_parameter(p + 3, r.step_path.as_deref())?;
+            insert.raw_bind_parameter(p + 4, &r.payload)?;
         }
         insert.raw_execute()?;
     }

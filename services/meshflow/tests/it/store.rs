@@ -469,20 +469,85 @@ async fn a_commit_adds_to_metrics_another_connection_changed() {
     }
 }
 
+/// Reads every event after each sequence up to `last`, in pages of each size from 1 to 3 and
+/// in one page, and checks that the pages join up into exactly the events after it: a page of
+/// fewer events than asked for is the last.
+async fn check_every_resumption(store: &Store, id: &str, all: &[epb::ExecutionEvent]) {
+    let last = all.last().map_or(0, |e| e.sequence);
+    for after in 0..=last {
+        let expected: Vec<_> = all.iter().filter(|e| e.sequence > after).cloned().collect();
+        for limit in [1, 2, 3, 100] {
+            let mut read = Vec::new();
+            let mut from = after;
+            loop {
+                let page = store.events_after(id, from, limit).await.expect("events");
+                assert!(
+                    page.len() as u64 <= limit,
+                    "a page of {} for {limit}",
+                    page.len()
+                );
+                let full = page.len() as u64 == limit;
+                from = page.last().map_or(from, |e| e.sequence);
+                read.extend(page);
+                if !full {
+                    break;
+                }
+            }
+            assert_eq!(read, expected, "after {after}, pages of {limit}");
+        }
+    }
+}
+
+/// A group commit stores each execution's events in one row: its first event's sequence, type and
+/// step path in the row's columns, and every event, in order, in its payload without the execution
+/// and the time the row holds. Rows of single events, as they were stored before events were
+/// grouped, read back alongside.
 #[tokio::test]
-async fn an_event_reads_back_as_committed_without_its_columns_repeated_in_its_payload() {
+async fn a_group_commit_stores_each_executions_events_in_one_row() {
     use sea_orm::{ConnectionTrait, Statement};
 
     let (db, store, workflow) = fresh_store("stored-events").await;
     let id = execution(&store, &workflow.workflow_id, "replica-a").await;
+    let backend = db.get_database_backend();
 
-    let mut c = commit(&id, &workflow.workflow_id, "replica-a");
-    c.events = vec![epb::ExecutionEvent {
+    // A row of one event as stored before: a JSON object without its columns' fields.
+    // In microseconds, as both backends store times.
+    let earlier = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6) - chrono::Duration::seconds(1);
+    let sql = if backend == sea_orm::DatabaseBackend::Postgres {
+        "INSERT INTO execution_events (execution_id, sequence, time, event_type, step_path, payload)
+         VALUES ($1, 1, $2, 'EVENT_TYPE_EXECUTION_STARTED', NULL, $3)"
+    } else {
+        "INSERT INTO execution_events (execution_id, sequence, time, event_type, step_path, payload)
+         VALUES (?, 1, ?, 'EVENT_TYPE_EXECUTION_STARTED', NULL, ?)"
+    };
+    db.execute_raw(Statement::from_sql_and_values(
+        backend,
+        sql,
+        [
+            id.clone().into(),
+            earlier.into(),
+            json!({"executionStatus": "EXECUTION_STATUS_RUNNING"}).into(),
+        ],
+    ))
+    .await
+    .expect("single-event row");
+    let started = epb::ExecutionEvent {
         execution_id: id.clone(),
         sequence: 1,
-        r#type: epb::EventType::StepSucceeded as i32,
+        r#type: epb::EventType::ExecutionStarted as i32,
+        execution_status: epb::ExecutionStatus::Running as i32,
+        time: Some(meshflow_kit::convert::timestamp(earlier)),
+        ..Default::default()
+    };
+    let read = store.events_after(&id, 0, 10).await.expect("events");
+    assert_eq!(read, std::slice::from_ref(&started));
+
+    let event = |sequence: i64, r#type: epb::EventType, step_path: &str| epb::ExecutionEvent {
+        execution_id: id.clone(),
+        sequence,
+        r#type: r#type as i32,
         step_id: "get".into(),
-        step_path: "each[2].get".into(),
+        step_path: step_path.into(),
         step_type: meshflow_proto::workflow::v1::StepType::HttpRequest as i32,
         attempt: 2,
         step_status: epb::StepStatus::Succeeded as i32,
@@ -491,37 +556,117 @@ async fn an_event_reads_back_as_committed_without_its_columns_repeated_in_its_pa
             &json!({"status": 200, "body": {"price": 1.5, "tags": ["a"]}}),
         )),
         ..Default::default()
-    }];
-    let mut batch = [c];
+    };
+    // Two commits of the execution in one batch, then one in a batch of its own.
+    let mut first = commit(&id, &workflow.workflow_id, "replica-a");
+    first.events = vec![
+        event(2, epb::EventType::StepSucceeded, "each[2].get"),
+        event(3, epb::EventType::StepStarted, ""),
+        event(4, epb::EventType::Log, "each[3].get"),
+    ];
+    let mut second = commit(&id, &workflow.workflow_id, "replica-a");
+    second.events = vec![
+        event(5, epb::EventType::StepSucceeded, "each[3].get"),
+        event(6, epb::EventType::StepStarted, "each[4].get"),
+    ];
+    let mut batch = [first, second];
     let outcomes = store.commit(&mut batch).await.expect("commit");
-    assert_eq!(outcomes, [CommitOutcome::Done]);
-    // The commit stamped its time on the event it was given, and left the rest as it was.
-    let sent = batch[0].events[0].clone();
-    assert!(sent.time.is_some());
-    assert_eq!(sent.execution_id, id);
+    assert_eq!(outcomes, [CommitOutcome::Done, CommitOutcome::Done]);
+    let mut third = [commit(&id, &workflow.workflow_id, "replica-a")];
+    third[0].events = vec![event(7, epb::EventType::StepSucceeded, "each[4].get")];
+    store.commit(&mut third).await.expect("commit");
+    // Each commit stamped its time on the events it was given, and left the rest as it was.
+    let mut all = vec![started];
+    all.extend(batch.iter().chain(&third).flat_map(|c| c.events.clone()));
+    assert!(all.iter().all(|e| e.time.is_some() && e.execution_id == id));
+    assert_eq!(all[1].time, all[5].time);
 
-    let read = store.events_after(&id, 0, 10).await.expect("events");
-    assert_eq!(read, [sent]);
-
-    let row = db
-        .query_one_raw(Statement::from_string(
-            db.get_database_backend(),
-            "SELECT CAST(payload AS TEXT) FROM execution_events",
+    let rows = db
+        .query_all_raw(Statement::from_string(
+            backend,
+            "SELECT sequence, event_type, step_path, CAST(payload AS TEXT)
+             FROM execution_events ORDER BY sequence",
         ))
         .await
-        .expect("query")
-        .expect("row");
-    let payload: serde_json::Value =
-        serde_json::from_str(&row.try_get_by_index::<String>(0).expect("text")).expect("json");
-    for column in ["executionId", "sequence", "time", "type", "stepPath"] {
-        assert!(payload.get(column).is_none(), "{column} in {payload}");
+        .expect("rows");
+    let rows: Vec<(i64, String, Option<String>, serde_json::Value)> = rows
+        .iter()
+        .map(|r| {
+            let text: String = r.try_get_by_index(3).expect("payload");
+            (
+                r.try_get_by_index(0).expect("sequence"),
+                r.try_get_by_index(1).expect("type"),
+                r.try_get_by_index(2).expect("path"),
+                serde_json::from_str(&text).expect("json"),
+            )
+        })
+        .collect();
+    let columns: Vec<_> = rows
+        .iter()
+        .map(|(sequence, ty, path, _)| (*sequence, ty.as_str(), path.as_deref()))
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            (1, "EVENT_TYPE_EXECUTION_STARTED", None),
+            (2, "EVENT_TYPE_STEP_SUCCEEDED", Some("each[2].get")),
+            (7, "EVENT_TYPE_STEP_SUCCEEDED", Some("each[4].get")),
+        ]
+    );
+    let grouped = rows[1].3.as_array().expect("an array of events");
+    assert_eq!(grouped.len(), 5);
+    for (stored, sequence) in grouped.iter().zip(2..) {
+        for column in ["executionId", "time"] {
+            assert!(stored.get(column).is_none(), "{column} in {stored}");
+        }
+        assert_eq!(stored["sequence"], json!(sequence.to_string()));
+        assert_eq!(stored["output"]["body"]["tags"], json!(["a"]));
     }
-    assert_eq!(payload["stepId"], json!("get"));
-    assert_eq!(payload["output"]["body"]["tags"], json!(["a"]));
+    assert_eq!(grouped[1].get("stepPath"), None);
+    assert_eq!(grouped[2]["stepPath"], json!("each[3].get"));
+
+    check_every_resumption(&store, &id, &all).await;
 }
 
-/// A batch's events and attempt rows are written however many there are (SQLite writes events
-/// eight to a statement), each event with its own step path (or none); a later row of an attempt
+/// Event rows of more executions than one statement writes (SQLite writes eight rows to a
+/// statement) are all written, each with its own events.
+#[tokio::test]
+async fn a_group_commit_writes_event_rows_of_many_executions() {
+    let (_, store, workflow) = fresh_store("event-rows").await;
+    let mut ids = Vec::new();
+    for _ in 0..10 {
+        ids.push(execution(&store, &workflow.workflow_id, "replica-a").await);
+    }
+    let mut batch: Vec<Commit> = ids
+        .iter()
+        .map(|id| {
+            let mut c = commit(id, &workflow.workflow_id, "replica-a");
+            c.events = (1..=3)
+                .map(|sequence| epb::ExecutionEvent {
+                    execution_id: id.clone(),
+                    sequence,
+                    r#type: epb::EventType::Log as i32,
+                    message: format!("{id} {sequence}"),
+                    ..Default::default()
+                })
+                .collect();
+            c
+        })
+        .collect();
+    let outcomes = store.commit(&mut batch).await.expect("commit");
+    assert!(outcomes.iter().all(|o| *o == CommitOutcome::Done));
+    for c in &batch {
+        let read = store
+            .events_after(&c.execution_id, 0, 10)
+            .await
+            .expect("events");
+        assert_eq!(read, c.events);
+        check_every_resumption(&store, &c.execution_id, &c.events).await;
+    }
+}
+
+/// A batch's events and attempt rows are written however many there are, each event with its own
+/// step path (or none); a later row of an attempt
 /// in the same batch updates the earlier one; nothing of an execution whose lease is lost is
 /// written.
 #[tokio::test]
