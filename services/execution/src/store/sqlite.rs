@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use serde_json::Value;
 
 use super::entity::execution;
 use super::{
@@ -488,7 +487,8 @@ fn add_metrics(
             now,
         ])?)
     };
-    let histogram = || json(&Value::from(next.histogram.clone()));
+    let histogram =
+        || serde_json::to_string(&next.histogram).map_err(|e| StoreError::Corrupt(e.to_string()));
     // Without durations the stored histogram stays. A row known to the writer is gone only if
     // another connection deleted it (its workflow's) unseen: then it is created again.
     let set = exists
