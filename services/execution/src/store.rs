@@ -643,8 +643,9 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<pb::ExecutionEvent>, StoreError> {
         // A row holds a run of events (see [`EventRow`]): reading starts at the row holding event
-        // `after + 1`, the last to start at or before it. Every row read then holds an event past
-        // `after`, so `limit` rows hold at least `limit` of them.
+        // `after + 1`, the last to start at or before it. Sequences have no gaps, so unless that
+        // event is not written yet (and that row is the last), every row read holds an event past
+        // `after`, and `limit` rows hold at least `limit` of them.
         let holding_next = sea_orm::sea_query::Query::select()
             .expr(event::Column::Sequence.max())
             .from(event::Entity)
@@ -1359,9 +1360,9 @@ fn event_rows(
                 });
                 // The row's columns hold these.
                 let kept = (std::mem::take(&mut e.execution_id), e.time.take());
-                let written = serde_json::to_writer(&mut payload, &*e);
+                let serialized = serde_json::to_writer(&mut payload, &*e);
                 (e.execution_id, e.time) = kept;
-                written.map_err(|err| StoreError::Corrupt(err.to_string()))?;
+                serialized.map_err(|err| StoreError::Corrupt(err.to_string()))?;
             }
         }
         if let Some((sequence, event_type, step_path)) = first {
