@@ -67,6 +67,53 @@ fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v
 }
 
+/// The machine's CPU time so far, in clock ticks, as Linux counts it in `/proc/stat`: all of it, and
+/// the part a hypervisor gave to other guests while this one had work (steal).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CpuTicks {
+    total: u64,
+    steal: u64,
+}
+
+impl CpuTicks {
+    /// `None` where `/proc/stat` is missing (not Linux).
+    fn read() -> Option<Self> {
+        Self::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// From the `cpu` line: user, nice, system, idle, iowait, irq, softirq, steal (guest time is
+    /// counted in user already).
+    fn parse(stat: &str) -> Option<Self> {
+        let line = stat.lines().find(|l| l.starts_with("cpu "))?;
+        let ticks = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|f| f.parse::<u64>().ok())
+            .collect::<Option<Vec<_>>>()?;
+        (ticks.len() == 8).then(|| Self {
+            total: ticks.iter().sum(),
+            steal: ticks[7],
+        })
+    }
+
+    /// The per cent of the CPU time since `earlier` that was stolen.
+    fn steal_percent_since(self, earlier: Self) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total).filter(|&t| t > 0)?;
+        Some(100.0 * self.steal.saturating_sub(earlier.steal) as f64 / total as f64)
+    }
+}
+
+/// Prints `name: value` with the per cent of CPU time stolen since `earlier`, where it is known.
+fn print_steal(name: &str, earlier: Option<CpuTicks>) {
+    if let Some(p) = earlier
+        .zip(CpuTicks::read())
+        .and_then(|(e, now)| now.steal_percent_since(e))
+    {
+        println!("{name}: {p:.1}");
+    }
+}
+
 /// A server child process.
 struct Server {
     child: Child,
@@ -361,6 +408,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let mut latencies = Vec::new();
     let mut lags = Vec::new();
+    let ticks = CpuTicks::read();
     for _ in 0..args.samples {
         let (latency, l) = execute(&mut client, &w1_id, &empty).await?;
         latencies.push(latency.as_secs_f64() * 1000.0);
@@ -386,11 +434,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "event_commit_to_client_p99_ms: {:.3}",
         percentile(&lags, 0.99)
     );
+    print_steal("w1_cpu_steal_percent", ticks);
 
     // W1 sustained with concurrent clients.
     let done = Arc::new(AtomicU64::new(0));
     let deadline = Instant::now() + args.duration;
     let started = Instant::now();
+    let ticks = CpuTicks::read();
     let mut tasks = Vec::new();
     for _ in 0..args.clients {
         let mut client = OrchestratorServiceClient::new(channel.clone());
@@ -415,6 +465,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         "w1_sustained_steps_per_s: {:.0}",
         executions * 22.0 / elapsed
     );
+    print_steal("w1_sustained_cpu_steal_percent", ticks);
 
     // W2.
     let items: Vec<i64> = (1..=100).collect();
@@ -500,4 +551,42 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_dir_all(&temp);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "cpu  2194917 2244 207834 1897287 27281 0 30820 41519 0 0
+cpu0 1097458 1122 103917 948643 13640 0 15410 20759 0 0
+intr 1 2 3
+";
+
+    #[test]
+    fn cpu_ticks_are_read_from_the_machine_wide_line() {
+        assert_eq!(
+            CpuTicks::parse(STAT),
+            Some(CpuTicks {
+                total: 2194917 + 2244 + 207834 + 1897287 + 27281 + 30820 + 41519,
+                steal: 41519,
+            })
+        );
+        assert_eq!(CpuTicks::parse("cpu  1 2 3\n"), None);
+        assert_eq!(CpuTicks::parse("intr 1 2 3\n"), None);
+    }
+
+    #[test]
+    fn steal_is_a_share_of_the_time_between_two_readings() {
+        let before = CpuTicks {
+            total: 1_000,
+            steal: 10,
+        };
+        let after = CpuTicks {
+            total: 1_400,
+            steal: 60,
+        };
+        assert_eq!(after.steal_percent_since(before), Some(12.5));
+        // No time passed: no share.
+        assert_eq!(before.steal_percent_since(before), None);
+    }
 }
