@@ -67,6 +67,9 @@ pub struct Shared {
 
 /// The orchestration engine of one replica.
 pub struct Engine {
+    /// The runtime of the engine's thread (see [`crate::thread`]): every task of the engine runs
+    /// there.
+    runtime: tokio::runtime::Handle,
     shared: Arc<Shared>,
     hub: Arc<Hub>,
     running: Mutex<HashMap<String, Arc<Run>>>,
@@ -95,8 +98,10 @@ fn is_terminal_event(e: &epb::ExecutionEvent) -> bool {
 }
 
 impl Engine {
-    /// Starts the engine's background tasks (writer, poller, lease renewal).
+    /// Starts the engine's thread and its background tasks (writer, poller, lease renewal). Call
+    /// inside the server's runtime: the engine stops when that runtime does.
     pub fn start(db: sea_orm::DatabaseConnection, config: Config) -> anyhow::Result<Arc<Self>> {
+        let runtime = crate::thread::start()?;
         let store = ExecStore::new(db.clone());
         let hub = Arc::new(Hub::default());
         let policy = Arc::new(ssrf::Policy::new(config.allow.clone()));
@@ -110,7 +115,7 @@ impl Engine {
             store: store.clone(),
             rules: meshflow_workflow::store::Store::new(db.clone()),
             webhooks: meshflow_webhook::Store::new(db),
-            writer: Writer::spawn(store, hub.clone()),
+            writer: Writer::spawn(store, hub.clone(), &runtime),
             env,
             owner: config.owner.clone(),
             park_after: config.park_after,
@@ -118,14 +123,15 @@ impl Engine {
             kick: Notify::new(),
         });
         let engine = Arc::new(Self {
+            runtime: runtime.clone(),
             shared,
             hub,
             running: Mutex::new(HashMap::new()),
             versions: Mutex::new(HashMap::new()),
             config,
         });
-        tokio::spawn(Self::poll_loop(Arc::downgrade(&engine)));
-        tokio::spawn(Self::lease_loop(Arc::downgrade(&engine)));
+        runtime.spawn(Self::poll_loop(Arc::downgrade(&engine)));
+        runtime.spawn(Self::lease_loop(Arc::downgrade(&engine)));
         Ok(engine)
     }
 
@@ -277,7 +283,7 @@ impl Engine {
     /// here, registered in `running` before its row was written: nothing to read back.
     fn spawn_driver(self: &Arc<Self>, id: String, fresh: Option<Arc<Run>>) {
         let engine = self.clone();
-        tokio::spawn(async move {
+        self.runtime.spawn(async move {
             let mut fresh = fresh;
             // Drive again while the execution was claimed or woken during the previous drive's end.
             loop {
@@ -527,25 +533,27 @@ impl Engine {
         // lease renewed for nobody.
         let engine = self.clone();
         let max_active = limits.max_concurrent_executions as u64;
-        let inserted = tokio::spawn(async move {
-            let inserted = engine
-                .shared
-                .store
-                .insert_execution(row, max_active, head)
-                .await;
-            if matches!(inserted, Ok(Inserted::Created(_))) {
-                engine.spawn_driver(id, Some(run));
-            } else {
-                engine
-                    .running
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(&id);
-            }
-            inserted
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("the start task failed: {e}")))?;
+        let inserted = self
+            .runtime
+            .spawn(async move {
+                let inserted = engine
+                    .shared
+                    .store
+                    .insert_execution(row, max_active, head)
+                    .await;
+                if matches!(inserted, Ok(Inserted::Created(_))) {
+                    engine.spawn_driver(id, Some(run));
+                } else {
+                    engine
+                        .running
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&id);
+                }
+                inserted
+            })
+            .await
+            .map_err(|e| Error::Internal(format!("the start task failed: {e}")))?;
         match inserted? {
             Inserted::Created(row) => Ok(Some((row, live))),
             Inserted::Existing(row) => Ok(Some((row, None))),

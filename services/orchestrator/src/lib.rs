@@ -4,6 +4,7 @@
 //! - [`driver`]: drives one execution by replaying its definition over stored attempts;
 //! - [`steps`]: leaf step executors (HTTP, transform, function, validation, webhook);
 //! - [`writer`] and [`hub`]: group commit, then live fan-out to watchers;
+//! - [`thread`]: the thread the engine's tasks run on;
 //! - [`retry`], [`ssrf`], [`eval`]: retry arithmetic, outbound address policy, expressions at run time.
 
 pub mod driver;
@@ -15,6 +16,7 @@ pub mod hub;
 pub mod retry;
 pub mod ssrf;
 pub mod steps;
+pub mod thread;
 pub mod writer;
 
 pub use engine::{Config, Engine};

@@ -76,10 +76,10 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer task.
-    pub fn spawn(store: Store, hub: Arc<Hub>) -> Self {
+    /// Starts the writer task on `runtime`.
+    pub fn spawn(store: Store, hub: Arc<Hub>, runtime: &tokio::runtime::Handle) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(run(store, hub, rx));
+        runtime.spawn(run(store, hub, rx));
         Self { tx }
     }
 
