@@ -31,9 +31,32 @@ enum Command {
     Bench(meshflow::bench::BenchArgs),
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Command::Serve { services, .. } = &cli.command
+        && let Some(threads) = rpc_threads(services)
+    {
+        runtime.worker_threads(threads);
+    }
+    runtime.build()?.block_on(run(cli))
+}
+
+/// Worker threads of a server's runtime, which serves RPCs and streams events. The orchestrator's
+/// engine runs on a thread of its own (see `meshflow_orchestrator::thread`) and is given a core to
+/// itself: the runtime takes the others, at least one. Without the orchestrator, or with
+/// `TOKIO_WORKER_THREADS` set, Tokio's default stands (every core, or that variable).
+fn rpc_threads(services: &[ServiceName]) -> Option<usize> {
+    let engine = services.is_empty() || services.contains(&ServiceName::Orchestrator);
+    if !engine || std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
+        return None;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    Some(cores.saturating_sub(1).max(1))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { services, config } => {
             let _telemetry = meshflow_kit::telemetry::init(config.log_format, &config.log)?;
