@@ -87,7 +87,7 @@ fn active(status: &str) -> bool {
         .is_some_and(|s| !meshflow_execution::state::is_terminal(s))
 }
 
-fn is_terminal_event(e: &epb::ExecutionEvent) -> bool {
+pub(crate) fn is_terminal_event(e: &epb::ExecutionEvent) -> bool {
     matches!(
         EventType::try_from(e.r#type),
         Ok(EventType::ExecutionCompleted

@@ -41,11 +41,15 @@ impl Hub {
     }
 
     /// Publishes committed events, in order, to every watcher of `execution_id`. A watcher whose
-    /// channel is full or gone is dropped.
+    /// channel is full or gone is dropped. After the execution's terminal event every watcher is
+    /// dropped: each still receives what was sent to it, then its channel ends. Kept until the next
+    /// sweep instead, the channels of finished executions held their buffers for seconds, tens of
+    /// megabytes under load.
     pub fn publish(&self, execution_id: &str, events: Vec<ExecutionEvent>) {
-        if events.is_empty() {
+        let Some(last) = events.last() else {
             return;
-        }
+        };
+        let finished = crate::engine::is_terminal_event(last);
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(watchers) = channels.get_mut(execution_id) else {
             return;
@@ -58,7 +62,7 @@ impl Hub {
         {
             watchers.push(tx);
         }
-        if watchers.is_empty() {
+        if finished || watchers.is_empty() {
             channels.remove(execution_id);
         }
     }
@@ -76,6 +80,7 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meshflow_proto::execution::v1 as epb;
 
     fn event(sequence: i64) -> ExecutionEvent {
         ExecutionEvent {
@@ -123,6 +128,30 @@ mod tests {
         ));
         hub.publish("x", vec![event(sent + 1)]);
         assert_eq!(drain(&mut fast), [sent + 1]);
+    }
+
+    #[test]
+    fn an_executions_watchers_are_forgotten_once_its_terminal_event_is_published() {
+        let hub = Hub::default();
+        let mut a = hub.subscribe("x");
+        let mut b = hub.subscribe("x");
+        let terminal = ExecutionEvent {
+            sequence: 2,
+            r#type: epb::EventType::ExecutionCompleted as i32,
+            ..Default::default()
+        };
+        hub.publish("x", vec![event(1)]);
+        assert_eq!(hub.channels.lock().expect("lock").len(), 1);
+        hub.publish("x", vec![terminal]);
+        assert!(hub.channels.lock().expect("lock").is_empty());
+        // Each watcher still receives every event, then its channel ends.
+        for live in [&mut a, &mut b] {
+            assert_eq!(drain(live), [1, 2]);
+            assert!(matches!(
+                live.try_recv(),
+                Err(mpsc::error::TryRecvError::Disconnected)
+            ));
+        }
     }
 
     #[test]
