@@ -36,24 +36,26 @@ fn main() -> anyhow::Result<()> {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Command::Serve { services, .. } = &cli.command
-        && let Some(threads) = rpc_threads(services)
+        && std::env::var_os("TOKIO_WORKER_THREADS").is_none()
     {
-        runtime.worker_threads(threads);
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        runtime.worker_threads(rpc_threads(services, cores));
     }
     runtime.build()?.block_on(run(cli))
 }
 
-/// Worker threads of a server's runtime, which serves RPCs and streams events. The orchestrator's
-/// engine runs on a thread of its own (see `meshflow_orchestrator::thread`) and is given a core to
-/// itself: the runtime takes the others, at least one. Without the orchestrator, or with
-/// `TOKIO_WORKER_THREADS` set, Tokio's default stands (every core, or that variable).
-fn rpc_threads(services: &[ServiceName]) -> Option<usize> {
+/// Worker threads of a server's runtime on `cores` cores. The runtime serves RPCs and streams
+/// events; the orchestrator's engine runs on a thread of its own (see
+/// `meshflow_orchestrator::thread`) and is given a core to itself, so the runtime takes the others,
+/// at least one. Without the orchestrator it takes every core. (`TOKIO_WORKER_THREADS`, when set,
+/// is left to Tokio.)
+fn rpc_threads(services: &[ServiceName], cores: usize) -> usize {
     let engine = services.is_empty() || services.contains(&ServiceName::Orchestrator);
-    if !engine || std::env::var_os("TOKIO_WORKER_THREADS").is_some() {
-        return None;
+    if engine {
+        cores.saturating_sub(1).max(1)
+    } else {
+        cores.max(1)
     }
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    Some(cores.saturating_sub(1).max(1))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -75,5 +77,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Bench(args) => meshflow::bench::run(args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_engine_is_given_a_core_of_its_own() {
+        assert_eq!(rpc_threads(&[], 2), 1);
+        assert_eq!(rpc_threads(&[], 16), 15);
+        assert_eq!(rpc_threads(&[], 1), 1);
+        assert_eq!(
+            rpc_threads(&[ServiceName::Workflow, ServiceName::Orchestrator], 4),
+            3
+        );
+        // No engine in this server: every core serves RPCs.
+        assert_eq!(
+            rpc_threads(&[ServiceName::Workflow, ServiceName::Execution], 4),
+            4
+        );
     }
 }
