@@ -1,12 +1,12 @@
 //! The thread the engine's tasks run on: drivers, the group-commit writer, the poller and lease
-//! renewal. RPCs, and the event streams they serve, stay on the server's runtime, on every core.
+//! renewal. RPCs, and the event streams they serve, stay on the server's runtime, on the other cores.
 //!
 //! An execution's progress is a chain of hand-offs between tasks: a driver queues its commit and
 //! waits, the writer commits and wakes the driver, the driver sends its next request and waits, the
 //! response wakes it. On a multi-threaded runtime each hand-off may wake a parked worker and move
 //! the chain to the other core, where the driver's state and SQLite's pages are not in cache: on
 //! two cores, W1 made about five times as many context switches per execution as on one thread, and
-//! took about a quarter more CPU. On one thread of its own each hand-off is a push onto a local
+//! took about a third more CPU. On one thread of its own each hand-off is a push onto a local
 //! queue, and the next task runs at once on a warm cache.
 
 use tokio::runtime::Handle;
