@@ -11,7 +11,7 @@ import uuid
 
 import grpc
 import pytest
-from google.protobuf import descriptor_pool, json_format, message_factory
+from google.protobuf import descriptor_pool, json_format, message_factory, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from grpc_status import rpc_status
@@ -174,10 +174,24 @@ def test_execute_workflow_streams_events_and_watch_resumes_mid_way(api):
     assert events[-1]["output"]["total"] == 14
     assert events[-1]["output"]["greet"] == {"text": "hello ada"}
 
+    # Events sent live carry the time their commit returned, at or after their own time.
+    live = [m for m in messages[1:] if "commitTime" in m]
+    assert live, "ExecuteWorkflow sends events live"
+    for m in live:
+        assert nanos(m["commitTime"]) >= nanos(m["event"]["time"])
+
     middle = len(events) // 2
-    resumed = [m["event"] for m in stream(api, ORCHESTRATOR, "WatchExecution",
-                                          {"executionId": execution["executionId"], "afterSequence": middle})]
-    assert resumed == events[middle:]
+    replayed = list(stream(api, ORCHESTRATOR, "WatchExecution",
+                           {"executionId": execution["executionId"], "afterSequence": middle}))
+    assert [m["event"] for m in replayed] == events[middle:]
+    # Read from history, they carry none.
+    assert all("commitTime" not in m for m in replayed)
+
+
+def nanos(rfc3339):
+    t = timestamp_pb2.Timestamp()
+    t.FromJsonString(rfc3339)
+    return t.ToNanoseconds()
 
 
 WEBHOOKS = "meshflow.webhook.v1.WebhookService"

@@ -26,6 +26,14 @@ use crate::writer::Writer;
 
 pub use crate::hub::Live;
 
+/// An event as a watcher receives it: sent live, with the time the commit that wrote it returned;
+/// read from history, without.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivered {
+    pub event: epb::ExecutionEvent,
+    pub commit_time: Option<meshflow_proto::pbjson_types::Timestamp>,
+}
+
 /// Engine settings.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -617,8 +625,8 @@ impl Engine {
         // Wait for the terminal event (or give up after a few seconds and report the current state).
         // The subscription ends only if this fell far behind: the row read below tells the rest.
         let wait = async {
-            while let Some(e) = events.recv().await {
-                if is_terminal_event(&e) {
+            while let Some(p) = events.recv().await {
+                if is_terminal_event(&p.event) {
                     return;
                 }
             }
@@ -678,8 +686,7 @@ impl Engine {
         id: String,
         after: i64,
         live: Option<Live>,
-    ) -> impl futures::Stream<Item = Result<epb::ExecutionEvent, tonic::Status>> + Send + 'static
-    {
+    ) -> impl futures::Stream<Item = Result<Delivered, tonic::Status>> + Send + 'static {
         let from_start = live.is_some();
         let watch = Watch {
             live: live.unwrap_or_else(|| self.hub.subscribe(&id)),
@@ -723,13 +730,16 @@ struct Watch {
 
 impl Watch {
     /// The next event to send; `None` once the terminal one was sent.
-    async fn next(&mut self) -> Result<Option<epb::ExecutionEvent>, tonic::Status> {
+    async fn next(&mut self) -> Result<Option<Delivered>, tonic::Status> {
         loop {
             if self.ended {
                 return Ok(None);
             }
-            if let Some(e) = self.backlog.pop_front() {
-                return Ok(Some(self.sent(e)));
+            if let Some(event) = self.backlog.pop_front() {
+                return Ok(Some(self.sent(Delivered {
+                    event,
+                    commit_time: None,
+                })));
             }
             if self.more {
                 self.read_history().await?;
@@ -767,8 +777,13 @@ impl Watch {
                 },
             };
             match received {
-                Some(e) if e.sequence == self.last + 1 => return Ok(Some(self.sent(e))),
-                Some(e) if e.sequence <= self.last => {}
+                Some(p) if p.event.sequence == self.last + 1 => {
+                    return Ok(Some(self.sent(Delivered {
+                        event: p.event,
+                        commit_time: Some(p.commit_time),
+                    })));
+                }
+                Some(p) if p.event.sequence <= self.last => {}
                 // A gap: what is missing is in history.
                 Some(_) => {
                     self.read_history().await?;
@@ -783,11 +798,11 @@ impl Watch {
         }
     }
 
-    /// Records `e` as sent.
-    fn sent(&mut self, e: epb::ExecutionEvent) -> epb::ExecutionEvent {
-        self.last = e.sequence;
-        self.ended = is_terminal_event(&e);
-        e
+    /// Records `d` as sent.
+    fn sent(&mut self, d: Delivered) -> Delivered {
+        self.last = d.event.sequence;
+        self.ended = is_terminal_event(&d.event);
+        d
     }
 
     /// Reads a page of history after the last event sent (and not yet queued) into the backlog;

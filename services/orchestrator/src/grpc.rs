@@ -67,10 +67,12 @@ impl OrchestratorService for Grpc {
             payload: Some(pb::execute_workflow_response::Payload::Execution(
                 convert::execution(&row),
             )),
+            commit_time: None,
         };
         let events = self.0.watch(row.id, 0, live).map(|e| {
-            e.map(|event| pb::ExecuteWorkflowResponse {
-                payload: Some(pb::execute_workflow_response::Payload::Event(event)),
+            e.map(|d| pb::ExecuteWorkflowResponse {
+                payload: Some(pb::execute_workflow_response::Payload::Event(d.event)),
+                commit_time: d.commit_time,
             })
         });
         Ok(Response::new(Box::pin(
@@ -93,10 +95,12 @@ impl OrchestratorService for Grpc {
             .into());
         }
         let row = self.0.get(&r.execution_id).await?;
-        let events = self
-            .0
-            .watch(row.id, r.after_sequence, None)
-            .map(|e| e.map(|event| pb::WatchExecutionResponse { event: Some(event) }));
+        let events = self.0.watch(row.id, r.after_sequence, None).map(|e| {
+            e.map(|d| pb::WatchExecutionResponse {
+                event: Some(d.event),
+                commit_time: d.commit_time,
+            })
+        });
         Ok(Response::new(Box::pin(events)))
     }
 

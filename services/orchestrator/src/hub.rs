@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
 use meshflow_proto::execution::v1::ExecutionEvent;
+use meshflow_proto::pbjson_types::Timestamp;
 use tokio::sync::mpsc;
 
 /// Live events buffered per watcher before it is considered lagging (it then reads the rest from
@@ -19,12 +20,20 @@ const CAPACITY: usize = 256;
 /// A subscription to the live events of one execution. It ends (`recv` gives `None`) when the
 /// watcher fell [`CAPACITY`] events behind: what it missed is in history, and a new subscription
 /// taken before reading history misses nothing after it.
-pub type Live = mpsc::Receiver<ExecutionEvent>;
+pub type Live = mpsc::Receiver<Published>;
+
+/// An event as published: once the commit that wrote it returned.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub event: ExecutionEvent,
+    /// When that commit returned.
+    pub commit_time: Timestamp,
+}
 
 /// The watchers of each watched execution.
 #[derive(Default)]
 pub struct Hub {
-    channels: Mutex<HashMap<String, Vec<mpsc::Sender<ExecutionEvent>>>>,
+    channels: Mutex<HashMap<String, Vec<mpsc::Sender<Published>>>>,
 }
 
 impl Hub {
@@ -45,7 +54,7 @@ impl Hub {
     /// dropped: each still receives what was sent to it, then its channel ends. Kept until the next
     /// sweep instead, the channels of finished executions held their buffers for seconds, tens of
     /// megabytes under load.
-    pub fn publish(&self, execution_id: &str, events: Vec<ExecutionEvent>) {
+    pub fn publish(&self, execution_id: &str, events: Vec<ExecutionEvent>, commit_time: Timestamp) {
         let Some(last) = events.last() else {
             return;
         };
@@ -55,10 +64,17 @@ impl Hub {
             return;
         };
         // Every watcher but the last gets copies; the last takes the events.
+        let published = |event| Published { event, commit_time };
         let last = watchers.pop();
-        watchers.retain(|tx| events.iter().all(|e| tx.try_send(e.clone()).is_ok()));
+        watchers.retain(|tx| {
+            events
+                .iter()
+                .all(|e| tx.try_send(published(e.clone())).is_ok())
+        });
         if let Some(tx) = last
-            && events.into_iter().all(|e| tx.try_send(e).is_ok())
+            && events
+                .into_iter()
+                .all(|e| tx.try_send(published(e)).is_ok())
         {
             watchers.push(tx);
         }
@@ -91,8 +107,12 @@ mod tests {
 
     fn drain(live: &mut Live) -> Vec<i64> {
         std::iter::from_fn(|| live.try_recv().ok())
-            .map(|e| e.sequence)
+            .map(|p| p.event.sequence)
             .collect()
+    }
+
+    fn at(seconds: i64) -> Timestamp {
+        Timestamp { seconds, nanos: 0 }
     }
 
     #[test]
@@ -101,11 +121,15 @@ mod tests {
         let mut a = hub.subscribe("x");
         let mut b = hub.subscribe("x");
         let mut other = hub.subscribe("y");
-        hub.publish("x", vec![event(1), event(2)]);
-        hub.publish("x", vec![event(3)]);
+        hub.publish("x", vec![event(1), event(2)], at(1));
+        hub.publish("x", vec![event(3)], at(2));
         assert_eq!(drain(&mut a), [1, 2, 3]);
-        assert_eq!(drain(&mut b), [1, 2, 3]);
         assert_eq!(drain(&mut other), Vec::<i64>::new());
+        // Each event carries the time its commit returned.
+        let received: Vec<_> = std::iter::from_fn(|| b.try_recv().ok())
+            .map(|p| (p.event.sequence, p.commit_time.seconds))
+            .collect();
+        assert_eq!(received, [(1, 1), (2, 1), (3, 2)]);
     }
 
     #[test]
@@ -116,7 +140,7 @@ mod tests {
         let mut sent = 0;
         while sent < CAPACITY as i64 + 5 {
             sent += 1;
-            hub.publish("x", vec![event(sent)]);
+            hub.publish("x", vec![event(sent)], at(1));
             assert_eq!(drain(&mut fast), [sent]);
         }
         // The slow one kept what fitted, then its channel ended.
@@ -126,7 +150,7 @@ mod tests {
             slow.try_recv(),
             Err(mpsc::error::TryRecvError::Disconnected)
         ));
-        hub.publish("x", vec![event(sent + 1)]);
+        hub.publish("x", vec![event(sent + 1)], at(1));
         assert_eq!(drain(&mut fast), [sent + 1]);
     }
 
@@ -140,9 +164,9 @@ mod tests {
             r#type: epb::EventType::ExecutionCompleted as i32,
             ..Default::default()
         };
-        hub.publish("x", vec![event(1)]);
+        hub.publish("x", vec![event(1)], at(1));
         assert_eq!(hub.channels.lock().expect("lock").len(), 1);
-        hub.publish("x", vec![terminal]);
+        hub.publish("x", vec![terminal], at(1));
         assert!(hub.channels.lock().expect("lock").is_empty());
         // Each watcher still receives every event, then its channel ends.
         for live in [&mut a, &mut b] {
@@ -159,7 +183,7 @@ mod tests {
         let hub = Hub::default();
         let live = hub.subscribe("x");
         drop(live);
-        hub.publish("x", vec![event(1)]);
+        hub.publish("x", vec![event(1)], at(1));
         assert!(hub.channels.lock().expect("lock").is_empty());
         let kept = hub.subscribe("y");
         let gone = hub.subscribe("z");

@@ -146,9 +146,10 @@ async fn run(store: Store, hub: Arc<Hub>, mut rx: mpsc::UnboundedReceiver<(Waite
         );
         match result {
             Ok(outcomes) => {
+                let commit_time = meshflow_kit::convert::timestamp(chrono::Utc::now());
                 for ((waiter, commit), outcome) in waiting.into_iter().zip(commits).zip(outcomes) {
                     if outcome == CommitOutcome::Done {
-                        hub.publish(&commit.execution_id, commit.events);
+                        hub.publish(&commit.execution_id, commit.events, commit_time);
                         waiter.done();
                     } else {
                         waiter.refuse(Failure::LeaseLost);

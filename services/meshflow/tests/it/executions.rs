@@ -111,6 +111,71 @@ async fn watch_resumes_mid_run_without_gap_or_duplicate() {
 }
 
 #[tokio::test]
+async fn events_sent_live_carry_their_commit_time_and_history_does_not() {
+    use meshflow_kit::convert::from_timestamp;
+    let target = Target::start().await.expect("target");
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let id = server
+        .active_workflow(json!({"name": "w", "steps": [
+            {"id": "held", "http": {"method": "GET", "url": format!("{}/gate", target.base)}},
+            {"id": "after", "dependsOn": ["held"], "functionCall": {"function": "uuid"}}]}))
+        .await;
+    let execution_id = server.start_execution(&id, json!({})).await;
+    // The held step's request went out: what came before it is committed, and nothing more is
+    // until the gate opens.
+    target.wait_for_requests(1).await;
+    let before = server.execution(&execution_id).await.last_sequence;
+    assert!(before > 0);
+    let mut stream = server
+        .orchestrator()
+        .watch_execution(opb::WatchExecutionRequest {
+            execution_id: execution_id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    for sequence in 1..=before {
+        let m = stream.message().await.expect("stream").expect("an event");
+        assert_eq!(m.event.expect("event").sequence, sequence);
+        assert_eq!(m.commit_time, None, "event {sequence} is read from history");
+    }
+    target.open_gate();
+    let mut live = Vec::new();
+    while let Some(m) = stream.message().await.expect("stream") {
+        let arrived = chrono::Utc::now();
+        let event = m.event.expect("event");
+        let committed = m
+            .commit_time
+            .as_ref()
+            .and_then(from_timestamp)
+            .unwrap_or_else(|| panic!("event {} is sent live", event.sequence));
+        let recorded = event.time.as_ref().and_then(from_timestamp).expect("time");
+        assert!(recorded <= committed && committed <= arrived, "{event:?}");
+        live.push(event);
+    }
+    assert_consecutive(&live, before + 1);
+    assert_eq!(types(&live).last(), Some(&E::ExecutionCompleted));
+    // Read again from history, the same events come without a commit time.
+    let mut again = server
+        .orchestrator()
+        .watch_execution(opb::WatchExecutionRequest {
+            execution_id,
+            after_sequence: before,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut replayed = Vec::new();
+    while let Some(m) = again.message().await.expect("stream") {
+        assert_eq!(m.commit_time, None);
+        replayed.push(m.event.expect("event"));
+    }
+    assert_eq!(replayed, live);
+}
+
+#[tokio::test]
 async fn start_checks_input_state_and_idempotency() {
     let server =
         support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
