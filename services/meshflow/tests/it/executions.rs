@@ -122,11 +122,14 @@ async fn events_sent_live_carry_their_commit_time_and_history_does_not() {
             {"id": "after", "dependsOn": ["held"], "functionCall": {"function": "uuid"}}]}))
         .await;
     let execution_id = server.start_execution(&id, json!({})).await;
-    // The held step's request went out: what came before it is committed, and nothing more is
-    // until the gate opens.
+    // Once the held step's start is committed, nothing more is until the gate opens.
     target.wait_for_requests(1).await;
-    let before = server.execution(&execution_id).await.last_sequence;
-    assert!(before > 0);
+    let before = server
+        .watch_until(&execution_id, |e| {
+            e.r#type == E::StepStarted as i32 && e.step_path == "held"
+        })
+        .await
+        .len() as i64;
     let mut stream = server
         .orchestrator()
         .watch_execution(opb::WatchExecutionRequest {
