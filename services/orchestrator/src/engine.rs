@@ -28,7 +28,7 @@ pub use crate::hub::Live;
 
 /// An event as a watcher receives it: sent live, with the time the commit that wrote it returned;
 /// read from history, without.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Delivered {
     pub event: epb::ExecutionEvent,
     pub commit_time: Option<meshflow_proto::pbjson_types::Timestamp>,

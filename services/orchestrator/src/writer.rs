@@ -146,6 +146,7 @@ async fn run(store: Store, hub: Arc<Hub>, mut rx: mpsc::UnboundedReceiver<(Waite
         );
         match result {
             Ok(outcomes) => {
+                // Watchers receive each live event with the time its commit returned.
                 let commit_time = meshflow_kit::convert::timestamp(chrono::Utc::now());
                 for ((waiter, commit), outcome) in waiting.into_iter().zip(commits).zip(outcomes) {
                     if outcome == CommitOutcome::Done {

@@ -61,14 +61,7 @@ pub(crate) async fn start(channel: &Channel, workflow_id: &str) -> String {
 
 /// Watches until an event matches.
 async fn wait_for(channel: &Channel, id: &str, done: impl Fn(&epb::ExecutionEvent) -> bool) {
-    let mut stream = OrchestratorServiceClient::new(channel.clone())
-        .watch_execution(opb::WatchExecutionRequest {
-            execution_id: id.into(),
-            after_sequence: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = crate::support::watch_stream(channel, id, 0).await;
     while let Some(m) = stream.message().await.expect("stream") {
         if done(&m.event.expect("event")) {
             return;
@@ -79,14 +72,7 @@ async fn wait_for(channel: &Channel, id: &str, done: impl Fn(&epb::ExecutionEven
 
 /// Watches to the end; returns every event.
 pub(crate) async fn finish(channel: &Channel, id: &str) -> Vec<epb::ExecutionEvent> {
-    let mut stream = OrchestratorServiceClient::new(channel.clone())
-        .watch_execution(opb::WatchExecutionRequest {
-            execution_id: id.into(),
-            after_sequence: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = crate::support::watch_stream(channel, id, 0).await;
     let mut events = Vec::new();
     while let Some(m) = stream.message().await.expect("stream") {
         events.push(m.event.expect("event"));

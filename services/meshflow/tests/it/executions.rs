@@ -84,15 +84,7 @@ async fn watch_resumes_mid_run_without_gap_or_duplicate() {
         })
         .collect();
     // A watcher that never reads: its buffer fills, the execution does not wait for it.
-    let mut stalled = server
-        .orchestrator()
-        .watch_execution(opb::WatchExecutionRequest {
-            execution_id: execution_id.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stalled = server.watch_stream(&execution_id, 0).await;
     target.open_gate();
     let all = server.watch(&execution_id, 0).await;
     assert_eq!(types(&all).last(), Some(&E::ExecutionCompleted));
@@ -130,15 +122,7 @@ async fn events_sent_live_carry_their_commit_time_and_history_does_not() {
         })
         .await
         .len() as i64;
-    let mut stream = server
-        .orchestrator()
-        .watch_execution(opb::WatchExecutionRequest {
-            execution_id: execution_id.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut stream = server.watch_stream(&execution_id, 0).await;
     for sequence in 1..=before {
         let m = stream.message().await.expect("stream").expect("an event");
         assert_eq!(m.event.expect("event").sequence, sequence);
@@ -161,15 +145,7 @@ async fn events_sent_live_carry_their_commit_time_and_history_does_not() {
     assert_consecutive(&live, before + 1);
     assert_eq!(types(&live).last(), Some(&E::ExecutionCompleted));
     // Read again from history, the same events come without a commit time.
-    let mut again = server
-        .orchestrator()
-        .watch_execution(opb::WatchExecutionRequest {
-            execution_id,
-            after_sequence: before,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
+    let mut again = server.watch_stream(&execution_id, before).await;
     let mut replayed = Vec::new();
     while let Some(m) = again.message().await.expect("stream") {
         assert_eq!(m.commit_time, None);

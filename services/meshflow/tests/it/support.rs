@@ -139,17 +139,18 @@ impl Server {
             .expect("execution")
     }
 
+    /// A WatchExecution stream of the events after `after`.
+    pub async fn watch_stream(
+        &self,
+        id: &str,
+        after: i64,
+    ) -> tonic::Streaming<opb::WatchExecutionResponse> {
+        watch_stream(&self.channel, id, after).await
+    }
+
     /// Every event after `after` until the terminal one.
     pub async fn watch(&self, id: &str, after: i64) -> Vec<epb::ExecutionEvent> {
-        let mut stream = self
-            .orchestrator()
-            .watch_execution(opb::WatchExecutionRequest {
-                execution_id: id.into(),
-                after_sequence: after,
-            })
-            .await
-            .expect("watch")
-            .into_inner();
+        let mut stream = self.watch_stream(id, after).await;
         let mut events = Vec::new();
         while let Some(msg) = stream.message().await.expect("stream") {
             events.push(msg.event.expect("event"));
@@ -163,15 +164,7 @@ impl Server {
         id: &str,
         done: impl Fn(&epb::ExecutionEvent) -> bool,
     ) -> Vec<epb::ExecutionEvent> {
-        let mut stream = self
-            .orchestrator()
-            .watch_execution(opb::WatchExecutionRequest {
-                execution_id: id.into(),
-                after_sequence: 0,
-            })
-            .await
-            .expect("watch")
-            .into_inner();
+        let mut stream = self.watch_stream(id, 0).await;
         let mut events = Vec::new();
         while let Some(msg) = stream.message().await.expect("stream") {
             let e = msg.event.expect("event");
@@ -183,6 +176,22 @@ impl Server {
         }
         events
     }
+}
+
+/// A WatchExecution stream through `channel` of the events after `after`.
+pub async fn watch_stream(
+    channel: &Channel,
+    id: &str,
+    after: i64,
+) -> tonic::Streaming<opb::WatchExecutionResponse> {
+    OrchestratorServiceClient::new(channel.clone())
+        .watch_execution(opb::WatchExecutionRequest {
+            execution_id: id.into(),
+            after_sequence: after,
+        })
+        .await
+        .expect("watch")
+        .into_inner()
 }
 
 /// GetWorkflowMetrics through `channel`.
