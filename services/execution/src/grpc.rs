@@ -2,7 +2,7 @@
 
 use meshflow_kit::error as status;
 use meshflow_kit::server::Mounts;
-use meshflow_kit::{ServerConfig, Violation, page};
+use meshflow_kit::{ServerConfig, Violation, Violations, page};
 use meshflow_proto::execution::v1 as pb;
 use pb::execution_service_server::{ExecutionService, ExecutionServiceServer};
 use tonic::{Request, Response, Status};
@@ -30,11 +30,15 @@ fn storage(e: StoreError) -> Status {
     status::storage(&e)
 }
 
-fn invalid(field: &str, description: impl Into<String>) -> Status {
-    status::invalid_argument("INVALID_ARGUMENT", &[Violation::new(field, description)])
+fn rejected(violations: &[Violation]) -> Status {
+    status::invalid_argument("INVALID_ARGUMENT", violations)
 }
 
-fn check_id(field: &str, id: &str) -> Result<(), Status> {
+fn invalid(field: &str, description: impl Into<String>) -> Violation {
+    Violation::new(field, description)
+}
+
+fn check_id(field: &str, id: &str) -> Result<(), Violation> {
     if id.is_empty() {
         Err(invalid(field, "is required"))
     } else if !meshflow_kit::id::is_valid(id) {
@@ -42,15 +46,6 @@ fn check_id(field: &str, id: &str) -> Result<(), Status> {
     } else {
         Ok(())
     }
-}
-
-fn size(requested: i32, default: u64, max: u64) -> Result<u64, Status> {
-    page::size(requested, default, max)
-        .map_err(|v| status::invalid_argument("INVALID_ARGUMENT", &[v]))
-}
-
-fn cursor(token: &str) -> Result<Option<String>, Status> {
-    page::decode(token).map_err(|v| status::invalid_argument("INVALID_ARGUMENT", &[v]))
 }
 
 fn stats(histogram: &serde_json::Value) -> pb::DurationStats {
@@ -73,7 +68,7 @@ impl ExecutionService for Grpc {
         req: Request<pb::GetExecutionRequest>,
     ) -> Result<Response<pb::GetExecutionResponse>, Status> {
         let req = req.into_inner();
-        check_id("execution_id", &req.execution_id)?;
+        check_id("execution_id", &req.execution_id).map_err(|v| rejected(&[v]))?;
         let row = self
             .store
             .execution(&req.execution_id)
@@ -92,17 +87,18 @@ impl ExecutionService for Grpc {
         req: Request<pb::ListExecutionsRequest>,
     ) -> Result<Response<pb::ListExecutionsResponse>, Status> {
         let req = req.into_inner();
-        let size = size(req.page_size, 50, 500)?;
-        let after = cursor(&req.page_token)?;
+        let mut v = Violations::new();
+        let size = v.take(page::size(req.page_size, 50, 500));
+        let after = v.take(page::decode::<String>(&req.page_token));
         let mut filter = ExecutionFilter::default();
         if !req.workflow_id.is_empty() {
-            check_id("workflow_id", &req.workflow_id)?;
+            v.take(check_id("workflow_id", &req.workflow_id));
             filter.workflow_id = Some(req.workflow_id);
         }
         match pb::ExecutionStatus::try_from(req.status) {
             Ok(pb::ExecutionStatus::Unspecified) => {}
             Ok(s) => filter.statuses = vec![s],
-            Err(_) => return Err(invalid("status", format!("unknown value {}", req.status))),
+            Err(_) => v.push(invalid("status", format!("unknown value {}", req.status))),
         }
         let time = |field: &str, t: Option<&meshflow_proto::pbjson_types::Timestamp>| match t {
             None => Ok(None),
@@ -110,8 +106,15 @@ impl ExecutionService for Grpc {
                 .map(Some)
                 .ok_or_else(|| invalid(field, "is not a valid timestamp")),
         };
-        filter.from = time("start_time_from", req.start_time_from.as_ref())?;
-        filter.to = time("start_time_to", req.start_time_to.as_ref())?;
+        filter.from = v
+            .take(time("start_time_from", req.start_time_from.as_ref()))
+            .flatten();
+        filter.to = v
+            .take(time("start_time_to", req.start_time_to.as_ref()))
+            .flatten();
+        let (Some(size), Some(after), true) = (size, after, v.is_empty()) else {
+            return Err(rejected(v.as_slice()));
+        };
         let rows = self
             .store
             .list_executions(&filter, after.as_deref(), size + 1)
@@ -129,9 +132,13 @@ impl ExecutionService for Grpc {
         req: Request<pb::ListStepExecutionsRequest>,
     ) -> Result<Response<pb::ListStepExecutionsResponse>, Status> {
         let req = req.into_inner();
-        check_id("execution_id", &req.execution_id)?;
-        let size = size(req.page_size, 100, 1000)?;
-        let after = cursor(&req.page_token)?;
+        let mut v = Violations::new();
+        v.take(check_id("execution_id", &req.execution_id));
+        let size = v.take(page::size(req.page_size, 100, 1000));
+        let after = v.take(page::decode::<String>(&req.page_token));
+        let (Some(size), Some(after), true) = (size, after, v.is_empty()) else {
+            return Err(rejected(v.as_slice()));
+        };
         if self
             .store
             .execution(&req.execution_id)
@@ -163,7 +170,7 @@ impl ExecutionService for Grpc {
         req: Request<pb::GetWorkflowMetricsRequest>,
     ) -> Result<Response<pb::GetWorkflowMetricsResponse>, Status> {
         let req = req.into_inner();
-        check_id("workflow_id", &req.workflow_id)?;
+        check_id("workflow_id", &req.workflow_id).map_err(|v| rejected(&[v]))?;
         let rows = self
             .store
             .metrics(&req.workflow_id)

@@ -74,6 +74,12 @@ impl Violations {
         self.0.push(violation);
     }
 
+    /// The value of `checked`, or `None` with its violation recorded: checks run one after another
+    /// and the request is refused once, with every violation.
+    pub fn take<T>(&mut self, checked: Result<T, Violation>) -> Option<T> {
+        checked.map_err(|v| self.0.push(v)).ok()
+    }
+
     /// Whether nothing was recorded.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()

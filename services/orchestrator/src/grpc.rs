@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::Stream;
 use meshflow_execution::convert;
 use meshflow_kit::server::Mounts;
-use meshflow_kit::{ServerConfig, Violation, page};
+use meshflow_kit::{ServerConfig, Violation, Violations, page};
 use meshflow_proto::orchestrator::v1 as pb;
 use pb::orchestrator_service_server::{OrchestratorService, OrchestratorServiceServer};
 use tokio_stream::StreamExt;
@@ -129,25 +129,24 @@ impl OrchestratorService for Grpc {
     ) -> Result<Response<pb::ListActiveExecutionsResponse>, Status> {
         use meshflow_proto::execution::v1::ExecutionStatus as S;
         let r = req.into_inner();
-        let size =
-            page::size(r.page_size, 50, 500).map_err(|v| Status::from(Error::Invalid(vec![v])))?;
-        let after: Option<String> =
-            page::decode(&r.page_token).map_err(|v| Status::from(Error::Invalid(vec![v])))?;
-        let mut filter = meshflow_execution::store::ExecutionFilter {
+        let mut v = Violations::new();
+        let size = v.take(page::size(r.page_size, 50, 500));
+        let after = v.take(page::decode::<String>(&r.page_token));
+        if !r.workflow_id.is_empty() && !meshflow_kit::id::is_valid(&r.workflow_id) {
+            v.push(Violation::new(
+                "workflow_id",
+                format!("`{}` is not a valid id", r.workflow_id),
+            ));
+        }
+        let (Some(size), Some(after), true) = (size, after, v.is_empty()) else {
+            return Err(Error::Invalid(v.into_vec()).into());
+        };
+        let filter = meshflow_execution::store::ExecutionFilter {
             statuses: vec![S::Pending, S::Running, S::Waiting],
             oldest_first: true,
+            workflow_id: Some(r.workflow_id).filter(|w| !w.is_empty()),
             ..Default::default()
         };
-        if !r.workflow_id.is_empty() {
-            if !meshflow_kit::id::is_valid(&r.workflow_id) {
-                return Err(Error::Invalid(vec![Violation::new(
-                    "workflow_id",
-                    format!("`{}` is not a valid id", r.workflow_id),
-                )])
-                .into());
-            }
-            filter.workflow_id = Some(r.workflow_id);
-        }
         let rows = self
             .0
             .store()

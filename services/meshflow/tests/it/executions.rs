@@ -522,6 +522,42 @@ async fn executions_are_listed_and_measured() {
         .await
         .expect_err("bad status");
     assert_violation(&err, "status");
+    // Every bad field is reported at once.
+    let err = executions
+        .list_executions(epb::ListExecutionsRequest {
+            workflow_id: "nope".into(),
+            status: 77,
+            page_size: -1,
+            page_token: "not a token".into(),
+            start_time_from: Some(meshflow_proto::pbjson_types::Timestamp {
+                seconds: 0,
+                nanos: -1,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad fields");
+    for field in [
+        "workflow_id",
+        "status",
+        "page_size",
+        "page_token",
+        "start_time_from",
+    ] {
+        assert_violation(&err, field);
+    }
+    let err = executions
+        .list_step_executions(epb::ListStepExecutionsRequest {
+            execution_id: String::new(),
+            page_size: -1,
+            page_token: "not a token".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad fields");
+    for field in ["execution_id", "page_size", "page_token"] {
+        assert_violation(&err, field);
+    }
 
     let active = server
         .orchestrator()
@@ -537,6 +573,18 @@ async fn executions_are_listed_and_measured() {
             .collect::<Vec<_>>(),
         std::slice::from_ref(&parked)
     );
+    let err = server
+        .orchestrator()
+        .list_active_executions(opb::ListActiveExecutionsRequest {
+            workflow_id: "nope".into(),
+            page_size: -1,
+            page_token: "not a token".into(),
+        })
+        .await
+        .expect_err("bad fields");
+    for field in ["workflow_id", "page_size", "page_token"] {
+        assert_violation(&err, field);
+    }
 
     let metrics = server.metrics(&ok).await;
     assert_eq!(
