@@ -8,8 +8,8 @@ use std::time::Duration;
 use chrono::Utc;
 use meshflow_execution::store::entity::execution;
 use meshflow_execution::store::{Head, Inserted, NewExecution, Store as ExecStore};
-use meshflow_kit::Violation;
 use meshflow_kit::convert::{struct_to_json, to_json};
+use meshflow_kit::{Violation, Violations};
 use meshflow_proto::execution::v1::{self as epb, EventType};
 use meshflow_proto::orchestrator::v1 as opb;
 use meshflow_proto::workflow::v1 as wpb;
@@ -89,6 +89,23 @@ pub struct Engine {
 const HEAD_READS: usize = 3;
 
 const WATCH_PAGE: u64 = 500;
+
+/// Longest `request_id` of a start or a signal, in bytes.
+const MAX_REQUEST_ID: usize = 128;
+
+/// An execution id is required and well-formed.
+fn check_execution_id(id: &str) -> Result<(), Violation> {
+    if meshflow_kit::id::is_valid(id) {
+        Ok(())
+    } else if id.is_empty() {
+        Err(Violation::new("execution_id", "is required"))
+    } else {
+        Err(Violation::new(
+            "execution_id",
+            format!("`{id}` is not a valid id"),
+        ))
+    }
+}
 
 fn active(status: &str) -> bool {
     epb::ExecutionStatus::from_str_name(status)
@@ -404,8 +421,11 @@ impl Engine {
         if req.version < 0 {
             v.push(Violation::new("version", "must not be negative"));
         }
-        if req.request_id.len() > 128 {
-            v.push(Violation::new("request_id", "is longer than 128 bytes"));
+        if req.request_id.len() > MAX_REQUEST_ID {
+            v.push(Violation::new(
+                "request_id",
+                format!("is longer than {MAX_REQUEST_ID} bytes"),
+            ));
         }
         if !v.is_empty() {
             return Err(Error::Invalid(v));
@@ -572,15 +592,8 @@ impl Engine {
 
     /// The execution, if it exists.
     pub async fn get(&self, id: &str) -> Result<execution::Model, Error> {
-        if !meshflow_kit::id::is_valid(id) {
-            return Err(Error::Invalid(vec![Violation::new(
-                "execution_id",
-                if id.is_empty() {
-                    "is required".to_string()
-                } else {
-                    format!("`{id}` is not a valid id")
-                },
-            )]));
+        if let Err(v) = check_execution_id(id) {
+            return Err(Error::Invalid(vec![v]));
         }
         self.shared
             .store
@@ -638,10 +651,21 @@ impl Engine {
     /// SignalExecution: stores the signal (once per request_id) and wakes the execution. A retry
     /// with the same request_id succeeds even when the execution has ended since.
     pub async fn signal(self: &Arc<Self>, req: opb::SignalExecutionRequest) -> Result<(), Error> {
-        let row = self.get(&req.execution_id).await?;
+        let mut v = Violations::new();
+        v.take(check_execution_id(&req.execution_id));
         if let Err(e) = meshflow_workflow::validate::check_id(&req.signal_name) {
-            return Err(Error::Invalid(vec![Violation::new("signal_name", e)]));
+            v.push(Violation::new("signal_name", e));
         }
+        if req.request_id.len() > MAX_REQUEST_ID {
+            v.push(Violation::new(
+                "request_id",
+                format!("is longer than {MAX_REQUEST_ID} bytes"),
+            ));
+        }
+        if !v.is_empty() {
+            return Err(Error::Invalid(v.into_vec()));
+        }
+        let row = self.get(&req.execution_id).await?;
         if !req.request_id.is_empty()
             && self
                 .shared

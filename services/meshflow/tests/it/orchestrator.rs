@@ -351,6 +351,19 @@ async fn signals_wake_waits_and_carry_a_payload() {
         .await
         .expect_err("bad name");
     assert_violation(&err, "signal_name");
+    // Every bad field at once, before the execution is looked up.
+    let err = orchestrator
+        .signal_execution(opb::SignalExecutionRequest {
+            execution_id: String::new(),
+            signal_name: "bad name".into(),
+            request_id: "r".repeat(129),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad fields");
+    for field in ["execution_id", "signal_name", "request_id"] {
+        assert_violation(&err, field);
+    }
 }
 
 /// A signal wakes the wait on its name even while other waits on other names run beside it, and
