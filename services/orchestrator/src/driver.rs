@@ -1881,7 +1881,7 @@ pub fn traceparent(execution_id: &str, path: &str, attempt: i32) -> String {
 }
 
 /// The length of `value` as JSON text, counted without building the text.
-fn json_len(value: &Value) -> usize {
+pub(crate) fn json_len(value: &Value) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {

@@ -662,6 +662,16 @@ impl Engine {
                 format!("is longer than {MAX_REQUEST_ID} bytes"),
             ));
         }
+        // The payload becomes the output of the WAIT step it wakes.
+        let payload = req.payload.as_ref().map(to_json).unwrap_or(Value::Null);
+        let size = crate::driver::json_len(&payload);
+        let limit = self.shared.env.max_output_bytes;
+        if size > limit {
+            v.push(Violation::new(
+                "payload",
+                format!("is {size} bytes as JSON; a step's output is limited to {limit}"),
+            ));
+        }
         if !v.is_empty() {
             return Err(Error::Invalid(v.into_vec()));
         }
@@ -681,7 +691,6 @@ impl Engine {
                 status: row.status,
             });
         }
-        let payload = req.payload.as_ref().map(to_json).unwrap_or(Value::Null);
         let request_id = Some(req.request_id.as_str()).filter(|r| !r.is_empty());
         self.shared
             .store

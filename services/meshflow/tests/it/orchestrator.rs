@@ -357,11 +357,14 @@ async fn signals_wake_waits_and_carry_a_payload() {
             execution_id: String::new(),
             signal_name: "bad name".into(),
             request_id: "r".repeat(129),
-            ..Default::default()
+            // Its payload would be its WAIT step's output: larger than a step's output may be.
+            payload: Some(meshflow_kit::convert::from_json(&json!(
+                "x".repeat(1024 * 1024)
+            ))),
         })
         .await
         .expect_err("bad fields");
-    for field in ["execution_id", "signal_name", "request_id"] {
+    for field in ["execution_id", "signal_name", "request_id", "payload"] {
         assert_violation(&err, field);
     }
 }
