@@ -194,6 +194,123 @@ def nanos(rfc3339):
     return t.ToNanoseconds()
 
 
+class Shop(http.server.BaseHTTPRequestHandler):
+    """GET /item/{n} -> {"id": n, "price": n * 1.5, "ok": true}; GET /flaky answers 503 to the
+    first request of each Idempotency-Key, then 200; POST /echo records the request."""
+
+    posted = []
+    flaky_keys = set()
+
+    def reply(self, status, doc):
+        body = json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        if self.path.startswith("/item/"):
+            n = int(self.path.rsplit("/", 1)[1])
+            self.reply(200, {"id": n, "price": n * 1.5, "ok": True})
+        elif self.path == "/flaky":
+            key = self.headers["Idempotency-Key"]
+            if key in Shop.flaky_keys:
+                self.reply(200, {"ok": True})
+            else:
+                Shop.flaky_keys.add(key)
+                self.reply(503, {"ok": False})
+        else:
+            self.reply(404, {})
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+        Shop.posted.append((dict((k.lower(), v) for k, v in self.headers.items()), body))
+        self.reply(200, {"received": True})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_all_nine_step_types_run_to_completion_with_every_attempt_streamed(api):
+    shop = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Shop)
+    threading.Thread(target=shop.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{shop.server_port}"
+    try:
+        workflow = api.call(WORKFLOW, "CreateWorkflow", {"workflow": {
+            "name": f"py-nine-{uuid.uuid4().hex[:8]}",
+            "status": "WORKFLOW_STATUS_ACTIVE",
+            "variables": {"base": base},
+            "inputSchema": {"type": "object", "required": ["n"]},
+            "steps": [
+                {"id": "check", "validation": {"value": "input",
+                    "jsonSchema": {"properties": {"n": {"type": "integer", "minimum": 1}}},
+                    "rules": [{"expression": "value.n < 100", "message": "n too big"}]}},
+                {"id": "fetch", "dependsOn": ["check"], "http": {"method": "GET", "url": "${vars.base}/item/${input.n}",
+                    "extract": {"price": "response.body.price"}}},
+                {"id": "flaky", "dependsOn": ["check"], "http": {"method": "GET", "url": "${vars.base}/flaky"},
+                    "retryPolicy": {"strategy": "RETRY_STRATEGY_FIXED", "maxAttempts": 3, "initialDelay": "0.01s"}},
+                {"id": "double", "dependsOn": ["fetch"], "transform": {"assignments": [
+                    {"target": "price", "expression": "steps.fetch.output.price * 2.0"}]}},
+                {"id": "branch", "dependsOn": ["double"], "conditional": {
+                    "branches": [{"condition": "steps.double.output.price > 100.0",
+                                  "steps": [{"id": "big", "functionCall": {"function": "uuid"}}]}],
+                    "otherwise": [{"id": "small", "functionCall": {"function": "uuid"}}]}},
+                {"id": "fan", "dependsOn": ["branch", "flaky"], "parallel": {"branches": [
+                    {"name": "a", "steps": [{"id": "pa", "http": {"method": "GET", "url": "${vars.base}/item/10"}}]},
+                    {"name": "b", "steps": [{"id": "pb", "functionCall": {"function": "sum", "arguments": {"values": [1, 2, 3]}}}]}]}},
+                {"id": "each", "dependsOn": ["fan"], "forEach": {"items": "[1, 2, 3]", "maxConcurrency": 2, "steps": [
+                    {"id": "get", "http": {"method": "GET", "url": "${vars.base}/item/${item}"}}]}},
+                {"id": "total", "dependsOn": ["each"], "functionCall": {"function": "sum",
+                    "arguments": {"values": "${steps.each.output.map(o, o.get.body.price)}"}}},
+                {"id": "approval", "dependsOn": ["total"], "wait": {"signal": "approved", "timeout": "60s"}},
+                {"id": "notify", "dependsOn": ["approval"], "webhookCall": {"url": "${vars.base}/hook",
+                    "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "eventType": "order.priced",
+                    "payload": {"total": "${steps.total.output}", "by": "${steps.approval.output.by}"}}},
+            ],
+        }})["workflow"]
+
+        messages = []
+        for m in stream(api, ORCHESTRATOR, "ExecuteWorkflow",
+                        {"workflowId": workflow["workflowId"], "input": {"n": 4}}):
+            messages.append(m)
+            e = m.get("event", {})
+            if e.get("type") == "EVENT_TYPE_STEP_WAITING" and e.get("stepPath") == "approval":
+                api.call(ORCHESTRATOR, "SignalExecution", {
+                    "executionId": messages[0]["execution"]["executionId"],
+                    "signalName": "approved", "payload": {"by": "ana"}})
+        events = [m["event"] for m in messages[1:]]
+        for e in events:
+            print(e["sequence"], e["type"], e.get("stepPath", ""), e.get("attempt", ""))
+        assert [int(e["sequence"]) for e in events] == list(range(1, len(events) + 1))
+        assert events[-1]["type"] == "EVENT_TYPE_EXECUTION_COMPLETED", events[-1]
+
+        def of(path):
+            return [(e["type"].removeprefix("EVENT_TYPE_"), e.get("attempt", 0)) for e in events
+                    if e.get("stepPath") == path]
+
+        # Every step's start and end, each attempt of the retried one, the branch not taken.
+        for path in ["check", "fetch", "double", "branch", "branch/small", "fan", "fan[a]/pa", "fan[b]/pb",
+                     "each", "each[0]/get", "each[2]/get", "total", "notify"]:
+            assert of(path)[0][0] == "STEP_STARTED", path
+            assert of(path)[-1][0] == "STEP_SUCCEEDED", path
+        assert of("flaky") == [("STEP_STARTED", 1), ("STEP_RETRY_SCHEDULED", 1),
+                               ("STEP_STARTED", 2), ("STEP_SUCCEEDED", 2)]
+        assert of("branch/big") == [("STEP_SKIPPED", 0)]
+        assert ("STEP_WAITING", 1) in of("approval") and of("approval")[-1][0] == "STEP_SUCCEEDED"
+
+        output = events[-1]["output"]
+        assert output["fetch"] == {"price": 6}
+        assert output["double"] == {"price": 12}
+        assert output["total"] == 9
+        assert output["approval"] == {"by": "ana"}
+        headers, body = Shop.posted[-1]
+        assert "webhook-signature" in headers
+        assert json.loads(body)["data"] == {"total": 9, "by": "ana"}
+    finally:
+        shop.shutdown()
+
+
 WEBHOOKS = "meshflow.webhook.v1.WebhookService"
 
 
