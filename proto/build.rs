@@ -32,6 +32,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out.join("descriptor.bin"), &bytes)?;
 
     tonic_prost_build::configure()
+        // A request that does not decode is INVALID_ARGUMENT, not INTERNAL (src/codec.rs).
+        .codec_path("crate::codec::Codec")
         .compile_well_known_types(true)
         .extern_path(".google.protobuf", "::pbjson_types")
         .compile_fds(fds)?;

@@ -1,13 +1,15 @@
 //! meshflow's gRPC contracts: messages, client and server stubs for every `meshflow.<domain>.v1`
 //! package, with proto3 JSON (serde) impls, and the encoded descriptor set served by reflection.
 
-#![allow(clippy::all, clippy::unwrap_used, missing_docs)]
-
 pub use pbjson_types;
+
+pub mod codec;
 
 /// Encoded `FileDescriptorSet` of every meshflow proto file (for tonic-reflection).
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
 
+/// The generated messages and stubs.
+#[allow(clippy::all, clippy::unwrap_used, missing_docs)]
 pub mod meshflow {
     pub mod workflow {
         pub mod v1 {

@@ -115,10 +115,15 @@ def test_bad_input_carries_field_violations(api):
         api.call(WORKFLOW, "CreateWorkflow", {"workflow": {"name": "Bad Name", "steps": [
             {"id": "a", "http": {"method": "GET", "url": "ftp://x"}}]}})
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status = rpc_status.from_call(err.value)
-    fields = set()
-    reasons = set()
-    for detail in status.details:
+    fields, reasons = details(err.value)
+    assert {"workflow.name", "workflow.steps[0].http.url"} <= fields
+    assert reasons == {("INVALID_ARGUMENT", "meshflow")}
+
+
+def details(error):
+    """The field violations and ErrorInfo reasons of a failed call."""
+    fields, reasons = set(), set()
+    for detail in rpc_status.from_call(error).details:
         if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
@@ -127,8 +132,29 @@ def test_bad_input_carries_field_violations(api):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
             reasons.add((info.reason, info.domain))
-    assert {"workflow.name", "workflow.steps[0].http.url"} <= fields
-    assert reasons == {("INVALID_ARGUMENT", "meshflow")}
+    return fields, reasons
+
+
+def test_bytes_that_are_not_a_message_are_invalid_argument(api):
+    raw = lambda method: api.channel.unary_unary(  # noqa: E731
+        method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    cases = [
+        # workflow_id claims five bytes and has two.
+        ("/meshflow.orchestrator.v1.OrchestratorService/StartExecution", b"\x0a\x05ab", "workflow_id"),
+        # workflow.name is not UTF-8.
+        ("/meshflow.workflow.v1.WorkflowService/CreateWorkflow", b"\x0a\x04\x12\x02\xc3\x28", "workflow.name"),
+        # Not a field at all.
+        ("/meshflow.execution.v1.ExecutionService/ListExecutions", b"\xff\xff\xff", None),
+    ]
+    for method, body, field in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            raw(method)(body, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, err.value.details())
+        fields, reasons = details(err.value)
+        assert reasons == {("MALFORMED_MESSAGE", "meshflow")}
+        assert fields == ({field} if field else set())
+    # The server keeps serving.
+    assert isinstance(api.call(WORKFLOW, "ListWorkflows", {}), dict)
 
 
 ORCHESTRATOR = "meshflow.orchestrator.v1.OrchestratorService"
