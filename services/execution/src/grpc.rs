@@ -2,7 +2,7 @@
 
 use meshflow_kit::error as status;
 use meshflow_kit::server::Mounts;
-use meshflow_kit::{ServerConfig, Violation, Violations, page};
+use meshflow_kit::{ServerConfig, Violation, Violations, page, request};
 use meshflow_proto::execution::v1 as pb;
 use pb::execution_service_server::{ExecutionService, ExecutionServiceServer};
 use tonic::{Request, Response, Status};
@@ -34,20 +34,6 @@ fn rejected(violations: &[Violation]) -> Status {
     status::invalid_argument("INVALID_ARGUMENT", violations)
 }
 
-fn invalid(field: &str, description: impl Into<String>) -> Violation {
-    Violation::new(field, description)
-}
-
-fn check_id(field: &str, id: &str) -> Result<(), Violation> {
-    if id.is_empty() {
-        Err(invalid(field, "is required"))
-    } else if !meshflow_kit::id::is_valid(id) {
-        Err(invalid(field, format!("`{id}` is not a valid id")))
-    } else {
-        Ok(())
-    }
-}
-
 fn stats(histogram: &serde_json::Value) -> pb::DurationStats {
     let h: Vec<i64> = serde_json::from_value(histogram.clone()).unwrap_or_default();
     let d = |q| {
@@ -68,7 +54,7 @@ impl ExecutionService for Grpc {
         req: Request<pb::GetExecutionRequest>,
     ) -> Result<Response<pb::GetExecutionResponse>, Status> {
         let req = req.into_inner();
-        check_id("execution_id", &req.execution_id).map_err(|v| rejected(&[v]))?;
+        request::resource_id("execution_id", &req.execution_id).map_err(|v| rejected(&[v]))?;
         let row = self
             .store
             .execution(&req.execution_id)
@@ -92,19 +78,22 @@ impl ExecutionService for Grpc {
         let after = v.take(page::decode::<String>(&req.page_token));
         let mut filter = ExecutionFilter::default();
         if !req.workflow_id.is_empty() {
-            v.take(check_id("workflow_id", &req.workflow_id));
+            v.take(request::resource_id("workflow_id", &req.workflow_id));
             filter.workflow_id = Some(req.workflow_id);
         }
         match pb::ExecutionStatus::try_from(req.status) {
             Ok(pb::ExecutionStatus::Unspecified) => {}
             Ok(s) => filter.statuses = vec![s],
-            Err(_) => v.push(invalid("status", format!("unknown value {}", req.status))),
+            Err(_) => v.push(Violation::new(
+                "status",
+                format!("unknown value {}", req.status),
+            )),
         }
         let time = |field: &str, t: Option<&meshflow_proto::pbjson_types::Timestamp>| match t {
             None => Ok(None),
             Some(t) => meshflow_kit::convert::from_timestamp(t)
                 .map(Some)
-                .ok_or_else(|| invalid(field, "is not a valid timestamp")),
+                .ok_or_else(|| Violation::new(field, "is not a valid timestamp")),
         };
         filter.from = v
             .take(time("start_time_from", req.start_time_from.as_ref()))
@@ -133,7 +122,7 @@ impl ExecutionService for Grpc {
     ) -> Result<Response<pb::ListStepExecutionsResponse>, Status> {
         let req = req.into_inner();
         let mut v = Violations::new();
-        v.take(check_id("execution_id", &req.execution_id));
+        v.take(request::resource_id("execution_id", &req.execution_id));
         let size = v.take(page::size(req.page_size, 100, 1000));
         let after = v.take(page::decode::<String>(&req.page_token));
         let (Some(size), Some(after), true) = (size, after, v.is_empty()) else {
@@ -170,7 +159,7 @@ impl ExecutionService for Grpc {
         req: Request<pb::GetWorkflowMetricsRequest>,
     ) -> Result<Response<pb::GetWorkflowMetricsResponse>, Status> {
         let req = req.into_inner();
-        check_id("workflow_id", &req.workflow_id).map_err(|v| rejected(&[v]))?;
+        request::resource_id("workflow_id", &req.workflow_id).map_err(|v| rejected(&[v]))?;
         let rows = self
             .store
             .metrics(&req.workflow_id)

@@ -9,7 +9,7 @@ use chrono::Utc;
 use meshflow_execution::store::entity::execution;
 use meshflow_execution::store::{Head, Inserted, NewExecution, Store as ExecStore};
 use meshflow_kit::convert::{struct_to_json, to_json};
-use meshflow_kit::{Violation, Violations};
+use meshflow_kit::{Violation, Violations, request};
 use meshflow_proto::execution::v1::{self as epb, EventType};
 use meshflow_proto::orchestrator::v1 as opb;
 use meshflow_proto::workflow::v1 as wpb;
@@ -89,23 +89,6 @@ pub struct Engine {
 const HEAD_READS: usize = 3;
 
 const WATCH_PAGE: u64 = 500;
-
-/// Longest `request_id` of a start or a signal, in bytes.
-const MAX_REQUEST_ID: usize = 128;
-
-/// An execution id is required and well-formed.
-fn check_execution_id(id: &str) -> Result<(), Violation> {
-    if meshflow_kit::id::is_valid(id) {
-        Ok(())
-    } else if id.is_empty() {
-        Err(Violation::new("execution_id", "is required"))
-    } else {
-        Err(Violation::new(
-            "execution_id",
-            format!("`{id}` is not a valid id"),
-        ))
-    }
-}
 
 fn active(status: &str) -> bool {
     epb::ExecutionStatus::from_str_name(status)
@@ -407,30 +390,15 @@ impl Engine {
         req: opb::StartExecutionRequest,
         watch: bool,
     ) -> Result<(execution::Model, Option<Live>), Error> {
-        let mut v = Vec::new();
-        if !meshflow_kit::id::is_valid(&req.workflow_id) {
-            v.push(Violation::new(
-                "workflow_id",
-                if req.workflow_id.is_empty() {
-                    "is required".to_string()
-                } else {
-                    format!("`{}` is not a valid id", req.workflow_id)
-                },
-            ));
-        }
+        let mut v = Violations::new();
+        v.take(request::resource_id("workflow_id", &req.workflow_id));
         if req.version < 0 {
             v.push(Violation::new("version", "must not be negative"));
         }
-        if req.request_id.len() > MAX_REQUEST_ID {
-            v.push(Violation::new(
-                "request_id",
-                format!("is longer than {MAX_REQUEST_ID} bytes"),
-            ));
-        }
+        let request_id = request::request_id(&req.request_id, &mut v);
         if !v.is_empty() {
-            return Err(Error::Invalid(v));
+            return Err(Error::Invalid(v.into_vec()));
         }
-        let request_id = Some(req.request_id.clone()).filter(|r| !r.is_empty());
         if let Some(rid) = &request_id
             && let Some(existing) = self.shared.store.execution_by_request(rid).await?
         {
@@ -592,7 +560,7 @@ impl Engine {
 
     /// The execution, if it exists.
     pub async fn get(&self, id: &str) -> Result<execution::Model, Error> {
-        if let Err(v) = check_execution_id(id) {
+        if let Err(v) = request::resource_id("execution_id", id) {
             return Err(Error::Invalid(vec![v]));
         }
         self.shared
@@ -652,16 +620,11 @@ impl Engine {
     /// with the same request_id succeeds even when the execution has ended since.
     pub async fn signal(self: &Arc<Self>, req: opb::SignalExecutionRequest) -> Result<(), Error> {
         let mut v = Violations::new();
-        v.take(check_execution_id(&req.execution_id));
+        v.take(request::resource_id("execution_id", &req.execution_id));
         if let Err(e) = meshflow_workflow::validate::check_id(&req.signal_name) {
             v.push(Violation::new("signal_name", e));
         }
-        if req.request_id.len() > MAX_REQUEST_ID {
-            v.push(Violation::new(
-                "request_id",
-                format!("is longer than {MAX_REQUEST_ID} bytes"),
-            ));
-        }
+        let request_id = request::request_id(&req.request_id, &mut v);
         // The payload becomes the output of the WAIT step it wakes.
         let payload = req.payload.as_ref().map(to_json).unwrap_or(Value::Null);
         let size = crate::driver::json_len(&payload);
@@ -676,12 +639,8 @@ impl Engine {
             return Err(Error::Invalid(v.into_vec()));
         }
         let row = self.get(&req.execution_id).await?;
-        if !req.request_id.is_empty()
-            && self
-                .shared
-                .store
-                .signal_recorded(&row.id, &req.request_id)
-                .await?
+        if let Some(rid) = &request_id
+            && self.shared.store.signal_recorded(&row.id, rid).await?
         {
             return Ok(());
         }
@@ -691,10 +650,15 @@ impl Engine {
                 status: row.status,
             });
         }
-        let request_id = Some(req.request_id.as_str()).filter(|r| !r.is_empty());
         self.shared
             .store
-            .add_signal(&row.id, &req.signal_name, payload, request_id, Utc::now())
+            .add_signal(
+                &row.id,
+                &req.signal_name,
+                payload,
+                request_id.as_deref(),
+                Utc::now(),
+            )
             .await?;
         if let Some(run) = self
             .running

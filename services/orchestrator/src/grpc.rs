@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures::Stream;
 use meshflow_execution::convert;
 use meshflow_kit::server::Mounts;
-use meshflow_kit::{ServerConfig, Violation, Violations, page};
+use meshflow_kit::{ServerConfig, Violation, Violations, page, request};
 use meshflow_proto::orchestrator::v1 as pb;
 use pb::orchestrator_service_server::{OrchestratorService, OrchestratorServiceServer};
 use tokio_stream::StreamExt;
@@ -132,11 +132,8 @@ impl OrchestratorService for Grpc {
         let mut v = Violations::new();
         let size = v.take(page::size(r.page_size, 50, 500));
         let after = v.take(page::decode::<String>(&r.page_token));
-        if !r.workflow_id.is_empty() && !meshflow_kit::id::is_valid(&r.workflow_id) {
-            v.push(Violation::new(
-                "workflow_id",
-                format!("`{}` is not a valid id", r.workflow_id),
-            ));
+        if !r.workflow_id.is_empty() {
+            v.take(request::resource_id("workflow_id", &r.workflow_id));
         }
         let (Some(size), Some(after), true) = (size, after, v.is_empty()) else {
             return Err(Error::Invalid(v.into_vec()).into());
