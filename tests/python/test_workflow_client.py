@@ -136,8 +136,10 @@ def details(error):
 
 
 def test_bytes_that_are_not_a_message_are_invalid_argument(api):
-    raw = lambda method: api.channel.unary_unary(  # noqa: E731
-        method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    def raw(method):
+        """A call that sends the given bytes as they are."""
+        return api.channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+
     cases = [
         # workflow_id claims five bytes and has two.
         ("/meshflow.orchestrator.v1.OrchestratorService/StartExecution", b"\x0a\x05ab", "workflow_id"),
