@@ -15,6 +15,30 @@ use tonic_types::{ErrorDetails, StatusExt};
 /// The `ErrorInfo.domain` of every meshflow error.
 pub const DOMAIN: &str = "meshflow";
 
+/// Most characters of a request's value an error repeats.
+pub const MAX_ECHO_CHARS: usize = 64;
+
+/// A value for an error message to repeat: whole when short, else its first [`MAX_ECHO_CHARS`]
+/// characters and an ellipsis, so an error about a huge input stays small.
+pub fn echo(value: &str) -> std::borrow::Cow<'_, str> {
+    cut(value, MAX_ECHO_CHARS)
+}
+
+/// `text` cut to at most `max` characters, the cut marked with an ellipsis.
+fn cut(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((end, _)) => std::borrow::Cow::Owned(format!("{}…", &text[..end])),
+    }
+}
+
+/// Bounds on what an error carries, whatever its input: gRPC clients refuse response metadata
+/// past 8 to 16 KiB (grpcio's default is 16 KiB), and the message, the details (base64 in
+/// `grpc-status-details-bin`) and the metadata all travel in the trailers.
+const MAX_MESSAGE_CHARS: usize = 512;
+const MAX_TEXT_CHARS: usize = 300;
+const MAX_VIOLATION_BYTES: usize = 6 * 1024;
+
 /// One problem with one field of a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Violation {
@@ -165,15 +189,30 @@ fn status(
     details: ErrorDetails,
 ) -> Status {
     let mut details = details;
+    let metadata: HashMap<String, String> = metadata
+        .into_iter()
+        .map(|(k, v)| (k, cut(&v, MAX_TEXT_CHARS).into_owned()))
+        .collect();
     details.set_error_info(reason, DOMAIN, metadata);
-    Status::with_error_details(code, message, details)
+    Status::with_error_details(code, cut(&message, MAX_MESSAGE_CHARS).into_owned(), details)
 }
 
 /// INVALID_ARGUMENT with one `BadRequest` field violation per problem.
 pub fn invalid_argument(reason: &str, violations: &[Violation]) -> Status {
     let mut details = ErrorDetails::new();
-    for v in violations {
-        details.add_bad_request_violation(v.field.clone(), v.description.clone());
+    let mut bytes = 0;
+    for (i, v) in violations.iter().enumerate() {
+        let field = cut(&v.field, MAX_TEXT_CHARS);
+        let description = cut(&v.description, MAX_TEXT_CHARS);
+        bytes += field.len() + description.len();
+        if bytes > MAX_VIOLATION_BYTES {
+            details.add_bad_request_violation(
+                "",
+                format!("{} more violations not listed", violations.len() - i),
+            );
+            break;
+        }
+        details.add_bad_request_violation(field, description);
     }
     let message = match violations {
         [] => "invalid request".to_string(),
@@ -191,6 +230,7 @@ pub fn invalid_argument(reason: &str, violations: &[Violation]) -> Status {
 
 /// NOT_FOUND for a resource kind and id.
 pub fn not_found(reason: &str, resource: &str, id: &str) -> Status {
+    let id = echo(id);
     let metadata = HashMap::from([
         ("resource".to_string(), resource.to_string()),
         ("id".to_string(), id.to_string()),
@@ -317,6 +357,37 @@ mod tests {
             "workflow.steps[0].id"
         );
         assert_eq!(Violation::new("[3]", "d").under("items").field, "items[3]");
+    }
+
+    #[test]
+    fn echoes_are_cut_short() {
+        assert_eq!(echo("short"), "short");
+        let long = "é".repeat(70_000);
+        let echoed = echo(&long);
+        assert_eq!(echoed.chars().count(), MAX_ECHO_CHARS + 1);
+        assert!(echoed.ends_with('…'));
+    }
+
+    #[test]
+    fn an_error_stays_small_whatever_its_input() {
+        let huge = "x".repeat(70_000);
+        let violations: Vec<Violation> = (0..1_000)
+            .map(|i| Violation::new(format!("{huge}{i}"), huge.clone()))
+            .collect();
+        let status = invalid_argument("INVALID_WORKFLOW", &violations);
+        for status in [&status, &not_found("WORKFLOW_NOT_FOUND", "workflow", &huge)] {
+            let mut trailers = tonic::metadata::MetadataMap::new().into_headers();
+            status.add_header(&mut trailers).expect("headers");
+            let size: usize = trailers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len())
+                .sum();
+            assert!(size < 12 * 1024, "{size} bytes of trailers");
+        }
+        let details = status.get_error_details();
+        let bad = details.bad_request().expect("bad request");
+        let last = bad.field_violations.last().expect("violations");
+        assert!(last.description.ends_with("more violations not listed"));
     }
 
     #[test]

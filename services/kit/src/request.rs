@@ -29,20 +29,32 @@ pub fn resource_id(field: &str, id: &str) -> Result<(), Violation> {
     if id.is_empty() {
         Err(Violation::new(field, "is required"))
     } else if !crate::id::is_valid(id) {
-        Err(Violation::new(field, format!("`{id}` is not a valid id")))
+        Err(Violation::new(
+            field,
+            format!("`{}` is not a valid id", crate::error::echo(id)),
+        ))
     } else {
         Ok(())
     }
 }
 
-/// The etag of a revision: opaque to clients.
+/// The etag of a revision: opaque to clients, and plain text, so a JSON or shell user types it as
+/// it came (`r3`).
 pub fn etag(revision: i64) -> String {
-    format!("\"{revision}\"")
+    format!("r{revision}")
 }
 
-/// The revision behind an etag made by [`etag`].
+/// The revision behind an etag made by [`etag`]; the quoted form of earlier releases (`"3"`) is
+/// still understood.
 pub fn parse_etag(etag: &str) -> Option<i64> {
-    etag.strip_prefix('"')?.strip_suffix('"')?.parse().ok()
+    let digits = match etag.strip_prefix('r') {
+        Some(digits) => digits,
+        None => etag.strip_prefix('"')?.strip_suffix('"')?,
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
 }
 
 /// The revision an update or delete expects: `None` when no etag was sent (unconditional).
@@ -94,7 +106,15 @@ mod tests {
     fn etags_round_trip_and_garbage_is_a_violation() {
         assert_eq!(parse_etag(&etag(7)), Some(7));
         assert_eq!(expected_revision("etag", ""), Ok(None));
-        assert_eq!(expected_revision("etag", "\"3\""), Ok(Some(3)));
+        assert_eq!(etag(3), "r3");
+        assert_eq!(expected_revision("etag", "r3"), Ok(Some(3)));
+        assert_eq!(
+            expected_revision("etag", "\"3\""),
+            Ok(Some(3)),
+            "the earlier form"
+        );
+        assert!(expected_revision("etag", "r").is_err());
+        assert!(expected_revision("etag", "r+3").is_err());
         assert_eq!(
             expected_revision("webhook.etag", "3").map_err(|v| v.field),
             Err("webhook.etag".to_string())

@@ -5,7 +5,9 @@
 //! - `ANY /status/{code}` → that status (with `Retry-After: {retry_after}` when asked);
 //! - `ANY /flaky/{fails}` → 503 for the first `fails` requests of each `Idempotency-Key`, then 200;
 //! - `ANY /gate` → holds the request until [`Target::open_gate`] (to catch a step in flight);
-//! - `ANY /echo` → the request's method, headers and JSON body.
+//! - `ANY /echo` → the request's method, headers and JSON body;
+//! - `GET /endless` → a body without `Content-Length` that never ends (64 KiB chunks of `x`),
+//!   to prove a reader stops on its own.
 //!
 //! Every request is counted per `Idempotency-Key` and kept in a log.
 
@@ -65,6 +67,7 @@ impl Target {
             .route("/flaky/{fails}", any(flaky))
             .route("/gate", any(gate))
             .route("/echo", any(echo))
+            .route("/endless", get(endless))
             .with_state(inner.clone());
         tokio::spawn(async move {
             if let Err(err) = axum::serve(listener, app).await {
@@ -225,4 +228,16 @@ async fn echo(
         .collect();
     let body: Value = serde_json::from_str(&body).unwrap_or(Value::String(body));
     Json(json!({"method": method.as_str(), "headers": h, "body": body}))
+}
+
+async fn endless(
+    State(inner): State<Arc<Inner>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
+    record(&inner, &method, &uri, &headers, "");
+    let chunk = axum::body::Bytes::from(vec![b'x'; 64 * 1024]);
+    let chunks = futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+    axum::body::Body::from_stream(chunks).into_response()
 }

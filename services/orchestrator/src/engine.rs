@@ -81,7 +81,7 @@ pub struct Engine {
     shared: Arc<Shared>,
     hub: Arc<Hub>,
     running: Mutex<HashMap<String, Arc<Run>>>,
-    versions: Mutex<HashMap<(String, i64), Arc<wpb::WorkflowVersion>>>,
+    versions: crate::versions::Versions,
     config: Config,
 }
 
@@ -135,7 +135,7 @@ impl Engine {
             shared,
             hub,
             running: Mutex::new(HashMap::new()),
-            versions: Mutex::new(HashMap::new()),
+            versions: crate::versions::Versions::new(crate::versions::DEFAULT_BUDGET_BYTES),
             config,
         });
         runtime.spawn(Self::poll_loop(Arc::downgrade(&engine)));
@@ -270,20 +270,11 @@ impl Engine {
         workflow_id: &str,
         version: i64,
     ) -> Result<Arc<wpb::WorkflowVersion>, Error> {
-        let key = (workflow_id.to_string(), version);
-        if let Some(v) = self
-            .versions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&key)
-        {
-            return Ok(v.clone());
+        if let Some(v) = self.versions.get(workflow_id, version) {
+            return Ok(v);
         }
         let v = Arc::new(self.shared.rules.version(workflow_id, version).await?);
-        self.versions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(key, v.clone());
+        self.versions.insert(v.clone());
         Ok(v)
     }
 

@@ -17,6 +17,7 @@ pub mod retry;
 pub mod ssrf;
 pub mod steps;
 pub mod thread;
+mod versions;
 pub mod writer;
 
 pub use engine::{Config, Engine};

@@ -21,14 +21,19 @@ pub struct Policy {
     pub multiplier: f64,
     /// Randomisation.
     pub jitter: RetryJitter,
-    /// HTTP statuses retried.
-    pub retryable_status_codes: Vec<u32>,
+    /// HTTP statuses retried; `None`: the HTTP semantics of [`retried_by_default`].
+    pub retryable_status_codes: Option<Vec<u32>>,
     /// Longest Retry-After honoured; a longer one stops retrying.
     pub max_retry_after: Duration,
 }
 
-/// Statuses retried when a policy names none.
-pub const DEFAULT_RETRYABLE: &[u32] = &[408, 429, 500, 502, 503, 504];
+/// Whether a status is retried when a policy names none, by HTTP semantics: 408 Request Timeout,
+/// 425 Too Early, 429 Too Many Requests, and every 5xx but 501 Not Implemented and 505 HTTP Version
+/// Not Supported, which say the request can never succeed as sent.
+pub fn retried_by_default(status: u16) -> bool {
+    matches!(status, 408 | 425 | 429)
+        || ((500..600).contains(&status) && !matches!(status, 501 | 505))
+}
 
 fn duration(d: Option<&meshflow_proto::pbjson_types::Duration>, default: Duration) -> Duration {
     d.and_then(meshflow_kit::convert::from_duration)
@@ -67,11 +72,8 @@ impl Policy {
                 2.0
             },
             jitter,
-            retryable_status_codes: if p.retryable_status_codes.is_empty() {
-                DEFAULT_RETRYABLE.to_vec()
-            } else {
-                p.retryable_status_codes.clone()
-            },
+            retryable_status_codes: (!p.retryable_status_codes.is_empty())
+                .then(|| p.retryable_status_codes.clone()),
             max_retry_after: duration(p.max_retry_after.as_ref(), Duration::from_secs(300)),
         }
     }
@@ -121,7 +123,10 @@ impl Policy {
 
     /// Whether an HTTP status is retried.
     pub fn retries_status(&self, status: u16) -> bool {
-        self.retryable_status_codes.contains(&u32::from(status))
+        match &self.retryable_status_codes {
+            Some(codes) => codes.contains(&u32::from(status)),
+            None => retried_by_default(status),
+        }
     }
 }
 
@@ -149,7 +154,7 @@ mod tests {
             max_delay: Duration::from_secs(10),
             multiplier: 2.0,
             jitter,
-            retryable_status_codes: DEFAULT_RETRYABLE.to_vec(),
+            retryable_status_codes: None,
             max_retry_after: Duration::from_secs(300),
         }
     }
@@ -286,5 +291,31 @@ mod tests {
             (RetryStrategy::Fixed, 5, RetryJitter::None)
         );
         assert!(p.retries_status(503) && !p.retries_status(404));
+    }
+}
+
+#[cfg(test)]
+mod status_tests {
+    use super::*;
+
+    #[test]
+    fn default_statuses_follow_http_semantics() {
+        let p = Policy::resolve(None, None);
+        let retried: Vec<u16> = (100..600).filter(|s| p.retries_status(*s)).collect();
+        let mut expected = vec![408, 425, 429, 500];
+        expected.extend(502..505);
+        expected.extend(506..600);
+        assert_eq!(retried, expected);
+    }
+
+    #[test]
+    fn a_policy_list_replaces_the_defaults() {
+        let step = RetryPolicy {
+            retryable_status_codes: vec![404, 501],
+            ..Default::default()
+        };
+        let p = Policy::resolve(Some(&step), None);
+        assert!(p.retries_status(404) && p.retries_status(501));
+        assert!(!p.retries_status(503) && !p.retries_status(429));
     }
 }

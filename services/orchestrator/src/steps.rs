@@ -274,8 +274,20 @@ pub async fn http(
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| retry::parse_retry_after(v, chrono::Utc::now()));
-    let bytes = match response.bytes().await {
-        Ok(b) => b,
+    let bytes = match read_capped(response, env.max_output_bytes).await {
+        Ok(Body::Complete(b)) => b,
+        Ok(Body::TooLarge { read }) => {
+            return (
+                recorded,
+                Err(StepError::fatal(
+                    "response_too_large",
+                    format!(
+                        "response body exceeds the limit of {} bytes (stopped after reading {read})",
+                        env.max_output_bytes
+                    ),
+                )),
+            );
+        }
         Err(e) => {
             return (
                 recorded,
@@ -283,19 +295,6 @@ pub async fn http(
             );
         }
     };
-    if bytes.len() > env.max_output_bytes {
-        return (
-            recorded,
-            Err(StepError::fatal(
-                "output_too_large",
-                format!(
-                    "response body is {} bytes; the limit is {}",
-                    bytes.len(),
-                    env.max_output_bytes
-                ),
-            )),
-        );
-    }
     let body = serde_json::from_slice::<Value>(&bytes)
         .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
     let response_value = json!({"status": status, "headers": response_headers, "body": body});
@@ -344,6 +343,46 @@ pub async fn http(
         Value::Object(out)
     };
     (recorded, Ok(output))
+}
+
+/// How much of a failed webhook delivery's response body its error keeps.
+const WEBHOOK_RESPONSE_EXCERPT: usize = 1024;
+
+/// A response body read up to a limit.
+enum Body {
+    /// The whole body, at most the limit.
+    Complete(Vec<u8>),
+    /// The body went past the limit; reading stopped after `read` bytes (the limit plus at most
+    /// one chunk), whatever `Content-Length` said.
+    TooLarge { read: usize },
+}
+
+/// Reads a response body chunk by chunk, stopping as soon as it passes `limit` bytes.
+async fn read_capped(mut response: reqwest::Response, limit: usize) -> reqwest::Result<Body> {
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Ok(Body::TooLarge { read: 0 });
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await? {
+        body.extend_from_slice(&chunk);
+        if body.len() > limit {
+            return Ok(Body::TooLarge { read: body.len() });
+        }
+    }
+    Ok(Body::Complete(body))
+}
+
+/// At most the first `limit` bytes of a response body as text, for an error's details.
+async fn excerpt(mut response: reqwest::Response, limit: usize) -> String {
+    let mut body = Vec::new();
+    while body.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+            _ => break,
+        }
+    }
+    body.truncate(limit);
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -665,10 +704,11 @@ pub async fn webhook_call(
         }
         Ok(r) => {
             let status = r.status().as_u16();
+            let body = excerpt(r, WEBHOOK_RESPONSE_EXCERPT).await;
             Err(StepError {
                 code: "http_status",
                 message: format!("HTTP {status}"),
-                details: json!({"status": status}),
+                details: json!({"status": status, "body": body}),
                 retryable: policy.retries_status(status),
                 retry_after: None,
             })

@@ -1,6 +1,7 @@
 //! The behaviour of WebhookService, free of transport concerns: requests in, responses or
 //! [`Error`]s out.
 
+use meshflow_kit::error::echo;
 use std::collections::{BTreeSet, HashSet};
 
 use meshflow_kit::name::{check_event_type, check_name};
@@ -115,7 +116,7 @@ fn check(w: &pb::Webhook, root: &FieldPath, fields: &BTreeSet<&str>) -> Violatio
             {
                 v.add(&path.index(i), e);
             } else if !seen.insert(t.as_str()) {
-                v.add(&path.index(i), format!("`{t}` is listed twice"));
+                v.add(&path.index(i), format!("`{}` is listed twice", echo(t)));
             }
         }
     }
@@ -153,9 +154,12 @@ fn check(w: &pb::Webhook, root: &FieldPath, fields: &BTreeSet<&str>) -> Violatio
             let p = path.key(name);
             let value = &w.headers[name];
             if HeaderName::from_bytes(name.as_bytes()).is_err() {
-                v.add(&p, format!("`{name}` is not a valid header name"));
+                v.add(&p, format!("`{}` is not a valid header name", echo(name)));
             } else if RESERVED_HEADERS.contains(&name.to_ascii_lowercase().as_str()) {
-                v.add(&p, format!("`{name}` is set by every delivery itself"));
+                v.add(
+                    &p,
+                    format!("`{}` is set by every delivery itself", echo(name)),
+                );
             }
             if value.len() > MAX_HEADER_VALUE_LEN {
                 v.add(&p, format!("is longer than {MAX_HEADER_VALUE_LEN} bytes"));

@@ -9,6 +9,7 @@
 //! not schemas; cron schedules and time zones; and the configured limits (steps, nesting depth,
 //! expression length, definition size).
 
+use meshflow_kit::error::echo;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -327,8 +328,10 @@ impl Checker<'_> {
             let mut seen = BTreeSet::new();
             for (j, dep) in step.depends_on.iter().enumerate() {
                 if !seen.insert(dep.as_str()) {
-                    self.v
-                        .add(&dep_path.index(j), format!("`{dep}` is listed twice"));
+                    self.v.add(
+                        &dep_path.index(j),
+                        format!("`{}` is listed twice", echo(dep)),
+                    );
                 } else if dep == &step.id {
                     self.v.add(
                         &dep_path.index(j),
@@ -412,7 +415,7 @@ impl Checker<'_> {
             let got = if h.method.is_empty() {
                 "is required".to_string()
             } else {
-                format!("`{}` is not supported", h.method)
+                format!("`{}` is not supported", echo(&h.method))
             };
             self.v.add(
                 &path.field("method"),
@@ -424,7 +427,7 @@ impl Checker<'_> {
             let p = path.field("headers").key(name);
             if tonic::codegen::http::HeaderName::from_bytes(name.as_bytes()).is_err() {
                 self.v
-                    .add(&p, format!("`{name}` is not a valid header name"));
+                    .add(&p, format!("`{}` is not a valid header name", echo(name)));
             }
             self.template(value, &p, scope, &[]);
         }
@@ -460,7 +463,7 @@ impl Checker<'_> {
             let p = path.field("extract").key(name);
             if check_id(name).is_err() {
                 self.v
-                    .add(&p, format!("`{name}` is not a valid output name"));
+                    .add(&p, format!("`{}` is not a valid output name", echo(name)));
             }
             self.expression(e, &p, scope, &["response"]);
         }
@@ -478,21 +481,23 @@ impl Checker<'_> {
                 && prefix.contains("://")
                 && !(prefix.starts_with("http://") || prefix.starts_with("https://"))
             {
-                self.v.add(path, format!("`{url}` must use http or https"));
+                self.v
+                    .add(path, format!("`{}` must use http or https", echo(url)));
             }
             return;
         }
         match url::Url::parse(url) {
             Ok(u) if !matches!(u.scheme(), "http" | "https") => {
-                self.v.add(path, format!("`{url}` must use http or https"));
+                self.v
+                    .add(path, format!("`{}` must use http or https", echo(url)));
             }
             Ok(u) if u.host_str().is_none_or(str::is_empty) => {
-                self.v.add(path, format!("`{url}` has no host"))
+                self.v.add(path, format!("`{}` has no host", echo(url)))
             }
             Ok(_) => {}
             Err(e) => self
                 .v
-                .add(path, format!("`{url}` is not an absolute URL: {e}")),
+                .add(path, format!("`{}` is not an absolute URL: {e}", echo(url))),
         }
     }
 
@@ -508,7 +513,7 @@ impl Checker<'_> {
                 if !meshflow_kit::id::is_valid(&t.rule_id) {
                     self.v.add(
                         &path.field("rule_id"),
-                        format!("`{}` is not a rule id", t.rule_id),
+                        format!("`{}` is not a rule id", echo(&t.rule_id)),
                     );
                 }
             }
@@ -701,7 +706,7 @@ impl Checker<'_> {
                     if !args.is_some_and(|a| a.contains_key(param.name)) {
                         self.v.add(
                             &path.field("arguments").field(param.name),
-                            format!("`{}` needs argument `{}`", func.name, param.name),
+                            format!("`{}` needs argument `{}`", echo(&func.name), param.name),
                         );
                     }
                 }
@@ -709,7 +714,7 @@ impl Checker<'_> {
                     if !func.params.iter().any(|p| p.name == name) {
                         self.v.add(
                             &json_key_path(&path.field("arguments"), name),
-                            format!("`{}` takes no argument `{name}`", func.name),
+                            format!("`{}` takes no argument `{}`", echo(&func.name), echo(name)),
                         );
                     }
                 }
@@ -760,13 +765,13 @@ impl Checker<'_> {
                     if let Err(e) = c.schedule.parse::<croner::Cron>() {
                         self.v.add(
                             &p.field("cron").field("schedule"),
-                            format!("`{}` is not a cron schedule: {e}", c.schedule),
+                            format!("`{}` is not a cron schedule: {e}", echo(&c.schedule)),
                         );
                     }
                     if !c.time_zone.is_empty() && c.time_zone.parse::<chrono_tz::Tz>().is_err() {
                         self.v.add(
                             &p.field("cron").field("time_zone"),
-                            format!("`{}` is not an IANA time zone", c.time_zone),
+                            format!("`{}` is not an IANA time zone", echo(&c.time_zone)),
                         );
                     }
                 }
@@ -976,7 +981,7 @@ impl Checker<'_> {
             }
             Err(e) => {
                 self.v
-                    .add(path, format!("`{source}` does not compile: {e}"));
+                    .add(path, format!("`{}` does not compile: {e}", echo(source)));
                 return;
             }
         };

@@ -612,7 +612,26 @@ async fn run_time_limits_are_enforced() {
     let (execution, _) = server.execute(&big, json!({})).await;
     assert_eq!(
         execution.error.map(|e| e.code),
-        Some("output_too_large".to_string())
+        Some("response_too_large".to_string())
+    );
+
+    // A body that never ends and names no length: reading stops past the limit.
+    let endless = server
+        .active_workflow(json!({"name": "endless", "steps": [
+            {"id": "get", "http": {"method": "GET", "url": format!("{}/endless", target.base)}}]}))
+        .await;
+    let (execution, _) = server.execute(&endless, json!({})).await;
+    let error = execution.error.expect("error");
+    assert_eq!(error.code, "response_too_large", "{error:?}");
+    let read: usize = error
+        .message
+        .rsplit("after reading ")
+        .next()
+        .and_then(|m| m.trim_end_matches(')').parse().ok())
+        .expect("bytes read");
+    assert!(
+        read <= 64 + 64 * 1024,
+        "read {read} bytes: one chunk past the limit at most"
     );
 
     let parked = server
