@@ -706,7 +706,7 @@ impl Checker<'_> {
                     if !args.is_some_and(|a| a.contains_key(param.name)) {
                         self.v.add(
                             &path.field("arguments").field(param.name),
-                            format!("`{}` needs argument `{}`", echo(&func.name), param.name),
+                            format!("`{}` needs argument `{}`", func.name, param.name),
                         );
                     }
                 }
@@ -714,7 +714,7 @@ impl Checker<'_> {
                     if !func.params.iter().any(|p| p.name == name) {
                         self.v.add(
                             &json_key_path(&path.field("arguments"), name),
-                            format!("`{}` takes no argument `{}`", echo(&func.name), echo(name)),
+                            format!("`{}` takes no argument `{}`", func.name, echo(name)),
                         );
                     }
                 }
