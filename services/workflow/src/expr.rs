@@ -11,7 +11,10 @@ use std::sync::{Arc, OnceLock};
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::{Context, Env, Program};
 
-/// The CEL environment: the standard library plus the strings, lists and math extensions.
+mod numbers;
+
+/// The CEL environment: the standard library, the strings, lists and math extensions, and
+/// arithmetic that mixes `int` and `double` as JSON numbers do ([`numbers`]).
 pub fn env() -> Arc<Env> {
     static ENV: OnceLock<Arc<Env>> = OnceLock::new();
     ENV.get_or_init(|| {
@@ -21,6 +24,7 @@ pub fn env() -> Arc<Env> {
             cel::extensions::strings,
             cel::extensions::lists,
             cel::extensions::math,
+            numbers::extension,
         ] {
             if let Err(err) = env.add_extension(ext) {
                 tracing::error!(error = ?err, "cel extension unavailable");
