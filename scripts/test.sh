@@ -30,6 +30,12 @@ node_modules/.bin/buf format --diff --exit-code
 step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "the server binary carries no test support"
+if cargo tree --locked -p meshflow -e normal,features -i meshflow-kit | grep -q '"testing"'; then
+  echo "meshflow-kit's testing feature is enabled in the server binary" >&2
+  exit 1
+fi
+
 step "tests on SQLite"
 # Each test makes its SQLite file here (meshflow_kit::testing::sqlite_test_dir).
 test_dbs="${TMPDIR:-/tmp}/meshflow-test-databases"

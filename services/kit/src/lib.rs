@@ -17,6 +17,7 @@ pub mod page;
 pub mod request;
 pub mod server;
 pub mod telemetry;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 pub use config::{Limits, ServerConfig};

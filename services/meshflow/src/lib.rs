@@ -57,14 +57,50 @@ pub fn engine_config(config: &ServerConfig) -> anyhow::Result<meshflow_orchestra
     })
 }
 
-/// Connects the database, mounts `services` and binds the listener.
+/// Where a database URL points, for an error message: the host and port (or the file), never the
+/// user or password.
+pub fn database_target(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(u) if u.scheme().starts_with("postgres") => format!(
+            "{}:{}",
+            u.host_str().unwrap_or("localhost"),
+            u.port().unwrap_or(5432)
+        ),
+        Ok(u) if u.scheme() == "sqlite" => {
+            let path = url.trim_start_matches("sqlite:").trim_start_matches("//");
+            path.split('?').next().unwrap_or(path).to_string()
+        }
+        _ => "the configured database".to_string(),
+    }
+}
+
+/// Binds the listener, then connects (and migrates) the database and mounts `services`: a taken
+/// port fails at once, before the database is touched.
 pub async fn prepare(
     config: &ServerConfig,
     services: &[ServiceName],
 ) -> anyhow::Result<(TcpListener, Mounts)> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let target = database_target(&config.database_url);
+    if config.database_url.starts_with("postgres") {
+        // The pool retries a refused connection until its timeout and then reports only that it
+        // timed out; one plain connection first names the cause, at once.
+        let reached = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::net::TcpStream::connect(&target),
+        )
+        .await;
+        match reached {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => anyhow::bail!("cannot connect to the database at {target}: {e}"),
+            Err(_) => anyhow::bail!("cannot connect to the database at {target}: no answer in 10s"),
+        }
+    }
     let db = meshflow_kit::db::connect(config)
         .await
-        .context("connecting to the database")?;
+        .with_context(|| format!("cannot connect to the database at {target}"))?;
     let mut mounts = Mounts::new();
     let services = if services.is_empty() {
         ServiceName::ALL
@@ -95,9 +131,6 @@ pub async fn prepare(
             ),
         }
     }
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
     Ok((listener, mounts))
 }
 

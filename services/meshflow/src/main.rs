@@ -29,10 +29,49 @@ enum Command {
     },
     /// Measures a server (started here unless --server is given) and prints `name: value` figures.
     Bench(meshflow::bench::BenchArgs),
+    /// Serves the demo items the README's walkthrough calls: `GET /item/{n}` answers
+    /// `{"id": n, "price": n * 1.5, "ok": true}`.
+    DemoItems {
+        /// Address to listen on.
+        #[arg(
+            long,
+            default_value = "127.0.0.1:8090",
+            env = "MESHFLOW_DEMO_ITEMS_LISTEN"
+        )]
+        listen: std::net::SocketAddr,
+    },
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    // One line names what failed and why, once; no backtrace.
+    match start(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("meshflow: {}", one_line(&err));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, each cause once: database errors repeat their source's
+/// text in their own.
+fn one_line(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let cause = cause.to_string();
+        if text.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+    }
+    text.replace('\n', " ")
+}
+
+fn start(cli: Cli) -> anyhow::Result<()> {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
     if let Command::Serve { services, .. } = &cli.command
@@ -62,12 +101,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { services, config } => {
             let _telemetry = meshflow_kit::telemetry::init(config.log_format, &config.log)?;
-            let (listener, mounts) =
-                meshflow::prepare(&config, &services)
-                    .await
-                    .inspect_err(|err| {
-                        tracing::error!(error = format!("{err:#}"), "cannot start");
-                    })?;
+            let (listener, mounts) = meshflow::prepare(&config, &services).await?;
             meshflow_kit::server::serve(
                 listener,
                 mounts,
@@ -77,12 +111,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             .await
         }
         Command::Bench(args) => meshflow::bench::run(args).await,
+        Command::DemoItems { listen } => {
+            let target = meshflow::target::Target::start_on(listen)
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+            println!("serving demo items on {}/item/{{n}}", target.base);
+            meshflow_kit::server::shutdown_signal().await;
+            Ok(())
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_cause_is_said_once_on_one_line() {
+        let err = anyhow::anyhow!("pool timed out")
+            .context("Connection Error: pool timed out")
+            .context("cannot connect to the database at db:5432");
+        assert_eq!(
+            one_line(&err),
+            "cannot connect to the database at db:5432: Connection Error: pool timed out"
+        );
+    }
 
     #[test]
     fn the_engine_is_given_a_core_of_its_own() {

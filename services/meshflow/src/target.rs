@@ -55,7 +55,12 @@ pub struct Target {
 impl Target {
     /// Starts the server on 127.0.0.1:0.
     pub async fn start() -> std::io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts the server on `addr`.
+    pub async fn start_on(addr: SocketAddr) -> std::io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr: SocketAddr = listener.local_addr()?;
         let inner = Arc::new(Inner {
             gate_open: watch::channel(false).0,

@@ -152,3 +152,54 @@ async fn the_binary_serves_and_stops_on_sigterm() {
     assert!(log.contains("received sigterm"), "{log}");
     assert!(log.contains("\"stopped\""), "{log}");
 }
+
+/// Runs `meshflow serve` expecting it to fail at start; returns its stderr.
+fn failed_start(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_meshflow"))
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .expect("run meshflow");
+    assert!(!out.status.success(), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        !stderr.contains("backtrace") && !stderr.contains("Stack"),
+        "{stderr}"
+    );
+    stderr
+}
+
+#[test]
+fn a_taken_port_fails_at_once_in_one_line_without_touching_the_database() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let db = meshflow_kit::testing::sqlite_test_dir()
+        .join(format!("never-{}.db", uuid::Uuid::now_v7().simple()));
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let stderr = failed_start(&["--listen", &addr, "--database-url", &url]);
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}")),
+        "{stderr}"
+    );
+    assert!(stderr.to_lowercase().contains("in use"), "{stderr}");
+    assert!(!db.exists(), "the database was not touched");
+}
+
+#[test]
+fn an_unreachable_database_is_named_in_one_line() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let url = format!("postgres://meshflow:secret@{closed}/meshflow");
+    let stderr = failed_start(&["--listen", "127.0.0.1:0", "--database-url", &url]);
+    assert!(
+        stderr.contains(&format!("cannot connect to the database at {closed}")),
+        "{stderr}"
+    );
+    assert!(stderr.to_lowercase().contains("refused"), "{stderr}");
+    assert!(!stderr.contains("secret"), "no password: {stderr}");
+}

@@ -32,7 +32,8 @@ fn num(v: &CowVal<'_, '_>) -> Option<Num> {
         let u = *u.inner();
         return Some(i64::try_from(u).map_or(Num::Double(u as f64), Num::Int));
     }
-    v.downcast_ref::<CelDouble>().map(|d| Num::Double(*d.inner()))
+    v.downcast_ref::<CelDouble>()
+        .map(|d| Num::Double(*d.inner()))
 }
 
 fn as_f64(n: Num) -> f64 {
@@ -217,7 +218,10 @@ mod tests {
     fn everything_else_is_cel_as_before() {
         assert_eq!(eval("'a' + x", json!("b")), Ok(json!("ab")));
         assert_eq!(eval("[1] + x", json!([2])), Ok(json!([1, 2])));
-        assert_eq!(eval("x + 1", json!(i64::MAX)).map_err(|e| e.contains("verflow")), Err(true));
+        assert_eq!(
+            eval("x + 1", json!(i64::MAX)).map_err(|e| e.contains("verflow")),
+            Err(true)
+        );
         assert!(eval("x + 1", json!("a")).is_err());
         assert!(eval("x * 2", json!(true)).is_err());
         assert_eq!(
@@ -228,6 +232,9 @@ mod tests {
             Ok(json!("2026-01-01T01:00:00Z"))
         );
         assert_eq!(eval("-x + 1", json!(2)), Ok(json!(-1)));
-        assert_eq!(eval("x.map(i, i * 1.5)", json!([1, 2])), Ok(json!([1.5, 3.0])));
+        assert_eq!(
+            eval("x.map(i, i * 1.5)", json!([1, 2])),
+            Ok(json!([1.5, 3.0]))
+        );
     }
 }
