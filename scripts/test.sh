@@ -3,7 +3,8 @@
 #   - the buf CLI (npm, pinned in package-lock.json) for contract lint and format checks;
 #   - a throwaway PostgreSQL cluster in a temporary directory (installed with apt-get if missing);
 #   - a Python virtualenv (.venv) with the pinned gRPC client packages.
-# Then: rustfmt, buf lint + format, clippy -D warnings, the Rust tests on SQLite, the same tests on
+# Then: rustfmt, buf lint + format, buf breaking and migration immutability against the previous
+# commit, clippy -D warnings, the Rust tests on SQLite, the same tests on
 # PostgreSQL, and the Python client tests against the real binary. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,23 @@ if [ ! -x node_modules/.bin/buf ]; then
 fi
 node_modules/.bin/buf lint
 node_modules/.bin/buf format --diff --exit-code
+
+step "contracts and migrations against the previous commit"
+# A change that breaks clients of the contracts needs a new package version, and a migration that
+# has landed is never edited: the schema moves forward with a new one. MESHFLOW_BASE_REF names
+# another commit to compare with.
+base="${MESHFLOW_BASE_REF:-HEAD~1}"
+if git rev-parse --verify -q "$base^{commit}" >/dev/null; then
+  node_modules/.bin/buf breaking --against ".git#ref=$base"
+  edited=$(git diff --name-only --diff-filter=MDR "$base" -- migrations/src | grep '/m[0-9]' || true)
+  if [ -n "$edited" ]; then
+    echo "landed migrations were edited or removed (add a new migration instead):" >&2
+    echo "$edited" >&2
+    exit 1
+  fi
+else
+  echo "no commit $base to compare with: skipped"
+fi
 
 step "clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
