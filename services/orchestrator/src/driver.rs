@@ -1107,7 +1107,10 @@ impl Run {
                 Some(Config::Transform(t)) => {
                     let assignments = if t.rule_id.is_empty() {
                         Ok(t.assignments.clone())
+                    } else if !t.pinned_assignments.is_empty() {
+                        Ok(t.pinned_assignments.clone())
                     } else {
+                        // A version made before rules were pinned reads the rule as it is now.
                         self.shared
                             .rules
                             .get_rule(&t.rule_id)

@@ -99,7 +99,54 @@ fn rule_refs(steps: &[pb::Step], path: &FieldPath, out: &mut Vec<(FieldPath, Str
     }
 }
 
+/// Calls `f` on every DATA_TRANSFORM step of `steps`, nested ones included.
+fn each_transform(steps: &mut [pb::Step], f: &mut impl FnMut(&mut pb::DataTransformStep)) {
+    use pb::step::Config;
+    for step in steps {
+        match &mut step.config {
+            Some(Config::Transform(t)) => f(t),
+            Some(Config::Conditional(c)) => {
+                for b in &mut c.branches {
+                    each_transform(&mut b.steps, f);
+                }
+                each_transform(&mut c.otherwise, f);
+            }
+            Some(Config::Parallel(p)) => {
+                for b in &mut p.branches {
+                    each_transform(&mut b.steps, f);
+                }
+            }
+            Some(Config::ForEach(e)) => each_transform(&mut e.steps, f),
+            _ => {}
+        }
+    }
+}
+
 impl Service {
+    /// Pins the rules a definition's steps name: each `transform.rule_id` gets the rule's current
+    /// assignments as `pinned_assignments`, which the version's executions apply (DESIGN §4: a
+    /// version captures everything it runs). Pins a client sent are discarded.
+    async fn pin_rules(&self, steps: &mut [pb::Step]) -> Result<(), Error> {
+        let mut ids = BTreeSet::new();
+        each_transform(steps, &mut |t| {
+            t.pinned_assignments.clear();
+            if !t.rule_id.is_empty() {
+                ids.insert(t.rule_id.clone());
+            }
+        });
+        let mut rules = std::collections::HashMap::new();
+        for id in ids {
+            let rule = self.store.get_rule(&id).await?;
+            rules.insert(id, rule.assignments);
+        }
+        each_transform(steps, &mut |t| {
+            if let Some(assignments) = rules.get(&t.rule_id) {
+                t.pinned_assignments = assignments.clone();
+            }
+        });
+        Ok(())
+    }
+
     /// The services over `store`, enforcing `limits`.
     pub fn new(store: Store, limits: Limits) -> Self {
         Self { store, limits }
@@ -132,7 +179,7 @@ impl Service {
     ) -> Result<pb::Workflow, Error> {
         let mut v = Violations::new();
         let request_id = check_request_id(&req.request_id, &mut v);
-        let Some(w) = req.workflow else {
+        let Some(mut w) = req.workflow else {
             v.add(&FieldPath::root("workflow"), "is required");
             return Err(Error::Invalid(v.into_vec()));
         };
@@ -150,6 +197,7 @@ impl Service {
         if !v.is_empty() {
             return Err(Error::Invalid(v.into_vec()));
         }
+        self.pin_rules(&mut w.steps).await?;
         self.store.create_workflow(&w, request_id.as_deref()).await
     }
 
@@ -266,6 +314,11 @@ impl Service {
             .await?;
         if !v.is_empty() {
             return Err(Error::Invalid(v.into_vec()));
+        }
+        if fields.contains("steps") {
+            // Steps sent again pin the rules as they are now: a rule edited since the current
+            // version makes a new version that applies the edit.
+            self.pin_rules(&mut merged.steps).await?;
         }
         let new_version = Definition::of(&merged) != Definition::of(&current);
         self.store

@@ -264,3 +264,120 @@ async fn rule_names_are_unique_and_checked() {
         .expect_err("no rule");
     assert_violation(&err, "rule");
 }
+
+/// Runs version `version` (0: the current one) of a workflow; returns the execution's output.
+async fn run_version(
+    server: &support::Server,
+    workflow_id: &str,
+    version: i64,
+) -> Option<serde_json::Value> {
+    use meshflow_proto::orchestrator::v1 as opb;
+    let execution = server
+        .orchestrator()
+        .start_execution(opb::StartExecutionRequest {
+            workflow_id: workflow_id.into(),
+            version,
+            input: Some(meshflow_kit::convert::from_json(&json!({"price": 10}))),
+            ..Default::default()
+        })
+        .await
+        .expect("start")
+        .into_inner()
+        .execution
+        .expect("execution");
+    server
+        .watch(&execution.execution_id, 0)
+        .await
+        .last()
+        .expect("terminal event");
+    let done = server.execution(&execution.execution_id).await;
+    assert!(done.error.is_none(), "{:?}", done.error);
+    done.output
+        .as_ref()
+        .map(meshflow_kit::convert::to_json)
+        .map(|o| o["t"]["total"].clone())
+}
+
+#[tokio::test]
+async fn a_version_runs_the_rule_it_pinned_whatever_is_done_to_the_rule() {
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let mut rules = server.rules();
+    let doubling: pb::TransformationRule = from_json(json!({"name": "pinned",
+        "assignments": [{"target": "total", "expression": "input.price * 2"}]}));
+    let created = rules
+        .create_transformation_rule(pb::CreateTransformationRuleRequest {
+            rule: Some(doubling),
+            request_id: String::new(),
+        })
+        .await
+        .expect("create rule")
+        .into_inner()
+        .rule
+        .expect("rule");
+    let workflow_id = server
+        .active_workflow(json!({"name": "pins", "steps": [
+            {"id": "t", "transform": {"ruleId": created.rule_id}}]}))
+        .await;
+    let v1 = server
+        .workflows()
+        .get_workflow(pb::GetWorkflowRequest {
+            workflow_id: workflow_id.clone(),
+            version: 0,
+        })
+        .await
+        .expect("get")
+        .into_inner()
+        .workflow
+        .expect("workflow");
+    let Some(pb::step::Config::Transform(t)) = &v1.steps[0].config else {
+        panic!("a transform");
+    };
+    assert_eq!(
+        t.pinned_assignments.len(),
+        1,
+        "the version shows what it runs"
+    );
+    assert_eq!(run_version(&server, &workflow_id, 1).await, Some(json!(20)));
+
+    // The rule changes: version 1 still doubles.
+    rules
+        .update_transformation_rule(pb::UpdateTransformationRuleRequest {
+            rule: Some(from_json(json!({"ruleId": created.rule_id,
+                "assignments": [{"target": "total", "expression": "input.price * 3"}]}))),
+            update_mask: Some(FieldMask {
+                paths: vec!["assignments".into()],
+            }),
+        })
+        .await
+        .expect("update rule");
+    assert_eq!(run_version(&server, &workflow_id, 1).await, Some(json!(20)));
+
+    // Sending the steps again makes version 2, which pins the rule as it is now.
+    let updated = server
+        .workflows()
+        .update_workflow(pb::UpdateWorkflowRequest {
+            workflow: Some(v1.clone()),
+            update_mask: Some(FieldMask {
+                paths: vec!["steps".into()],
+            }),
+        })
+        .await
+        .expect("update workflow")
+        .into_inner()
+        .workflow
+        .expect("workflow");
+    assert_eq!(updated.version, 2);
+    assert_eq!(run_version(&server, &workflow_id, 2).await, Some(json!(30)));
+
+    // The rule is deleted: both versions still run what they pinned.
+    rules
+        .delete_transformation_rule(pb::DeleteTransformationRuleRequest {
+            rule_id: created.rule_id,
+            etag: String::new(),
+        })
+        .await
+        .expect("delete rule");
+    assert_eq!(run_version(&server, &workflow_id, 1).await, Some(json!(20)));
+    assert_eq!(run_version(&server, &workflow_id, 2).await, Some(json!(30)));
+}
