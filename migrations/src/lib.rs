@@ -17,6 +17,7 @@ mod m20261127_000007_lighter_history_writes;
 mod m20261127_000008_event_payloads_as_json;
 mod m20261127_000009_index_workflow_metrics_rows;
 mod m20261127_000010_key_step_attempts_by_place;
+mod m20261205_000011_keep_deleted_workflows;
 
 /// Applies and reverts every migration in order.
 pub struct Migrator;
@@ -35,6 +36,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000008_event_payloads_as_json::Migration),
             Box::new(m20261127_000009_index_workflow_metrics_rows::Migration),
             Box::new(m20261127_000010_key_step_attempts_by_place::Migration),
+            Box::new(m20261205_000011_keep_deleted_workflows::Migration),
         ]
     }
 }

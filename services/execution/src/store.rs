@@ -102,8 +102,10 @@ enum InsertOutcome {
 }
 
 /// The workflow's status and current version, read by the inserting transaction.
-const HEAD_SQLITE: &str = "SELECT status, current_version FROM workflows WHERE id = ?1";
-const HEAD_POSTGRES: &str = "SELECT status, current_version FROM workflows WHERE id = $1";
+const HEAD_SQLITE: &str =
+    "SELECT status, current_version FROM workflows WHERE id = ?1 AND delete_time IS NULL";
+const HEAD_POSTGRES: &str =
+    "SELECT status, current_version FROM workflows WHERE id = $1 AND delete_time IS NULL";
 
 /// A workflow's `(status, current_version)`, if it exists, read through `c`.
 async fn read_head<C: ConnectionTrait>(
@@ -556,6 +558,21 @@ impl Store {
                 .unwrap_or(wpb::WorkflowStatus::Unspecified);
             (status, current)
         }))
+    }
+
+    /// The ids of a workflow's executions that have not ended, oldest first.
+    pub async fn active_of(&self, workflow_id: &str) -> Result<Vec<String>, StoreError> {
+        use meshflow_proto::execution::v1::ExecutionStatus as S;
+        let active = [S::Pending, S::Running, S::Waiting].map(|s| s.as_str_name());
+        Ok(execution::Entity::find()
+            .select_only()
+            .column(execution::Column::Id)
+            .filter(execution::Column::WorkflowId.eq(workflow_id))
+            .filter(execution::Column::Status.is_in(active))
+            .order_by_asc(execution::Column::Id)
+            .into_tuple::<String>()
+            .all(&self.db)
+            .await?)
     }
 
     /// The execution started with `request_id`, if any.

@@ -57,6 +57,35 @@ pub fn engine_config(config: &ServerConfig) -> anyhow::Result<meshflow_orchestra
     })
 }
 
+/// A workflow's executions for WorkflowService's deletes, through the execution crate's store. A
+/// cancellation is stored as the engine's cancel signal, which whichever server drives the
+/// execution acts on, as it does for CancelExecution through another server.
+struct WorkflowExecutions(meshflow_execution::store::Store);
+
+#[tonic::async_trait]
+impl meshflow_workflow::Executions for WorkflowExecutions {
+    async fn active(&self, workflow_id: &str) -> Result<Vec<String>, String> {
+        self.0.active_of(workflow_id).await.map_err(|e| e.to_string())
+    }
+
+    async fn cancel(&self, execution_ids: &[String], reason: &str) -> Result<(), String> {
+        use meshflow_orchestrator::driver::CANCEL_SIGNAL;
+        for id in execution_ids {
+            self.0
+                .add_signal(
+                    id,
+                    CANCEL_SIGNAL,
+                    serde_json::Value::String(reason.to_string()),
+                    Some(CANCEL_SIGNAL),
+                    chrono::Utc::now(),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+}
+
 /// Where a database URL points, for an error message: the host and port (or the file), never the
 /// user or password.
 pub fn database_target(url: &str) -> String {
@@ -112,6 +141,9 @@ pub async fn prepare(
             ServiceName::Workflow => meshflow_workflow::mount(
                 &mut mounts,
                 meshflow_workflow::store::Store::new(db.clone()),
+                std::sync::Arc::new(WorkflowExecutions(meshflow_execution::store::Store::new(
+                    db.clone(),
+                ))),
                 config,
             ),
             ServiceName::Execution => meshflow_execution::mount(

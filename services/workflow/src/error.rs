@@ -43,6 +43,17 @@ pub enum Error {
         /// Resource id.
         id: String,
     },
+    /// The workflow has executions that have not ended, and the delete did not ask to cancel them.
+    #[error("workflow {id} has {} executions that have not ended", executions.len())]
+    HasActiveExecutions {
+        /// Workflow id.
+        id: String,
+        /// The executions, oldest first.
+        executions: Vec<String>,
+    },
+    /// The execution records could not be read or written.
+    #[error("execution records: {0}")]
+    Executions(String),
     /// The database failed.
     #[error(transparent)]
     Storage(#[from] sea_orm::DbErr),
@@ -76,6 +87,21 @@ impl From<Error> for Status {
             }
             Error::NameTaken { kind, name } => status::name_taken(kind, &name),
             Error::StaleEtag { kind, id } => status::stale_etag(kind, &id),
+            Error::HasActiveExecutions { id, executions } => {
+                let named: Vec<&str> = executions.iter().take(5).map(String::as_str).collect();
+                let more = executions.len().saturating_sub(named.len());
+                status::failed_precondition(
+                    "WORKFLOW_HAS_ACTIVE_EXECUTIONS",
+                    format!(
+                        "workflow {id} has {} executions that have not ended ({}{}); cancel them, \
+                         or delete with cancel_executions",
+                        executions.len(),
+                        named.join(", "),
+                        if more > 0 { format!(" and {more} more") } else { String::new() },
+                    ),
+                )
+            }
+            Error::Executions(err) => status::storage(&std::io::Error::other(err)),
             Error::Storage(err) => status::storage(&err),
             Error::Internal(msg) => status::internal(&msg),
         }

@@ -18,8 +18,17 @@ use crate::service::Service;
 use crate::store::Store;
 
 /// Mounts WorkflowService, WorkflowTemplateService and TransformationRuleService.
-pub fn mount(mounts: &mut Mounts, store: Store, config: &ServerConfig) {
-    let service = Grpc(Arc::new(Service::new(store, config.limits.clone())));
+pub fn mount(
+    mounts: &mut Mounts,
+    store: Store,
+    executions: Arc<dyn crate::Executions>,
+    config: &ServerConfig,
+) {
+    let service = Grpc(Arc::new(Service::new(
+        store,
+        executions,
+        config.limits.clone(),
+    )));
     let max = config.max_message_bytes;
     mounts
         .add(

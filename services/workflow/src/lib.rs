@@ -2,6 +2,7 @@
 //! stores of workflows, versions, templates and transformation rules, and their gRPC services.
 
 pub mod error;
+pub mod executions;
 pub mod expr;
 pub mod functions;
 pub mod grpc;
@@ -11,4 +12,5 @@ pub mod transform;
 pub mod validate;
 
 pub use error::Error;
+pub use executions::Executions;
 pub use grpc::mount;

@@ -21,6 +21,7 @@ const MAX_PAGE: u64 = 500;
 #[derive(Clone)]
 pub struct Service {
     store: Store,
+    executions: std::sync::Arc<dyn crate::Executions>,
     limits: Limits,
 }
 
@@ -147,9 +148,18 @@ impl Service {
         Ok(())
     }
 
-    /// The services over `store`, enforcing `limits`.
-    pub fn new(store: Store, limits: Limits) -> Self {
-        Self { store, limits }
+    /// The services over `store`, enforcing `limits`; `executions` tells and cancels a
+    /// workflow's executions when it is deleted.
+    pub fn new(
+        store: Store,
+        executions: std::sync::Arc<dyn crate::Executions>,
+        limits: Limits,
+    ) -> Self {
+        Self {
+            store,
+            executions,
+            limits,
+        }
     }
 
     /// Every violation of a definition, including references to rules that do not exist.
@@ -330,11 +340,46 @@ impl Service {
             .await
     }
 
-    /// DeleteWorkflow.
+    /// DeleteWorkflow: refused while executions of the workflow have not ended, unless the
+    /// request asks to cancel them. The workflow's versions, executions and metrics stay readable.
     pub async fn delete_workflow(&self, req: pb::DeleteWorkflowRequest) -> Result<(), Error> {
         check_resource_id("workflow_id", &req.workflow_id)?;
         let revision = expected_revision(&req.etag)?;
-        self.store.delete_workflow(&req.workflow_id, revision).await
+        let current = self.store.workflow_revision(&req.workflow_id).await?;
+        if revision.is_some_and(|r| r != current) {
+            return Err(Error::StaleEtag {
+                kind: "workflow",
+                id: req.workflow_id,
+            });
+        }
+        let active = self
+            .executions
+            .active(&req.workflow_id)
+            .await
+            .map_err(Error::Executions)?;
+        if !active.is_empty() && !req.cancel_executions {
+            return Err(Error::HasActiveExecutions {
+                id: req.workflow_id,
+                executions: active,
+            });
+        }
+        self.store
+            .delete_workflow(&req.workflow_id, Some(current))
+            .await?;
+        // Cancel what had not ended, including what started while the delete was decided (no
+        // start succeeds once the delete is committed).
+        if req.cancel_executions {
+            let active = self
+                .executions
+                .active(&req.workflow_id)
+                .await
+                .map_err(Error::Executions)?;
+            self.executions
+                .cancel(&active, "the workflow was deleted")
+                .await
+                .map_err(Error::Executions)?;
+        }
+        Ok(())
     }
 
     /// ValidateWorkflow: the violations of a definition, without saving it.

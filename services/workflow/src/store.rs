@@ -155,6 +155,7 @@ impl Store {
     ) -> Result<Option<pb::Workflow>, Error> {
         let row = workflow::Entity::find()
             .filter(workflow::Column::RequestId.eq(request_id))
+            .filter(workflow::Column::DeleteTime.is_null())
             .unique(&self.db)
             .await?;
         match row {
@@ -191,6 +192,7 @@ impl Store {
             request_id: Set(request_id.map(str::to_string)),
             create_time: Set(now),
             update_time: Set(now),
+            delete_time: Set(None),
         })
         .exec_without_returning(&txn)
         .await;
@@ -226,6 +228,7 @@ impl Store {
     /// Reads a workflow at its current version (`version == 0`) or a given one.
     pub async fn get_workflow(&self, id: &str, version_no: i64) -> Result<pb::Workflow, Error> {
         let row = workflow::Entity::find_by_id(id.to_string())
+            .filter(workflow::Column::DeleteTime.is_null())
             .unique(&self.db)
             .await?
             .ok_or_else(|| Error::WorkflowNotFound(id.to_string()))?;
@@ -274,6 +277,7 @@ impl Store {
         limit: u64,
     ) -> Result<Vec<pb::Workflow>, Error> {
         let mut query = workflow::Entity::find()
+            .filter(workflow::Column::DeleteTime.is_null())
             .order_by_asc(workflow::Column::Name)
             .limit(limit);
         if let Some(after) = after {
@@ -360,6 +364,7 @@ impl Store {
             .col_expr(workflow::Column::UpdateTime, Expr::value(now))
             .filter(workflow::Column::Id.eq(id.as_str()))
             .filter(workflow::Column::Revision.eq(update.expected_revision))
+            .filter(workflow::Column::DeleteTime.is_null())
             .exec(&txn)
             .await
             .map_err(|err| name_taken_or(err, "workflow", &w.name))?;
@@ -388,18 +393,34 @@ impl Store {
         self.get_workflow(&id, 0).await
     }
 
-    /// Deletes a workflow and everything it owns; `expected_revision` makes it conditional.
+    /// Deletes a workflow: it is no longer read, listed, updated or started, and its name is free,
+    /// but its row stays, marked, so its versions, executions and metrics stay readable.
+    /// `expected_revision` makes it conditional.
     pub async fn delete_workflow(
         &self,
         id: &str,
         expected_revision: Option<i64>,
     ) -> Result<(), Error> {
-        let mut delete = workflow::Entity::delete_many().filter(workflow::Column::Id.eq(id));
+        let now = Utc::now();
+        let mut delete = workflow::Entity::update_many()
+            // Names are unique among all rows: a deleted workflow's becomes its id, which no
+            // workflow name can be (names start with a letter), so the name is free again.
+            .col_expr(workflow::Column::Name, Expr::value(format!("~{id}")))
+            .col_expr(workflow::Column::RequestId, Expr::value(Option::<String>::None))
+            .col_expr(workflow::Column::DeleteTime, Expr::value(now))
+            .col_expr(
+                workflow::Column::Revision,
+                Expr::col(workflow::Column::Revision).add(1),
+            )
+            .col_expr(workflow::Column::UpdateTime, Expr::value(now))
+            .filter(workflow::Column::Id.eq(id))
+            .filter(workflow::Column::DeleteTime.is_null());
         if let Some(revision) = expected_revision {
             delete = delete.filter(workflow::Column::Revision.eq(revision));
         }
         if delete.exec(&self.db).await?.rows_affected == 0 {
             let exists = workflow::Entity::find_by_id(id.to_string())
+                .filter(workflow::Column::DeleteTime.is_null())
                 .unique(&self.db)
                 .await?
                 .is_some();
@@ -415,9 +436,19 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a workflow exists or existed (deleted workflows keep their history): `None` when
+    /// no workflow ever had this id, else whether it is deleted.
+    pub async fn workflow_deleted(&self, id: &str) -> Result<Option<bool>, Error> {
+        Ok(workflow::Entity::find_by_id(id.to_string())
+            .unique(&self.db)
+            .await?
+            .map(|r| r.delete_time.is_some()))
+    }
+
     /// The revision behind a workflow's etag.
     pub async fn workflow_revision(&self, id: &str) -> Result<i64, Error> {
         workflow::Entity::find_by_id(id.to_string())
+            .filter(workflow::Column::DeleteTime.is_null())
             .unique(&self.db)
             .await?
             .map(|r| r.revision)

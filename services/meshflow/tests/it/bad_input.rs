@@ -307,6 +307,7 @@ async fn conflicts_stale_etags_and_unknown_ids() {
         .delete_workflow(pb::DeleteWorkflowRequest {
             workflow_id: unknown,
             etag: String::new(),
+            cancel_executions: false,
         })
         .await
         .expect_err("unknown");

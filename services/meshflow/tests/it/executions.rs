@@ -655,55 +655,100 @@ async fn executions_are_listed_and_measured() {
 }
 
 #[tokio::test]
-async fn deleting_a_workflow_deletes_its_executions_attempts_and_events() {
-    use sea_orm::ConnectionTrait;
+async fn deleting_a_workflow_keeps_its_history_and_waits_for_its_executions() {
     let server =
         support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
-    let kept = server
-        .active_workflow(
-            json!({"name": "kept", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}),
-        )
+    let id = server
+        .active_workflow(json!({"name": "doomed", "steps": [
+            {"id": "f", "functionCall": {"function": "uuid"}},
+            {"id": "w", "dependsOn": ["f"], "wait": {"signal": "go"}}]}))
         .await;
-    let deleted = server
-        .active_workflow(json!({"name": "deleted", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}))
-        .await;
-    let (kept_run, _) = server.execute(&kept, json!({})).await;
-    let (deleted_run, _) = server.execute(&deleted, json!({})).await;
+    let waiting = server.start_execution(&id, json!({})).await;
     server
+        .watch_until(&waiting, |e| {
+            e.r#type == epb::EventType::StepWaiting as i32
+        })
+        .await;
+    let delete = |cancel_executions: bool| {
+        let mut workflows = server.workflows();
+        let id = id.clone();
+        async move {
+            workflows
+                .delete_workflow(wpb::DeleteWorkflowRequest {
+                    workflow_id: id,
+                    etag: String::new(),
+                    cancel_executions,
+                })
+                .await
+        }
+    };
+
+    // An execution has not ended: the delete is refused, naming it.
+    let err = delete(false).await.expect_err("refused");
+    support::assert_reason(&err, Code::FailedPrecondition, "WORKFLOW_HAS_ACTIVE_EXECUTIONS");
+    assert!(err.message().contains(&waiting), "{}", err.message());
+    assert!(server.workflows().get_workflow(wpb::GetWorkflowRequest {
+        workflow_id: id.clone(),
+        version: 0,
+    }).await.is_ok(), "still there");
+
+    // Asked to, the delete cancels it; the workflow is gone, its history is not.
+    delete(true).await.expect("delete");
+    let events = server.watch(&waiting, 0).await;
+    assert_eq!(
+        events.last().map(|e| e.r#type),
+        Some(epb::EventType::ExecutionCancelled as i32)
+    );
+    let err = server
         .workflows()
-        .delete_workflow(wpb::DeleteWorkflowRequest {
-            workflow_id: deleted,
-            etag: String::new(),
+        .get_workflow(wpb::GetWorkflowRequest {
+            workflow_id: id.clone(),
+            version: 0,
         })
         .await
-        .expect("delete");
-
-    let db = server.database(1).await;
-    let rows = async |table: &str, execution_id: &str| -> i64 {
-        let backend = db.get_database_backend();
-        db.query_one_raw(sea_orm::Statement::from_sql_and_values(
-            backend,
-            format!(
-                "SELECT COUNT(*) FROM {table} WHERE execution_id = {}",
-                if backend == sea_orm::DbBackend::Postgres {
-                    "$1"
-                } else {
-                    "?"
-                }
-            ),
-            [execution_id.into()],
-        ))
+        .expect_err("deleted");
+    support::assert_reason(&err, Code::NotFound, "WORKFLOW_NOT_FOUND");
+    let err = server
+        .orchestrator()
+        .start_execution(opb::StartExecutionRequest {
+            workflow_id: id.clone(),
+            ..Default::default()
+        })
         .await
-        .expect("count")
-        .expect("row")
-        .try_get_by_index(0)
-        .expect("count")
-    };
-    for table in ["step_executions", "execution_events"] {
-        assert_eq!(rows(table, &deleted_run.execution_id).await, 0, "{table}");
-        assert!(
-            rows(table, &kept_run.execution_id).await > 0,
-            "{table} kept"
-        );
-    }
+        .expect_err("no new executions");
+    assert_eq!(err.code(), Code::NotFound);
+
+    let execution = server.execution(&waiting).await;
+    assert_eq!(execution.status, epb::ExecutionStatus::Cancelled as i32);
+    let steps = server
+        .executions()
+        .list_step_executions(epb::ListStepExecutionsRequest {
+            execution_id: waiting.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("steps")
+        .into_inner()
+        .step_executions;
+    assert_eq!(steps.len(), 2, "{steps:?}");
+    let listed = server
+        .executions()
+        .list_executions(epb::ListExecutionsRequest {
+            workflow_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .executions;
+    assert_eq!(listed.len(), 1);
+    let metrics = server.metrics(&id).await;
+    assert_eq!(metrics.total, 1, "{metrics:?}");
+
+    // The name is free again, and a second delete finds nothing.
+    server
+        .active_workflow(json!({"name": "doomed", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}))
+        .await;
+    let err = delete(false).await.expect_err("already deleted");
+    support::assert_reason(&err, Code::NotFound, "WORKFLOW_NOT_FOUND");
 }

@@ -183,6 +183,7 @@ async fn create_get_update_version_and_delete() {
         .delete_workflow(pb::DeleteWorkflowRequest {
             workflow_id: created.workflow_id.clone(),
             etag: created.etag.clone(),
+            cancel_executions: false,
         })
         .await
         .expect_err("stale delete");
@@ -191,6 +192,7 @@ async fn create_get_update_version_and_delete() {
         .delete_workflow(pb::DeleteWorkflowRequest {
             workflow_id: created.workflow_id.clone(),
             etag: v2.etag.clone(),
+            cancel_executions: false,
         })
         .await
         .expect("delete");

@@ -19,6 +19,8 @@ pub mod workflow {
         pub request_id: Option<String>,
         pub create_time: DateTimeUtc,
         pub update_time: DateTimeUtc,
+        /// When the workflow was deleted; its row stays so that its history stays readable.
+        pub delete_time: Option<DateTimeUtc>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
