@@ -10,11 +10,16 @@ use tonic::{Request, Response, Status};
 use crate::convert;
 use crate::store::{ExecutionFilter, Store, StoreError, quantile_ms};
 
-/// Mounts ExecutionService.
-pub fn mount(mounts: &mut Mounts, store: Store, config: &ServerConfig) {
+/// Mounts ExecutionService; `workflows` tells which workflows exist (or existed).
+pub fn mount(
+    mounts: &mut Mounts,
+    store: Store,
+    workflows: meshflow_workflow::store::Store,
+    config: &ServerConfig,
+) {
     let max = config.max_message_bytes;
     mounts.add(
-        ExecutionServiceServer::new(Grpc { store })
+        ExecutionServiceServer::new(Grpc { store, workflows })
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
     );
@@ -24,6 +29,7 @@ pub fn mount(mounts: &mut Mounts, store: Store, config: &ServerConfig) {
 #[derive(Clone)]
 pub struct Grpc {
     store: Store,
+    workflows: meshflow_workflow::store::Store,
 }
 
 fn storage(e: StoreError) -> Status {
@@ -165,6 +171,18 @@ impl ExecutionService for Grpc {
             .metrics(&req.workflow_id)
             .await
             .map_err(storage)?;
+        // A workflow without executions has no metrics rows yet: zeros if it exists (or was
+        // deleted), NOT_FOUND if no workflow ever had the id.
+        if rows.is_empty()
+            && self
+                .workflows
+                .workflow_deleted(&req.workflow_id)
+                .await
+                .map_err(Status::from)?
+                .is_none()
+        {
+            return Err(meshflow_workflow::Error::WorkflowNotFound(req.workflow_id).into());
+        }
         let mut metrics = pb::WorkflowMetrics {
             workflow_id: req.workflow_id.clone(),
             ..Default::default()

@@ -149,6 +149,7 @@ pub async fn prepare(
             ServiceName::Execution => meshflow_execution::mount(
                 &mut mounts,
                 meshflow_execution::store::Store::new(db.clone()),
+                meshflow_workflow::store::Store::new(db.clone()),
                 config,
             ),
             ServiceName::Orchestrator => {

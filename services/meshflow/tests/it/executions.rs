@@ -619,6 +619,19 @@ async fn executions_are_listed_and_measured() {
         .expect("metrics");
     assert_eq!((bad_metrics.failed, bad_metrics.success_rate), (1, 0.0));
 
+    // A workflow with no executions yet has zeros; an id no workflow ever had is NOT_FOUND.
+    let idle = server
+        .active_workflow(json!({"name": "idle", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}))
+        .await;
+    assert_eq!(server.metrics(&idle).await.total, 0);
+    let err = executions
+        .get_workflow_metrics(epb::GetWorkflowMetricsRequest {
+            workflow_id: meshflow_kit::id::new_id(),
+        })
+        .await
+        .expect_err("unknown workflow");
+    assert_reason(&err, Code::NotFound, "WORKFLOW_NOT_FOUND");
+
     // Executions pin their version: changing the workflow does not change what ran.
     let w = server
         .workflows()
