@@ -215,16 +215,20 @@ impl Service {
         &self,
         req: pb::ListWebhooksRequest,
     ) -> Result<pb::ListWebhooksResponse, Error> {
-        let size = page::size(req.page_size, DEFAULT_PAGE, MAX_PAGE)?;
-        let after: Option<String> = page::decode(&req.page_token)?;
+        let mut v = Violations::new();
+        let size = v.take(page::size(req.page_size, DEFAULT_PAGE, MAX_PAGE));
+        let after: Option<String> = v.take(page::decode(&req.page_token)).flatten();
         let event_type = match req.event_type.as_str() {
             "" => None,
             t if t == ALL_EVENTS => Some(t),
             t => {
-                check_event_type(t).map_err(|e| Error::invalid("event_type", e))?;
+                if let Err(e) = check_event_type(t) {
+                    v.add(&FieldPath::root("event_type"), e);
+                }
                 Some(t)
             }
         };
+        let size = v.into_result(size.unwrap_or(DEFAULT_PAGE)).map_err(Error::Invalid)?;
         let rows = self
             .store
             .list(after.as_deref(), size + 1, event_type)

@@ -37,12 +37,21 @@ fn expected_revision(etag: &str) -> Result<Option<i64>, Error> {
     request::expected_revision("etag", etag).map_err(|v| Error::Invalid(vec![v]))
 }
 
-fn page_size(requested: i32) -> Result<u64, Error> {
-    page::size(requested, DEFAULT_PAGE, MAX_PAGE).map_err(|v| Error::Invalid(vec![v]))
+/// A list request's page size and cursor, each bad one recorded in `v` (the request is refused
+/// once, with every bad field).
+fn paging<T: serde::de::DeserializeOwned>(
+    page_size: i32,
+    page_token: &str,
+    v: &mut Violations,
+) -> (u64, Option<T>) {
+    let size = v.take(page::size(page_size, DEFAULT_PAGE, MAX_PAGE));
+    let after = v.take(page::decode(page_token)).flatten();
+    (size.unwrap_or(DEFAULT_PAGE), after)
 }
 
-fn page_cursor<T: serde::de::DeserializeOwned>(token: &str) -> Result<Option<T>, Error> {
-    page::decode(token).map_err(|v| Error::Invalid(vec![v]))
+/// `Ok` when nothing was recorded, else every violation.
+fn checked(v: Violations) -> Result<(), Error> {
+    v.into_result(()).map_err(Error::Invalid)
 }
 
 /// Fields of a mask: the request's paths, or all of `all` when empty.
@@ -225,18 +234,20 @@ impl Service {
         &self,
         req: pb::ListWorkflowsRequest,
     ) -> Result<pb::ListWorkflowsResponse, Error> {
-        let size = page_size(req.page_size)?;
-        let after: Option<String> = page_cursor(&req.page_token)?;
+        let mut v = Violations::new();
+        let (size, after) = paging::<String>(req.page_size, &req.page_token, &mut v);
         let status = match pb::WorkflowStatus::try_from(req.status) {
             Ok(pb::WorkflowStatus::Unspecified) => None,
             Ok(s) => Some(s.as_str_name().to_string()),
             Err(_) => {
-                return Err(Error::invalid(
-                    "status",
+                v.add(
+                    &FieldPath::root("status"),
                     format!("unknown value {}", req.status),
-                ));
+                );
+                None
             }
         };
+        checked(v)?;
         let filter = WorkflowFilter {
             status,
             tag: Some(req.tag).filter(|t| !t.is_empty()),
@@ -411,9 +422,10 @@ impl Service {
         &self,
         req: pb::ListWorkflowVersionsRequest,
     ) -> Result<pb::ListWorkflowVersionsResponse, Error> {
-        check_resource_id("workflow_id", &req.workflow_id)?;
-        let size = page_size(req.page_size)?;
-        let before: Option<i64> = page_cursor(&req.page_token)?;
+        let mut v = Violations::new();
+        v.take(request::resource_id("workflow_id", &req.workflow_id));
+        let (size, before) = paging::<i64>(req.page_size, &req.page_token, &mut v);
+        checked(v)?;
         let rows = self
             .store
             .list_versions(&req.workflow_id, before, size + 1)
@@ -511,8 +523,9 @@ impl Service {
         &self,
         req: pb::ListWorkflowTemplatesRequest,
     ) -> Result<pb::ListWorkflowTemplatesResponse, Error> {
-        let size = page_size(req.page_size)?;
-        let after: Option<String> = page_cursor(&req.page_token)?;
+        let mut v = Violations::new();
+        let (size, after) = paging::<String>(req.page_size, &req.page_token, &mut v);
+        checked(v)?;
         let tag = Some(req.tag).filter(|t| !t.is_empty());
         let rows = self
             .store
@@ -675,8 +688,9 @@ impl Service {
         &self,
         req: pb::ListTransformationRulesRequest,
     ) -> Result<pb::ListTransformationRulesResponse, Error> {
-        let size = page_size(req.page_size)?;
-        let after: Option<String> = page_cursor(&req.page_token)?;
+        let mut v = Violations::new();
+        let (size, after) = paging::<String>(req.page_size, &req.page_token, &mut v);
+        checked(v)?;
         let rows = self.store.list_rules(after.as_deref(), size + 1).await?;
         let (rules, next_page_token) = page::finish(rows, size, |r| r.name.clone());
         Ok(pb::ListTransformationRulesResponse {

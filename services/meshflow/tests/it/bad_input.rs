@@ -422,3 +422,56 @@ async fn no_malformed_request_gets_internal_or_unknown() {
         assert!(!report.into_inner().valid);
     }
 }
+
+#[tokio::test]
+async fn workflow_lists_report_every_bad_paging_field_at_once() {
+    let server = support::start().await;
+    let err = server
+        .workflows()
+        .list_workflows(pb::ListWorkflowsRequest {
+            page_size: -1,
+            page_token: "not a token".into(),
+            status: 77,
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad fields");
+    for field in ["page_size", "page_token", "status"] {
+        assert_violation(&err, field);
+    }
+    let err = server
+        .workflows()
+        .list_workflow_versions(pb::ListWorkflowVersionsRequest {
+            workflow_id: "nope".into(),
+            page_size: -1,
+            page_token: "not a token".into(),
+        })
+        .await
+        .expect_err("bad fields");
+    for field in ["workflow_id", "page_size", "page_token"] {
+        assert_violation(&err, field);
+    }
+    let err = server
+        .templates()
+        .list_workflow_templates(pb::ListWorkflowTemplatesRequest {
+            page_size: -1,
+            page_token: "not a token".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("bad fields");
+    for field in ["page_size", "page_token"] {
+        assert_violation(&err, field);
+    }
+    let err = server
+        .rules()
+        .list_transformation_rules(pb::ListTransformationRulesRequest {
+            page_size: -1,
+            page_token: "not a token".into(),
+        })
+        .await
+        .expect_err("bad fields");
+    for field in ["page_size", "page_token"] {
+        assert_violation(&err, field);
+    }
+}

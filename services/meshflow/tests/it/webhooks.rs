@@ -277,7 +277,9 @@ async fn malformed_webhook_requests_get_field_violations() {
         })
         .await
         .expect_err("bad list");
-    assert_violation(&bad_page, "page_size");
+    for field in ["page_size", "page_token", "event_type"] {
+        assert_violation(&bad_page, field);
+    }
     let bad_token = client
         .list_webhooks(pb::ListWebhooksRequest {
             page_token: "%%".into(),
