@@ -11,11 +11,15 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# PostgreSQL-only tests are named `postgres_only_…`: the SQLite pass leaves them out (they would
+# fail there), the PostgreSQL pass runs every test.
 if cargo nextest --version >/dev/null 2>&1; then
   run_tests() { cargo nextest run --workspace --locked --no-fail-fast "$@"; }
+  run_sqlite_tests() { run_tests -E 'not test(/postgres_only_/)'; }
 else
   echo "cargo-nextest not found; using cargo test" >&2
   run_tests() { cargo test --workspace --locked --no-fail-fast "$@"; }
+  run_sqlite_tests() { run_tests -- --skip postgres_only_; }
 fi
 
 step "rustfmt"
@@ -58,7 +62,7 @@ step "tests on SQLite"
 # Each test makes its SQLite file here (meshflow_kit::testing::sqlite_test_dir).
 test_dbs="${TMPDIR:-/tmp}/meshflow-test-databases"
 trap 'rm -rf "$test_dbs"' EXIT
-run_tests
+run_sqlite_tests
 rm -rf "$test_dbs"
 
 step "PostgreSQL: throwaway cluster"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 
@@ -48,6 +49,7 @@ def server_address():
     yield address
     proc.terminate()
     proc.wait(timeout=30)
+    shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture()

@@ -20,6 +20,16 @@ pub fn on_postgres() -> bool {
     std::env::var(POSTGRES_ENV).is_ok_and(|v| !v.is_empty())
 }
 
+/// Fails a PostgreSQL-only test run without PostgreSQL. Such tests are named `postgres_only_…`;
+/// the test command leaves them out of the SQLite pass, so none reports a pass it did not earn.
+#[track_caller]
+pub fn require_postgres() {
+    assert!(
+        on_postgres(),
+        "a PostgreSQL-only test: set {POSTGRES_ENV} (the test command runs it in its PostgreSQL pass)"
+    );
+}
+
 /// Where tests create their SQLite files (the test command removes it when it ends).
 pub fn sqlite_test_dir() -> std::path::PathBuf {
     std::env::temp_dir().join("meshflow-test-databases")

@@ -93,11 +93,9 @@ async fn connecting_migrates_and_is_idempotent() {
 /// it), their JSON is compressed with lz4 when the server has it, and event payloads are `json`;
 /// reverting restores each.
 #[tokio::test]
-async fn postgres_history_tables_are_light_to_write() {
+async fn postgres_only_history_tables_are_light_to_write() {
     use sea_orm::ConnectionTrait;
-    if !meshflow_kit::testing::on_postgres() {
-        return;
-    }
+    meshflow_kit::testing::require_postgres();
     let db = fresh_unmigrated().await;
     let scalar = async |sql: &str| -> String {
         db.query_one_raw(sea_orm::Statement::from_string(

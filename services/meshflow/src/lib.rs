@@ -65,7 +65,10 @@ struct WorkflowExecutions(meshflow_execution::store::Store);
 #[tonic::async_trait]
 impl meshflow_workflow::Executions for WorkflowExecutions {
     async fn active(&self, workflow_id: &str) -> Result<Vec<String>, String> {
-        self.0.active_of(workflow_id).await.map_err(|e| e.to_string())
+        self.0
+            .active_of(workflow_id)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     async fn cancel(&self, execution_ids: &[String], reason: &str) -> Result<(), String> {

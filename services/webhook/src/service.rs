@@ -228,7 +228,9 @@ impl Service {
                 Some(t)
             }
         };
-        let size = v.into_result(size.unwrap_or(DEFAULT_PAGE)).map_err(Error::Invalid)?;
+        let size = v
+            .into_result(size.unwrap_or(DEFAULT_PAGE))
+            .map_err(Error::Invalid)?;
         let rows = self
             .store
             .list(after.as_deref(), size + 1, event_type)

@@ -97,7 +97,11 @@ impl From<Error> for Status {
                          or delete with cancel_executions",
                         executions.len(),
                         named.join(", "),
-                        if more > 0 { format!(" and {more} more") } else { String::new() },
+                        if more > 0 {
+                            format!(" and {more} more")
+                        } else {
+                            String::new()
+                        },
                     ),
                 )
             }

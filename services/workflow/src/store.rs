@@ -406,7 +406,10 @@ impl Store {
             // Names are unique among all rows: a deleted workflow's becomes its id, which no
             // workflow name can be (names start with a letter), so the name is free again.
             .col_expr(workflow::Column::Name, Expr::value(format!("~{id}")))
-            .col_expr(workflow::Column::RequestId, Expr::value(Option::<String>::None))
+            .col_expr(
+                workflow::Column::RequestId,
+                Expr::value(Option::<String>::None),
+            )
             .col_expr(workflow::Column::DeleteTime, Expr::value(now))
             .col_expr(
                 workflow::Column::Revision,

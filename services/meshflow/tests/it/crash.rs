@@ -259,13 +259,8 @@ async fn a_killed_server_resumes_every_execution_without_repeating_succeeded_ste
 }
 
 #[tokio::test]
-async fn a_surviving_replica_takes_over_a_killed_ones_executions() {
-    if !meshflow_kit::testing::on_postgres() {
-        eprintln!(
-            "skipped: replicas share executions through PostgreSQL (set MESHFLOW_TEST_POSTGRES_URL)"
-        );
-        return;
-    }
+async fn postgres_only_a_surviving_replica_takes_over_a_killed_ones_executions() {
+    meshflow_kit::testing::require_postgres();
     let target = Target::start().await.expect("target");
     let url = shared_database_url().await;
     let mut doomed = Proc::spawn(&url, FLAGS);

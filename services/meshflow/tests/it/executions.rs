@@ -621,7 +621,9 @@ async fn executions_are_listed_and_measured() {
 
     // A workflow with no executions yet has zeros; an id no workflow ever had is NOT_FOUND.
     let idle = server
-        .active_workflow(json!({"name": "idle", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}))
+        .active_workflow(
+            json!({"name": "idle", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}),
+        )
         .await;
     assert_eq!(server.metrics(&idle).await.total, 0);
     let err = executions
@@ -678,9 +680,7 @@ async fn deleting_a_workflow_keeps_its_history_and_waits_for_its_executions() {
         .await;
     let waiting = server.start_execution(&id, json!({})).await;
     server
-        .watch_until(&waiting, |e| {
-            e.r#type == epb::EventType::StepWaiting as i32
-        })
+        .watch_until(&waiting, |e| e.r#type == epb::EventType::StepWaiting as i32)
         .await;
     let delete = |cancel_executions: bool| {
         let mut workflows = server.workflows();
@@ -698,12 +698,23 @@ async fn deleting_a_workflow_keeps_its_history_and_waits_for_its_executions() {
 
     // An execution has not ended: the delete is refused, naming it.
     let err = delete(false).await.expect_err("refused");
-    support::assert_reason(&err, Code::FailedPrecondition, "WORKFLOW_HAS_ACTIVE_EXECUTIONS");
+    support::assert_reason(
+        &err,
+        Code::FailedPrecondition,
+        "WORKFLOW_HAS_ACTIVE_EXECUTIONS",
+    );
     assert!(err.message().contains(&waiting), "{}", err.message());
-    assert!(server.workflows().get_workflow(wpb::GetWorkflowRequest {
-        workflow_id: id.clone(),
-        version: 0,
-    }).await.is_ok(), "still there");
+    assert!(
+        server
+            .workflows()
+            .get_workflow(wpb::GetWorkflowRequest {
+                workflow_id: id.clone(),
+                version: 0,
+            })
+            .await
+            .is_ok(),
+        "still there"
+    );
 
     // Asked to, the delete cancels it; the workflow is gone, its history is not.
     delete(true).await.expect("delete");
@@ -760,7 +771,9 @@ async fn deleting_a_workflow_keeps_its_history_and_waits_for_its_executions() {
 
     // The name is free again, and a second delete finds nothing.
     server
-        .active_workflow(json!({"name": "doomed", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}))
+        .active_workflow(
+            json!({"name": "doomed", "steps": [{"id": "f", "functionCall": {"function": "uuid"}}]}),
+        )
         .await;
     let err = delete(false).await.expect_err("already deleted");
     support::assert_reason(&err, Code::NotFound, "WORKFLOW_NOT_FOUND");

@@ -126,7 +126,8 @@ pub async fn shared_database_url() -> String {
             .await
             .expect("database");
     }
-    let dir = std::env::temp_dir().join(format!("meshflow-it-{}", meshflow_kit::id::new_id()));
+    // Under the tests' SQLite directory, which the test command removes.
+    let dir = meshflow_kit::testing::sqlite_test_dir().join(meshflow_kit::id::new_id());
     std::fs::create_dir_all(&dir).expect("temp dir");
     format!("sqlite://{}?mode=rwc", dir.join("meshflow.db").display())
 }

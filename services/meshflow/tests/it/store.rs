@@ -898,11 +898,9 @@ async fn holding(db: &sea_orm::DatabaseConnection, id: &str) -> sea_orm::Databas
 /// can then lock too; in any other order the two would deadlock (and that transaction would be
 /// the one cancelled).
 #[tokio::test]
-async fn commits_and_renewals_lock_executions_in_id_order() {
+async fn postgres_only_commits_and_renewals_lock_executions_in_id_order() {
     use sea_orm::ConnectionTrait;
-    if !meshflow_kit::testing::on_postgres() {
-        return;
-    }
+    meshflow_kit::testing::require_postgres();
     let (db, store, workflow_id, lower, higher) = two_leased("ordered").await;
 
     // A commit listing the higher id first.
@@ -940,11 +938,9 @@ async fn commits_and_renewals_lock_executions_in_id_order() {
 /// On PostgreSQL, a group commit that PostgreSQL cancels to break a deadlock (with a transaction
 /// that locks executions in another order) runs again and lands.
 #[tokio::test]
-async fn a_commit_chosen_as_a_deadlock_victim_runs_again() {
+async fn postgres_only_a_commit_chosen_as_a_deadlock_victim_runs_again() {
     use sea_orm::{ConnectionTrait, TransactionTrait};
-    if !meshflow_kit::testing::on_postgres() {
-        return;
-    }
+    meshflow_kit::testing::require_postgres();
     let (db, store, workflow_id, lower, higher) = two_leased("victim").await;
 
     // This transaction checks for deadlocks after the commit does, so the commit is the victim.
@@ -975,11 +971,9 @@ async fn a_commit_chosen_as_a_deadlock_victim_runs_again() {
 /// before and after each). When the server ends that connection, the commit that finds it gone
 /// fails and writes nothing, and the next one opens a new connection and lands.
 #[tokio::test]
-async fn a_writer_whose_connection_the_server_ended_connects_again() {
+async fn postgres_only_a_writer_whose_connection_the_server_ended_connects_again() {
     use sea_orm::{ConnectionTrait, DbBackend, Statement};
-    if !meshflow_kit::testing::on_postgres() {
-        return;
-    }
+    meshflow_kit::testing::require_postgres();
     let (db, store, workflow_id, lower, higher) = two_leased("reconnect").await;
     let mut first = [commit(&lower, &workflow_id, "me")];
     assert_eq!(
