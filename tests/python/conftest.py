@@ -20,8 +20,18 @@ def _binary():
     return path
 
 
+def binary():
+    """The meshflow binary under test."""
+    return _binary()
+
+
 @pytest.fixture(scope="session")
 def server_address():
+    yield from serve()
+
+
+def serve():
+    """Runs `meshflow serve` as the README's walkthrough starts it (on a free port); yields its address."""
     data = tempfile.mkdtemp(prefix="meshflow-py-")
     args = [
         _binary(), "serve",
