@@ -785,6 +785,37 @@ impl Store {
         Ok(outcomes)
     }
 
+    /// Ends the leases a server held before it restarted, so it takes those executions back at
+    /// once: on SQLite every lease (one server drives a SQLite file, and it is starting), on
+    /// PostgreSQL those of `owner` (this server's identity, when it is stable across restarts).
+    /// Returns how many were ended.
+    pub async fn reclaim_leases(&self, owner: &str) -> Result<u64, StoreError> {
+        let statuses = &*UNFINISHED;
+        let backend = self.db.get_database_backend();
+        let (sql, values): (String, Vec<sea_orm::Value>) = if backend == DbBackend::Postgres {
+            (
+                format!(
+                    "UPDATE workflow_executions SET lease_expires_at = $2 \
+                     WHERE lease_owner = $1 AND status IN ({statuses})"
+                ),
+                vec![owner.into(), DateTime::<Utc>::UNIX_EPOCH.into()],
+            )
+        } else {
+            (
+                format!(
+                    "UPDATE workflow_executions SET lease_expires_at = ?1 \
+                     WHERE lease_owner IS NOT NULL AND status IN ({statuses})"
+                ),
+                vec![DateTime::<Utc>::UNIX_EPOCH.into()],
+            )
+        };
+        Ok(self
+            .db
+            .execute_raw(Statement::from_sql_and_values(backend, sql, values))
+            .await?
+            .rows_affected())
+    }
+
     /// Claims up to `limit` executions that need work, for `owner` until `until`: those due
     /// (`wake_at <= now`) whose lease is free or already `owner`'s, and those whose lease expired (a
     /// replica died while driving them). On PostgreSQL, rows another claimer has locked are skipped

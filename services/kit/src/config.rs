@@ -89,6 +89,13 @@ pub struct ServerConfig {
     #[arg(long, env = "MESHFLOW_LEASE_TTL", default_value = "15s", value_parser = parse_duration)]
     pub lease_ttl: Duration,
 
+    /// This server's identity as a lease holder, stable across restarts (a StatefulSet pod name);
+    /// unique among the servers sharing a database. A server restarting under the same identity
+    /// takes its executions back at once instead of waiting for their leases to expire. Default: a
+    /// new identity per process.
+    #[arg(long, env = "MESHFLOW_REPLICA_ID")]
+    pub replica_id: Option<String>,
+
     /// How often due executions (timers, retries, abandoned leases) and unconsumed signals are
     /// looked for.
     #[arg(long, env = "MESHFLOW_POLL_INTERVAL", default_value = "250ms", value_parser = parse_duration)]

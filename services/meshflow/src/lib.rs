@@ -48,7 +48,11 @@ pub fn engine_config(config: &ServerConfig) -> anyhow::Result<meshflow_orchestra
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(meshflow_orchestrator::Config {
-        owner: meshflow_kit::id::new_id(),
+        owner: config
+            .replica_id
+            .clone()
+            .filter(|id| !id.trim().is_empty())
+            .unwrap_or_else(meshflow_kit::id::new_id),
         lease_ttl: config.lease_ttl,
         poll_interval: config.poll_interval,
         park_after: config.park_after,

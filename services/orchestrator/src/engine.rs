@@ -149,6 +149,16 @@ impl Engine {
     }
 
     async fn poll_loop(engine: std::sync::Weak<Self>) {
+        if let Some(e) = engine.upgrade() {
+            match e.shared.store.reclaim_leases(&e.config.owner).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(
+                    executions = n,
+                    "taking back the executions leased before a restart"
+                ),
+                Err(err) => tracing::warn!(error = %err, "taking back leases failed"),
+            }
+        }
         loop {
             let Some(e) = engine.upgrade() else { return };
             if let Err(err) = e.poll_once().await {

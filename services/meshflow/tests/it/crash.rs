@@ -409,3 +409,47 @@ async fn a_step_timeout_keeps_its_deadline_through_a_restart() {
         .unwrap_or(0);
     assert!((1..=2).contains(&sent), "sent {sent} times");
 }
+
+/// A server restarted on its own work (the same SQLite file, or the same `--replica-id` on
+/// PostgreSQL) takes its executions back at once: with a lease of an hour, waiting for the lease
+/// to expire would never finish.
+#[tokio::test]
+async fn a_restarted_server_takes_its_executions_back_at_once() {
+    let target = Target::start().await.expect("target");
+    let url = shared_database_url().await;
+    let flags = [
+        "--allow-http-to",
+        "127.0.0.0/8",
+        "--lease-ttl",
+        "1h",
+        "--poll-interval",
+        "50ms",
+        "--replica-id",
+        "pod-0",
+    ];
+    let mut first = Proc::spawn(&url, &flags);
+    let channel = first.channel().await;
+    let held = active_workflow(
+        &channel,
+        json!({"name": "held", "steps": [
+        {"id": "held", "http": {"method": "POST", "url": format!("{}/gate", target.base)}}]}),
+    )
+    .await;
+    let id = start(&channel, &held).await;
+    wait_for(&channel, &id, |e| {
+        e.step_path == "held" && e.r#type == E::StepStarted as i32
+    })
+    .await;
+    target.wait_for_requests(1).await;
+    drop(channel);
+    first.signal_and_wait("KILL").await;
+    target.open_gate();
+
+    let second = Proc::spawn(&url, &flags);
+    let channel = second.channel().await;
+    let events = finish(&channel, &id).await;
+    assert_eq!(
+        events.last().map(|e| e.r#type),
+        Some(E::ExecutionCompleted as i32)
+    );
+}
