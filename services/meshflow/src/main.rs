@@ -25,7 +25,7 @@ enum Command {
         #[arg(value_enum)]
         services: Vec<ServiceName>,
         #[command(flatten)]
-        config: ServerConfig,
+        config: Box<ServerConfig>,
     },
     /// Measures a server (started here unless --server is given) and prints `name: value` figures.
     Bench(meshflow::bench::BenchArgs),
