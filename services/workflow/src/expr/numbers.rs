@@ -206,6 +206,21 @@ mod tests {
     }
 
     #[test]
+    fn the_table_of_docs_functions_md_holds() {
+        for (source, whole, fraction) in [
+            ("price * 2", json!(6), json!(3.0)),
+            ("price + 0.5", json!(3.5), json!(2.0)),
+            ("price / 2", json!(1.5), json!(0.75)),
+            ("price > 2", json!(true), json!(false)),
+        ] {
+            let at =
+                |price: Value| eval_str(source, &[("price", &price)]).map_err(|e| e.to_string());
+            assert_eq!(at(json!(3)), Ok(whole), "{source} at 3");
+            assert_eq!(at(json!(1.5)), Ok(fraction), "{source} at 1.5");
+        }
+    }
+
+    #[test]
     fn division_is_exact() {
         assert_eq!(eval("x / 2", json!(7)), Ok(json!(3.5)));
         assert_eq!(eval("x / 2", json!(6)), Ok(json!(3)));
