@@ -375,7 +375,7 @@ impl Service {
             });
         }
         self.store
-            .delete_workflow(&req.workflow_id, Some(current))
+            .delete_workflow(&req.workflow_id, revision)
             .await?;
         // Cancel what had not ended, including what started while the delete was decided (no
         // start succeeds once the delete is committed).

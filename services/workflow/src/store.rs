@@ -403,8 +403,8 @@ impl Store {
     ) -> Result<(), Error> {
         let now = Utc::now();
         let mut delete = workflow::Entity::update_many()
-            // Names are unique among all rows: a deleted workflow's becomes its id, which no
-            // workflow name can be (names start with a letter), so the name is free again.
+            // Names are unique among all rows: a deleted workflow's becomes `~` and its id, which
+            // no workflow name can be (names start with a letter), so the name is free again.
             .col_expr(workflow::Column::Name, Expr::value(format!("~{id}")))
             .col_expr(
                 workflow::Column::RequestId,
