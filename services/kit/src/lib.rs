@@ -16,6 +16,7 @@ pub mod name;
 pub mod page;
 pub mod request;
 pub mod server;
+pub mod ssrf;
 pub mod telemetry;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;

@@ -2,6 +2,7 @@
 //! database. `main.rs` is the command line; tests start the same server in-process with [`start`].
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 pub mod bench;
 pub mod target;
@@ -36,9 +37,9 @@ impl ServiceName {
     ];
 }
 
-/// The engine settings from the server configuration.
-pub fn engine_config(config: &ServerConfig) -> anyhow::Result<meshflow_orchestrator::Config> {
-    let allow = config
+/// The address blocks outbound calls may reach besides public addresses (`--allow-http-to`).
+fn allowed_blocks(config: &ServerConfig) -> anyhow::Result<Vec<meshflow_kit::ssrf::Cidr>> {
+    config
         .allow_http_to
         .iter()
         .filter(|s| !s.trim().is_empty())
@@ -46,7 +47,12 @@ pub fn engine_config(config: &ServerConfig) -> anyhow::Result<meshflow_orchestra
             s.parse()
                 .map_err(|e: String| anyhow::anyhow!("--allow-http-to: {e}"))
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect()
+}
+
+/// The engine settings from the server configuration.
+pub fn engine_config(config: &ServerConfig) -> anyhow::Result<meshflow_orchestrator::Config> {
+    let allow = allowed_blocks(config)?;
     Ok(meshflow_orchestrator::Config {
         owner: config
             .replica_id
@@ -148,7 +154,7 @@ pub async fn prepare(
             ServiceName::Workflow => meshflow_workflow::mount(
                 &mut mounts,
                 meshflow_workflow::store::Store::new(db.clone()),
-                std::sync::Arc::new(WorkflowExecutions(meshflow_execution::store::Store::new(
+                Arc::new(WorkflowExecutions(meshflow_execution::store::Store::new(
                     db.clone(),
                 ))),
                 config,
@@ -164,11 +170,19 @@ pub async fn prepare(
                     meshflow_orchestrator::Engine::start(db.clone(), engine_config(config)?)?;
                 meshflow_orchestrator::mount(&mut mounts, engine, config)
             }
-            ServiceName::Webhook => meshflow_webhook::mount(
-                &mut mounts,
-                meshflow_webhook::Store::new(db.clone()),
-                config,
-            ),
+            ServiceName::Webhook => {
+                let policy = Arc::new(meshflow_kit::ssrf::Policy::new(allowed_blocks(config)?));
+                let outbound = meshflow_webhook::Outbound {
+                    client: meshflow_kit::ssrf::http_client(policy.clone())?,
+                    policy,
+                };
+                meshflow_webhook::mount(
+                    &mut mounts,
+                    meshflow_webhook::Store::new(db.clone()),
+                    outbound,
+                    config,
+                )
+            }
         }
     }
     Ok((listener, mounts))

@@ -20,9 +20,9 @@ use crate::driver::{CANCEL_SIGNAL, Halt, Run};
 use crate::error::Error;
 use crate::eval::Programs;
 use crate::hub::Hub;
-use crate::ssrf;
 use crate::steps::{self, Env};
 use crate::writer::Writer;
+use meshflow_kit::ssrf;
 
 pub use crate::hub::Live;
 

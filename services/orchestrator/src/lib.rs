@@ -14,7 +14,7 @@ pub mod eval;
 pub mod grpc;
 pub mod hub;
 pub mod retry;
-pub mod ssrf;
+pub use meshflow_kit::ssrf;
 pub mod steps;
 pub mod thread;
 mod versions;

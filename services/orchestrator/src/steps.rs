@@ -2,7 +2,6 @@
 //! WEBHOOK_CALL. Each resolves its templates over the scope, does its work, and returns its output or
 //! a [`StepError`] saying whether a retry may help. Composite steps and WAIT live in the driver.
 
-use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +15,8 @@ use sha2::{Digest, Sha256};
 
 use crate::eval::{self, Programs, Scope};
 use crate::retry::{self, Policy};
-use crate::ssrf;
+use meshflow_kit::ssrf;
+use meshflow_webhook::delivery;
 
 /// Why a step attempt failed.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,64 +82,13 @@ pub struct Env {
     pub max_output_bytes: usize,
 }
 
-/// A DNS resolver that drops addresses the outbound policy refuses.
-struct GuardedResolver {
-    policy: Arc<ssrf::Policy>,
-}
-
-impl reqwest::dns::Resolve for GuardedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy.clone();
-        let host = name.as_str().to_string();
-        Box::pin(async move {
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut refused = None;
-            let allowed: Vec<SocketAddr> = addrs
-                .into_iter()
-                .filter(|a| match policy.check(a.ip()) {
-                    Ok(()) => true,
-                    Err(r) => {
-                        refused = Some(r);
-                        false
-                    }
-                })
-                .collect();
-            match (allowed.is_empty(), refused) {
-                (true, Some(r)) => Err(Box::new(r) as Box<dyn std::error::Error + Send + Sync>),
-                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
-            }
-        })
-    }
-}
-
-/// The HTTP client of steps: no proxies from the environment, no redirects (a 3xx is a response),
-/// and every resolved address checked against the policy.
-pub fn http_client(policy: Arc<ssrf::Policy>) -> reqwest::Result<reqwest::Client> {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .no_proxy()
-        .redirect(reqwest::redirect::Policy::none())
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(64)
-        .connect_timeout(Duration::from_secs(10))
-        .dns_resolver(Arc::new(GuardedResolver { policy }))
-        .build()
-}
+pub use meshflow_kit::ssrf::http_client;
 
 /// Checks a URL's literal IP host (the resolver sees only names).
 fn check_url(env: &Env, url: &reqwest::Url) -> Result<(), StepError> {
-    let host = url
-        .host_str()
-        .unwrap_or_default()
-        .trim_start_matches('[')
-        .trim_end_matches(']');
-    if let Ok(ip) = host.parse::<IpAddr>()
-        && let Err(refused) = env.ssrf.check(ip)
-    {
-        return Err(StepError::fatal("refused", refused.to_string()));
-    }
-    Ok(())
+    env.ssrf
+        .check_url(url)
+        .map_err(|refused| StepError::fatal("refused", refused.to_string()))
 }
 
 fn parse_url(text: &str) -> Result<reqwest::Url, StepError> {
@@ -241,17 +190,7 @@ pub async fn http(
     let response = match req.send().await {
         Ok(r) => r,
         Err(e) => {
-            let refused = std::error::Error::source(&e).and_then(|s| {
-                let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(s);
-                while let Some(c) = cur {
-                    if let Some(r) = c.downcast_ref::<ssrf::Refused>() {
-                        return Some(r.clone());
-                    }
-                    cur = c.source();
-                }
-                None
-            });
-            let err = match refused {
+            let err = match ssrf::refused_in(&e) {
                 Some(r) => StepError::fatal("refused", r.to_string()),
                 None if e.is_timeout() => StepError::retryable(
                     "timeout",
@@ -345,9 +284,6 @@ pub async fn http(
     (recorded, Ok(output))
 }
 
-/// How much of a failed webhook delivery's response body its error keeps.
-const WEBHOOK_RESPONSE_EXCERPT: usize = 1024;
-
 /// A response body read up to a limit.
 enum Body {
     /// The whole body, at most the limit.
@@ -370,19 +306,6 @@ async fn read_capped(mut response: reqwest::Response, limit: usize) -> reqwest::
         }
     }
     Ok(Body::Complete(body))
-}
-
-/// At most the first `limit` bytes of a response body as text, for an error's details.
-async fn excerpt(mut response: reqwest::Response, limit: usize) -> String {
-    let mut body = Vec::new();
-    while body.len() < limit {
-        match response.chunk().await {
-            Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-            _ => break,
-        }
-    }
-    body.truncate(limit);
-    String::from_utf8_lossy(&body).into_owned()
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -657,62 +580,61 @@ pub async fn webhook_call(
         Ok(x) => x,
         Err(e) => return (Value::Null, Err(e)),
     };
-    let timestamp = chrono::Utc::now().timestamp();
-    let body = json!({"type": w.event_type, "timestamp": chrono::Utc::now().to_rfc3339(), "data": payload}).to_string();
+    let now = chrono::Utc::now();
+    let body = delivery::envelope(&w.event_type, &payload, now);
     let recorded = recorded_request(
         "POST",
         url.as_str(),
         &Map::new(),
         &serde_json::from_str(&body).unwrap_or(Value::Null),
     );
-    let signature = match meshflow_webhook::signature::sign(&secret, message_id, timestamp, &body) {
-        Ok(s) => s,
-        Err(e) => return (recorded, Err(StepError::fatal("bad_secret", e.to_string()))),
-    };
-    // The body is sent as raw JSON text, so the signature covers exactly the bytes sent.
-    if let Err(e) = check_url(env, &url) {
-        return (recorded, Err(e));
-    }
-    let mut req = env.http.post(url).timeout(Duration::from_secs(30));
     // The endpoint's own headers first: the delivery's, set after, are reserved to it.
-    for (name, value) in registered.iter().flat_map(|e| &e.headers) {
-        req = req.header(name.as_str(), value.as_str());
-    }
-    let req = req
-        .header("idempotency-key", call.idempotency_key)
-        .header("traceparent", call.traceparent)
-        .header("webhook-id", message_id)
-        .header("webhook-timestamp", timestamp.to_string())
-        .header("webhook-signature", signature)
-        .header("content-type", "application/json")
-        .body(body);
-    let outcome = match req.send().await {
-        Err(e) => Err(StepError::retryable(
-            if e.is_timeout() {
-                "timeout"
-            } else {
-                "transport"
-            },
-            eval::redact_text(&error_chain(&e)),
+    let mut headers: Vec<(&str, &str)> = registered
+        .iter()
+        .flat_map(|e| &e.headers)
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    headers.push(("idempotency-key", call.idempotency_key));
+    headers.push(("traceparent", call.traceparent));
+    let message = delivery::Message {
+        id: message_id,
+        body: &body,
+        secret: &secret,
+        headers,
+    };
+    let attempt = delivery::send(
+        &env.http,
+        &env.ssrf,
+        url.as_str(),
+        &message,
+        Duration::from_secs(30),
+        now,
+    )
+    .await;
+    let outcome = match attempt.result {
+        Err(delivery::Failure::Refused(r)) => Err(StepError::fatal("refused", r.to_string())),
+        Err(delivery::Failure::Invalid(e)) => Err(StepError::fatal("bad_secret", e)),
+        Err(delivery::Failure::Timeout(_)) => Err(StepError::retryable(
+            "timeout",
+            "no response within 30000ms".to_string(),
         )),
-        Ok(r) if r.status().is_success() => {
-            let mut out = json!({"status": r.status().as_u16(), "webhookId": message_id});
+        Err(delivery::Failure::Transport(e)) => {
+            Err(StepError::retryable("transport", eval::redact_text(&e)))
+        }
+        Ok(r) if r.accepted() => {
+            let mut out = json!({"status": r.status, "webhookId": message_id});
             if let Some(e) = registered {
                 out["endpoint"] = json!({"webhookId": e.webhook_id, "name": e.name});
             }
             Ok(out)
         }
-        Ok(r) => {
-            let status = r.status().as_u16();
-            let body = excerpt(r, WEBHOOK_RESPONSE_EXCERPT).await;
-            Err(StepError {
-                code: "http_status",
-                message: format!("HTTP {status}"),
-                details: json!({"status": status, "body": body}),
-                retryable: policy.retries_status(status),
-                retry_after: None,
-            })
-        }
+        Ok(r) => Err(StepError {
+            code: "http_status",
+            message: format!("HTTP {}", r.status),
+            details: json!({"status": r.status, "body": r.excerpt}),
+            retryable: policy.retries_status(r.status),
+            retry_after: None,
+        }),
     };
     (recorded, outcome)
 }

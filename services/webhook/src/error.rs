@@ -19,9 +19,9 @@ pub enum Error {
     /// The etag sent does not match: someone else changed the webhook.
     #[error("webhook {0} changed since it was read")]
     StaleEtag(String),
-    /// An RPC of the delivery outbox, which this server does not run yet.
-    #[error("{0} is not available yet: this server does not record webhook deliveries")]
-    Unimplemented(&'static str),
+    /// No webhook event has this id.
+    #[error("webhook event {0} not found")]
+    EventNotFound(String),
     /// The database failed.
     #[error(transparent)]
     Storage(#[from] sea_orm::DbErr),
@@ -50,7 +50,9 @@ impl From<Error> for Status {
             Error::NotFound(id) => status::not_found("WEBHOOK_NOT_FOUND", "webhook", &id),
             Error::NameTaken(name) => status::name_taken("webhook", &name),
             Error::StaleEtag(id) => status::stale_etag("webhook", &id),
-            Error::Unimplemented(_) => Status::unimplemented(err.to_string()),
+            Error::EventNotFound(id) => {
+                status::not_found("WEBHOOK_EVENT_NOT_FOUND", "webhook event", &id)
+            }
             Error::Storage(err) => status::storage(&err),
             Error::Internal(msg) => status::internal(&msg),
         }

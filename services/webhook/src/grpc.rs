@@ -8,15 +8,14 @@ use meshflow_proto::webhook::v1 as pb;
 use pb::webhook_service_server::{WebhookService, WebhookServiceServer};
 use tonic::{Request, Response, Status};
 
-use crate::error::Error;
-use crate::service::Service;
+use crate::service::{Outbound, Service};
 use crate::store::Store;
 
-/// Mounts WebhookService.
-pub fn mount(mounts: &mut Mounts, store: Store, config: &ServerConfig) {
+/// Mounts WebhookService; deliveries leave through `outbound`.
+pub fn mount(mounts: &mut Mounts, store: Store, outbound: Outbound, config: &ServerConfig) {
     let max = config.max_message_bytes;
     mounts.add(
-        WebhookServiceServer::new(Grpc(Arc::new(Service::new(store))))
+        WebhookServiceServer::new(Grpc(Arc::new(Service::new(store, outbound))))
             .max_decoding_message_size(max)
             .max_encoding_message_size(max),
     );
@@ -81,22 +80,28 @@ impl WebhookService for Grpc {
 
     async fn list_webhook_events(
         &self,
-        _req: Request<pb::ListWebhookEventsRequest>,
+        req: Request<pb::ListWebhookEventsRequest>,
     ) -> Reply<pb::ListWebhookEventsResponse> {
-        Err(Error::Unimplemented("ListWebhookEvents").into())
+        ok(self.0.list_events(req.into_inner()).await?)
     }
 
     async fn redeliver_webhook_event(
         &self,
-        _req: Request<pb::RedeliverWebhookEventRequest>,
+        req: Request<pb::RedeliverWebhookEventRequest>,
     ) -> Reply<pb::RedeliverWebhookEventResponse> {
-        Err(Error::Unimplemented("RedeliverWebhookEvent").into())
+        let event = self.0.redeliver(req.into_inner()).await?;
+        ok(pb::RedeliverWebhookEventResponse {
+            webhook_event: Some(event),
+        })
     }
 
     async fn test_webhook(
         &self,
-        _req: Request<pb::TestWebhookRequest>,
+        req: Request<pb::TestWebhookRequest>,
     ) -> Reply<pb::TestWebhookResponse> {
-        Err(Error::Unimplemented("TestWebhook").into())
+        let attempt = self.0.test(req.into_inner()).await?;
+        ok(pb::TestWebhookResponse {
+            attempt: Some(attempt),
+        })
     }
 }

@@ -4,6 +4,7 @@
 //! Other crates reach webhooks through this crate's API ([`Store::endpoint`], [`signature`]), never
 //! through its tables.
 
+pub mod delivery;
 pub mod entity;
 pub mod error;
 pub mod grpc;
@@ -13,4 +14,5 @@ pub mod store;
 
 pub use error::Error;
 pub use grpc::mount;
+pub use service::Outbound;
 pub use store::{Endpoint, Store};

@@ -1,17 +1,19 @@
 //! The behaviour of WebhookService, free of transport concerns: requests in, responses or
 //! [`Error`]s out.
 
-use meshflow_kit::error::echo;
 use std::collections::{BTreeSet, HashSet};
+
+use meshflow_kit::error::echo;
 
 use meshflow_kit::name::{check_event_type, check_name};
 use meshflow_kit::{FieldPath, Violations, page, request};
 use meshflow_proto::webhook::v1 as pb;
 use tonic::codegen::http::{HeaderName, HeaderValue};
 
+use crate::delivery;
 use crate::error::Error;
 use crate::signature;
-use crate::store::{ALL_EVENTS, Store};
+use crate::store::{ALL_EVENTS, EventFilter, Store, TEST_EVENT_TYPE, test_payload};
 
 const DEFAULT_PAGE: u64 = 50;
 const MAX_PAGE: u64 = 500;
@@ -58,6 +60,17 @@ const OUTPUT_ONLY: &[&str] = &["webhook_id", "etag", "create_time", "update_time
 #[derive(Clone)]
 pub struct Service {
     store: Store,
+    /// The outbound client and its address policy, shared with HTTP steps.
+    outbound: Outbound,
+}
+
+/// How deliveries leave the server: the client that applies the outbound address policy.
+#[derive(Clone)]
+pub struct Outbound {
+    /// The client ([`meshflow_kit::ssrf::http_client`]).
+    pub client: reqwest::Client,
+    /// The policy its resolver applies, checked on IP literals too.
+    pub policy: std::sync::Arc<meshflow_kit::ssrf::Policy>,
 }
 
 fn check_url(url: &str) -> Result<(), String> {
@@ -179,9 +192,114 @@ fn check_webhook_id(field: &str, id: &str) -> Result<(), Error> {
 }
 
 impl Service {
-    /// The service over `store`.
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    /// The service over `store`, delivering through `outbound`.
+    pub fn new(store: Store, outbound: Outbound) -> Self {
+        Self { store, outbound }
+    }
+
+    /// Sends one attempt of a recorded event to its webhook now and keeps it.
+    async fn attempt(
+        &self,
+        event: &crate::entity::event::Model,
+    ) -> Result<pb::DeliveryAttempt, Error> {
+        let endpoint = self
+            .store
+            .endpoint(&event.webhook_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(event.webhook_id.clone()))?;
+        let now = chrono::Utc::now();
+        let body = delivery::envelope(&event.event_type, &event.payload, now);
+        let message = delivery::Message {
+            id: &event.id,
+            body: &body,
+            secret: &endpoint.secret,
+            headers: endpoint
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect(),
+        };
+        let attempt = delivery::send(
+            &self.outbound.client,
+            &self.outbound.policy,
+            &endpoint.url,
+            &message,
+            delivery::TIMEOUT,
+            now,
+        )
+        .await;
+        self.store.record_attempt(&event.id, &attempt).await
+    }
+
+    /// TestWebhook: records a `webhook.test` event for the webhook, sends it now (whatever the
+    /// webhook's status or event types) and answers with the attempt.
+    pub async fn test(&self, req: pb::TestWebhookRequest) -> Result<pb::DeliveryAttempt, Error> {
+        check_webhook_id("webhook_id", &req.webhook_id)?;
+        self.store.get(&req.webhook_id).await?;
+        let event = self
+            .store
+            .record_event(
+                &req.webhook_id,
+                TEST_EVENT_TYPE,
+                &test_payload(&req.webhook_id),
+                chrono::Utc::now(),
+            )
+            .await?;
+        self.attempt(&event).await
+    }
+
+    /// RedeliverWebhookEvent: one more attempt of an event now, with its same `webhook-id`.
+    pub async fn redeliver(
+        &self,
+        req: pb::RedeliverWebhookEventRequest,
+    ) -> Result<pb::WebhookEvent, Error> {
+        check_webhook_id("webhook_event_id", &req.webhook_event_id)?;
+        let event = self
+            .store
+            .event_row(&req.webhook_event_id)
+            .await?
+            .ok_or_else(|| Error::EventNotFound(req.webhook_event_id.clone()))?;
+        self.attempt(&event).await?;
+        self.store.event(&event.id).await
+    }
+
+    /// ListWebhookEvents: deliveries newest first, with every attempt.
+    pub async fn list_events(
+        &self,
+        req: pb::ListWebhookEventsRequest,
+    ) -> Result<pb::ListWebhookEventsResponse, Error> {
+        let mut v = Violations::new();
+        let size = v.take(page::size(req.page_size, DEFAULT_PAGE, MAX_PAGE));
+        let before: Option<String> = v.take(page::decode(&req.page_token)).flatten();
+        let webhook_id = (!req.webhook_id.is_empty()).then_some(req.webhook_id);
+        if let Some(id) = &webhook_id {
+            v.take(request::resource_id("webhook_id", id));
+        }
+        let status = match pb::DeliveryStatus::try_from(req.status) {
+            Ok(pb::DeliveryStatus::Unspecified) => None,
+            Ok(s) => Some(s),
+            Err(_) => {
+                v.add(
+                    &FieldPath::root("status"),
+                    format!("unknown value {}", req.status),
+                );
+                None
+            }
+        };
+        let size = v
+            .into_result(size.unwrap_or(DEFAULT_PAGE))
+            .map_err(Error::Invalid)?;
+        let filter = EventFilter { webhook_id, status };
+        let rows = self
+            .store
+            .list_events(&filter, before.as_deref(), size + 1)
+            .await?;
+        let (webhook_events, next_page_token) =
+            page::finish(rows, size, |e| e.webhook_event_id.clone());
+        Ok(pb::ListWebhookEventsResponse {
+            webhook_events,
+            next_page_token,
+        })
     }
 
     /// CreateWebhook: the response carries the secret, generated when none was given.

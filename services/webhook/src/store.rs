@@ -15,7 +15,11 @@ use sea_orm::{
 };
 
 use crate::entity::{self as webhook, Model};
+
+mod events;
+
 use crate::error::Error;
+pub use events::{EventFilter, TEST_EVENT_TYPE, test_payload};
 
 /// Event type that subscribes to every event.
 pub const ALL_EVENTS: &str = "*";

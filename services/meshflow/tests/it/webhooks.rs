@@ -437,3 +437,205 @@ async fn a_webhook_call_to_an_unusable_webhook_fails_with_the_reason() {
         "nothing sent"
     );
 }
+
+/// Lists the events of a webhook (newest first).
+async fn events_of(server: &support::Server, webhook_id: &str) -> Vec<pb::WebhookEvent> {
+    server
+        .webhooks()
+        .list_webhook_events(pb::ListWebhookEventsRequest {
+            webhook_id: webhook_id.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("events")
+        .into_inner()
+        .webhook_events
+}
+
+#[tokio::test]
+async fn test_webhook_sends_a_signed_event_and_every_attempt_is_kept_and_redeliverable() {
+    let target = Target::start().await.expect("target");
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let hook = create(
+        &server,
+        json!({"name": "flaky-endpoint", "url": format!("{}/status/503", target.base),
+               "eventTypes": ["execution.completed"], "headers": {"x-team": "core"}}),
+    )
+    .await;
+
+    // The endpoint fails: the attempt says so, with its status and what it answered.
+    let first = server
+        .webhooks()
+        .test_webhook(pb::TestWebhookRequest {
+            webhook_id: hook.webhook_id.clone(),
+        })
+        .await
+        .expect("test")
+        .into_inner()
+        .attempt
+        .expect("attempt");
+    assert_eq!((first.attempt, first.response_code), (1, 503), "{first:?}");
+    assert!(first.latency.is_some() && first.time.is_some());
+    let events = events_of(&server, &hook.webhook_id).await;
+    assert_eq!(events.len(), 1);
+    let event = &events[0];
+    assert_eq!(event.event_type, "webhook.test");
+    assert_eq!(event.status, pb::DeliveryStatus::Failed as i32);
+    assert_eq!(event.attempts, std::slice::from_ref(&first));
+
+    // Fixed, the event is delivered again with its same webhook-id, a fresh signature and the
+    // endpoint's headers.
+    let mut moved = hook.clone();
+    moved.url = format!("{}/echo", target.base);
+    update(&server, moved, &["url"]).await.expect("move");
+    let redelivered = server
+        .webhooks()
+        .redeliver_webhook_event(pb::RedeliverWebhookEventRequest {
+            webhook_event_id: event.webhook_event_id.clone(),
+        })
+        .await
+        .expect("redeliver")
+        .into_inner()
+        .webhook_event
+        .expect("event");
+    assert_eq!(redelivered.status, pb::DeliveryStatus::Succeeded as i32);
+    let codes: Vec<(u32, u32)> = redelivered
+        .attempts
+        .iter()
+        .map(|a| (a.attempt, a.response_code))
+        .collect();
+    assert_eq!(codes, [(1, 503), (2, 200)]);
+    let seen = target.log();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        assert_eq!(request.headers["webhook-id"], event.webhook_event_id);
+        assert_eq!(request.headers["x-team"], "core");
+        let timestamp: i64 = request.headers["webhook-timestamp"]
+            .parse()
+            .expect("timestamp");
+        let expected = meshflow_webhook::signature::sign(
+            &hook.secret,
+            &event.webhook_event_id,
+            timestamp,
+            &request.body,
+        )
+        .expect("sign");
+        assert_eq!(request.headers["webhook-signature"], expected);
+        let body: serde_json::Value = serde_json::from_str(&request.body).expect("json");
+        assert_eq!(body["type"], "webhook.test");
+        assert_eq!(body["data"]["webhookId"], hook.webhook_id.as_str());
+    }
+    // The second attempt kept an excerpt of what the endpoint answered.
+    assert!(
+        redelivered.attempts[1].error.contains("webhook.test"),
+        "{:?}",
+        redelivered.attempts[1]
+    );
+
+    // Filters, paging and bad input.
+    server
+        .webhooks()
+        .test_webhook(pb::TestWebhookRequest {
+            webhook_id: hook.webhook_id.clone(),
+        })
+        .await
+        .expect("test again");
+    let page = server
+        .webhooks()
+        .list_webhook_events(pb::ListWebhookEventsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .expect("page")
+        .into_inner();
+    assert_eq!(page.webhook_events.len(), 1);
+    assert_ne!(
+        page.webhook_events[0].webhook_event_id, event.webhook_event_id,
+        "newest first"
+    );
+    let rest = server
+        .webhooks()
+        .list_webhook_events(pb::ListWebhookEventsRequest {
+            page_size: 1,
+            page_token: page.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .expect("next page")
+        .into_inner();
+    assert_eq!(
+        rest.webhook_events[0].webhook_event_id,
+        event.webhook_event_id
+    );
+    let succeeded = server
+        .webhooks()
+        .list_webhook_events(pb::ListWebhookEventsRequest {
+            status: pb::DeliveryStatus::Succeeded as i32,
+            ..Default::default()
+        })
+        .await
+        .expect("by status")
+        .into_inner()
+        .webhook_events;
+    assert_eq!(succeeded.len(), 2);
+    let err = server
+        .webhooks()
+        .list_webhook_events(pb::ListWebhookEventsRequest {
+            page_size: -1,
+            page_token: "%%".into(),
+            webhook_id: "nope".into(),
+            status: 99,
+        })
+        .await
+        .expect_err("bad fields");
+    for field in ["page_size", "page_token", "webhook_id", "status"] {
+        assert_violation(&err, field);
+    }
+    let err = server
+        .webhooks()
+        .redeliver_webhook_event(pb::RedeliverWebhookEventRequest {
+            webhook_event_id: meshflow_kit::id::new_id(),
+        })
+        .await
+        .expect_err("unknown event");
+    assert_reason(&err, Code::NotFound, "WEBHOOK_EVENT_NOT_FOUND");
+    let err = server
+        .webhooks()
+        .test_webhook(pb::TestWebhookRequest {
+            webhook_id: meshflow_kit::id::new_id(),
+        })
+        .await
+        .expect_err("unknown webhook");
+    assert_reason(&err, Code::NotFound, "WEBHOOK_NOT_FOUND");
+}
+
+#[tokio::test]
+async fn a_test_delivery_to_a_refused_address_never_leaves() {
+    let target = Target::start().await.expect("target");
+    // Loopback is not allowed here.
+    let server = support::start_services(support::config(), meshflow::ServiceName::ALL).await;
+    let hook = create(
+        &server,
+        json!({"name": "local", "url": format!("{}/echo", target.base), "eventTypes": ["*"]}),
+    )
+    .await;
+    let attempt = server
+        .webhooks()
+        .test_webhook(pb::TestWebhookRequest {
+            webhook_id: hook.webhook_id.clone(),
+        })
+        .await
+        .expect("test")
+        .into_inner()
+        .attempt
+        .expect("attempt");
+    assert_eq!(attempt.response_code, 0);
+    assert!(attempt.error.contains("loopback"), "{attempt:?}");
+    assert!(target.log().is_empty(), "nothing reached the endpoint");
+    assert_eq!(
+        events_of(&server, &hook.webhook_id).await[0].status,
+        pb::DeliveryStatus::Failed as i32
+    );
+}

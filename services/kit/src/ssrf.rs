@@ -2,10 +2,13 @@
 //! lives there), shared, unspecified, multicast and reserved addresses are refused unless an operator
 //! allowlists them (`--allow-http-to 127.0.0.0/8,10.1.0.0/16`). The check runs on every address a
 //! host resolves to, and on IP literals, right before connecting, so DNS cannot smuggle one in.
+//! [`http_client`] is the client every outbound call uses: HTTP steps, webhook calls and deliveries.
 
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Why an address is refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,6 +197,78 @@ impl Policy {
             Some(category) => Err(Refused { ip, category }),
         }
     }
+
+    /// Checks a URL whose host is an IP literal ([`http_client`]'s resolver sees only names).
+    pub fn check_url(&self, url: &reqwest::Url) -> Result<(), Refused> {
+        let host = url
+            .host_str()
+            .unwrap_or_default()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        match host.parse::<IpAddr>() {
+            Ok(ip) => self.check(ip),
+            Err(_) => Ok(()),
+        }
+    }
+}
+
+/// The refusal behind an error of [`http_client`], if the policy refused every address a name
+/// resolved to.
+pub fn refused_in(err: &(dyn std::error::Error + 'static)) -> Option<Refused> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(r) = e.downcast_ref::<Refused>() {
+            return Some(r.clone());
+        }
+        cur = e.source();
+    }
+    None
+}
+
+/// A DNS resolver that drops addresses the outbound policy refuses.
+struct GuardedResolver {
+    policy: Arc<Policy>,
+}
+
+impl reqwest::dns::Resolve for GuardedResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = self.policy.clone();
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs: Vec<SocketAddr> =
+                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let mut refused = None;
+            let allowed: Vec<SocketAddr> = addrs
+                .into_iter()
+                .filter(|a| match policy.check(a.ip()) {
+                    Ok(()) => true,
+                    Err(r) => {
+                        refused = Some(r);
+                        false
+                    }
+                })
+                .collect();
+            match (allowed.is_empty(), refused) {
+                (true, Some(r)) => Err(Box::new(r) as Box<dyn std::error::Error + Send + Sync>),
+                _ => Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs),
+            }
+        })
+    }
+}
+
+/// The HTTP client of every outbound call (HTTP steps, webhook calls and deliveries): no proxies
+/// from the environment, no redirects (a 3xx is a response), and every resolved address checked
+/// against the policy.
+pub fn http_client(policy: Arc<Policy>) -> reqwest::Result<reqwest::Client> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(64)
+        .connect_timeout(Duration::from_secs(10))
+        .dns_resolver(Arc::new(GuardedResolver { policy }))
+        .build()
 }
 
 #[cfg(test)]
