@@ -11,10 +11,9 @@ import subprocess
 
 import grpc
 import pytest
-from google.protobuf import json_format, message_factory
 
 from conftest import binary, serve
-from test_workflow_client import Reflected
+from test_workflow_client import Reflected, stream
 
 README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
 STREAMING = {"ExecuteWorkflow", "WatchExecution"}
@@ -113,20 +112,6 @@ def remember(method, answer, seen):
         seen["<etag>"] = resource["etag"]
     if method == "StartExecution":
         seen["<execution id>"] = answer["execution"]["executionId"]
-
-
-def stream(api, service, method, request):
-    desc = api.pool.FindServiceByName(service).FindMethodByName(method)
-    request_cls = message_factory.GetMessageClass(desc.input_type)
-    response_cls = message_factory.GetMessageClass(desc.output_type)
-    rpc = api.channel.unary_stream(
-        f"/{service}/{method}",
-        request_serializer=request_cls.SerializeToString,
-        response_deserializer=response_cls.FromString,
-    )
-    for message in rpc(json_format.Parse(json.dumps(request), request_cls()), timeout=60):
-        answer = json_format.MessageToDict(message)
-        yield answer
 
 
 def test_the_readme_buf_curl_commands_run(readme_server, tmp_path):

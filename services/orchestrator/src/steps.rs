@@ -284,6 +284,9 @@ pub async fn http(
     (recorded, Ok(output))
 }
 
+/// How long a WEBHOOK_CALL attempt waits for a response.
+const WEBHOOK_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A response body read up to a limit.
 enum Body {
     /// The whole body, at most the limit.
@@ -607,17 +610,16 @@ pub async fn webhook_call(
         &env.ssrf,
         url.as_str(),
         &message,
-        Duration::from_secs(30),
+        WEBHOOK_CALL_TIMEOUT,
         now,
     )
     .await;
     let outcome = match attempt.result {
         Err(delivery::Failure::Refused(r)) => Err(StepError::fatal("refused", r.to_string())),
         Err(delivery::Failure::Invalid(e)) => Err(StepError::fatal("bad_secret", e)),
-        Err(delivery::Failure::Timeout(_)) => Err(StepError::retryable(
-            "timeout",
-            "no response within 30000ms".to_string(),
-        )),
+        Err(f @ delivery::Failure::Timeout(_)) => {
+            Err(StepError::retryable("timeout", f.to_string()))
+        }
         Err(delivery::Failure::Transport(e)) => {
             Err(StepError::retryable("transport", eval::redact_text(&e)))
         }
