@@ -1,0 +1,184 @@
+//! Metrics rows: counts by status per workflow and step, and duration histograms.
+
+use super::*;
+
+/// Histogram bucket upper bounds in milliseconds (log scale; the last bucket is open).
+pub const BUCKETS_MS: &[i64] = &[
+    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000,
+    1_800_000, 3_600_000, 86_400_000,
+];
+
+pub(super) fn bucket_of(ms: i64) -> usize {
+    BUCKETS_MS
+        .iter()
+        .position(|b| ms <= *b)
+        .unwrap_or(BUCKETS_MS.len())
+}
+
+/// The histogram of `durations` (milliseconds): a count per bucket of [`BUCKETS_MS`], and one for
+/// longer ones.
+pub(super) fn histogram_of(durations: &[i64]) -> Vec<i64> {
+    let mut histogram = vec![0; BUCKETS_MS.len() + 1];
+    for ms in durations {
+        histogram[bucket_of(*ms)] += 1;
+    }
+    histogram
+}
+
+/// The `q` quantile (0..1) of a histogram, as the upper bound of its bucket, in milliseconds.
+pub fn quantile_ms(histogram: &[i64], q: f64) -> Option<i64> {
+    let total: i64 = histogram.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = ((total as f64) * q).ceil().max(1.0) as i64;
+    let mut seen = 0;
+    for (i, n) in histogram.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return Some(
+                BUCKETS_MS
+                    .get(i)
+                    .copied()
+                    .unwrap_or(*BUCKETS_MS.last().unwrap_or(&0) * 2),
+            );
+        }
+    }
+    None
+}
+
+/// The values of one metrics row (zero for a new row).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(super) struct Counts {
+    pub(super) total: i64,
+    pub(super) active: i64,
+    pub(super) completed: i64,
+    pub(super) failed: i64,
+    pub(super) cancelled: i64,
+    pub(super) timed_out: i64,
+    pub(super) skipped: i64,
+    pub(super) attempts: i64,
+    pub(super) histogram: Vec<i64>,
+}
+
+impl Counts {
+    /// The values of a stored row.
+    pub(super) fn of(m: &metrics::Model) -> Self {
+        Self {
+            total: m.total,
+            active: m.active,
+            completed: m.completed,
+            failed: m.failed,
+            cancelled: m.cancelled,
+            timed_out: m.timed_out,
+            skipped: m.skipped,
+            attempts: m.attempts,
+            histogram: serde_json::from_value(m.duration_histogram.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// These values with merged increments added, and `durations` added to the histogram bucket
+    /// by bucket.
+    pub(super) fn plus(mut self, d: &MetricsDelta, durations: &[i64]) -> Self {
+        self.histogram.resize(BUCKETS_MS.len() + 1, 0);
+        for ms in durations {
+            self.histogram[bucket_of(*ms)] += 1;
+        }
+        self.total += d.total;
+        self.active += d.active;
+        self.completed += d.completed;
+        self.failed += d.failed;
+        self.cancelled += d.cancelled;
+        self.timed_out += d.timed_out;
+        self.skipped += d.skipped;
+        self.attempts += d.attempts;
+        self
+    }
+}
+
+/// A metrics row after adding merged increments to its current value (`None`: a new row).
+pub(super) fn next_metrics(
+    current: Option<metrics::Model>,
+    workflow_id: &str,
+    d: &MetricsDelta,
+    durations: &[i64],
+    now: DateTime<Utc>,
+) -> metrics::Model {
+    let next = current
+        .as_ref()
+        .map(Counts::of)
+        .unwrap_or_default()
+        .plus(d, durations);
+    metrics::Model {
+        workflow_id: workflow_id.to_string(),
+        step_id: d.step_id.clone(),
+        total: next.total,
+        active: next.active,
+        completed: next.completed,
+        failed: next.failed,
+        cancelled: next.cancelled,
+        timed_out: next.timed_out,
+        skipped: next.skipped,
+        attempts: next.attempts,
+        duration_histogram: Value::from(next.histogram),
+        update_time: now,
+    }
+}
+
+pub(super) async fn upsert_metrics<C: ConnectionTrait>(
+    txn: &C,
+    workflow_id: &str,
+    d: &MetricsDelta,
+    durations: &[i64],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let current = metrics::Entity::find_by_id((workflow_id.to_string(), d.step_id.clone()))
+        .unique(txn)
+        .await?;
+    let m = next_metrics(current, workflow_id, d, durations, now);
+    let model = metrics::ActiveModel {
+        workflow_id: Set(m.workflow_id),
+        step_id: Set(m.step_id),
+        total: Set(m.total),
+        active: Set(m.active),
+        completed: Set(m.completed),
+        failed: Set(m.failed),
+        cancelled: Set(m.cancelled),
+        timed_out: Set(m.timed_out),
+        skipped: Set(m.skipped),
+        attempts: Set(m.attempts),
+        duration_histogram: Set(m.duration_histogram),
+        update_time: Set(m.update_time),
+    };
+    metrics::Entity::insert(model)
+        .on_conflict(
+            OnConflict::columns([metrics::Column::WorkflowId, metrics::Column::StepId])
+                .update_columns([
+                    metrics::Column::Total,
+                    metrics::Column::Active,
+                    metrics::Column::Completed,
+                    metrics::Column::Failed,
+                    metrics::Column::Cancelled,
+                    metrics::Column::TimedOut,
+                    metrics::Column::Skipped,
+                    metrics::Column::Attempts,
+                    metrics::Column::DurationHistogram,
+                    metrics::Column::UpdateTime,
+                ])
+                .to_owned(),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    Ok(())
+}
+
+impl Store {
+    /// Metrics rows of a workflow (the workflow row has `step_id == ""`).
+    pub async fn metrics(&self, workflow_id: &str) -> Result<Vec<metrics::Model>, StoreError> {
+        Ok(metrics::Entity::find()
+            .filter(metrics::Column::WorkflowId.eq(workflow_id))
+            .order_by_asc(metrics::Column::StepId)
+            .all(&self.db)
+            .await?)
+    }
+}
