@@ -10,7 +10,8 @@ import grpc
 import pytest
 
 
-def _binary():
+def binary():
+    """The meshflow binary under test."""
     path = os.environ.get("MESHFLOW_BIN")
     if not path:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -18,11 +19,6 @@ def _binary():
     if not os.path.exists(path):
         pytest.fail(f"meshflow binary not found at {path}; build it with `cargo build -p meshflow`")
     return path
-
-
-def binary():
-    """The meshflow binary under test."""
-    return _binary()
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +30,7 @@ def serve():
     """Runs `meshflow serve` as the README's walkthrough starts it (on a free port); yields its address."""
     data = tempfile.mkdtemp(prefix="meshflow-py-")
     args = [
-        _binary(), "serve",
+        binary(), "serve",
         "--listen", "127.0.0.1:0",
         "--database-url", f"sqlite://{data}/meshflow.db?mode=rwc",
         "--log-format", "json",
