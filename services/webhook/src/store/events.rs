@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use meshflow_kit::convert::{duration, from_json, timestamp};
 use meshflow_kit::db::SelectUnique;
 use meshflow_proto::webhook::v1 as pb;
@@ -65,7 +65,9 @@ fn attempt_row(event_id: &str, number: i32, a: &Attempt) -> attempt::Model {
     attempt::Model {
         webhook_event_id: event_id.to_string(),
         attempt: number,
-        time: a.time,
+        // To the microsecond, the finest time every backend stores: the attempt answered is the
+        // attempt read back.
+        time: a.time.trunc_subsecs(6),
         response_code,
         latency_ms: Some(i64::try_from(a.latency.as_millis()).unwrap_or(i64::MAX)),
         error: error.filter(|e| !e.is_empty()),
