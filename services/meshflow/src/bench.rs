@@ -10,6 +10,7 @@
 //!   on the total (22 steps).
 //! - W2: a FOR_EACH over 100 items at concurrency 10, one GET each, then a sum.
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -175,16 +176,50 @@ impl Server {
         Ok((Self { child, addr }, to_serving))
     }
 
-    fn rss_mib(&self) -> Option<f64> {
+    /// A memory figure of the server's `/proc/PID/status` (`VmRSS`, `VmHWM`), in MiB.
+    fn status_mib(&self, field: &str) -> Option<f64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
         let kb: f64 = status
             .lines()
-            .find(|l| l.starts_with("VmRSS:"))?
+            .find(|l| l.starts_with(field))?
             .split_whitespace()
             .nth(1)?
             .parse()
             .ok()?;
         Some(kb / 1024.0)
+    }
+
+    fn rss_mib(&self) -> Option<f64> {
+        self.status_mib("VmRSS:")
+    }
+
+    /// The largest resident memory since the last [`Self::reset_peak`].
+    fn peak_rss_mib(&self) -> Option<f64> {
+        self.status_mib("VmHWM:")
+    }
+
+    /// Starts the peak over from the current resident memory (Linux `clear_refs`).
+    fn reset_peak(&self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5");
+    }
+
+    /// The resident memory once it has stopped moving: four readings 250 ms apart within
+    /// 0.5 MiB of each other, or the last reading after a minute.
+    async fn settled_rss_mib(&self) -> Option<f64> {
+        let mut readings: Vec<f64> = Vec::new();
+        for _ in 0..240 {
+            readings.push(self.rss_mib()?);
+            if let [.., a, b, c, d] = readings[..] {
+                let (lo, hi) = [a, b, c, d]
+                    .iter()
+                    .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
+                if hi - lo < 0.5 {
+                    return Some(d);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        readings.last().copied()
     }
 
     fn stop(mut self) {
@@ -195,14 +230,32 @@ impl Server {
     }
 }
 
+/// W1's condition: the total of the doubled prices of items `offset + 1 ..= offset + 10` is
+/// `30 * offset + 165`, so offsets 0 to 4 take the `small` branch and 5 to 9 the `big` one.
+const W1_THRESHOLD: f64 = 300.0;
+
+/// What a W1 execution with this offset must answer: the total and the branch it takes.
+fn w1_expected(offset: i64) -> (f64, &'static str) {
+    let total: f64 = (1..=10).map(|i| (offset + i) as f64 * 1.5 * 2.0).sum();
+    (total, if total > W1_THRESHOLD { "big" } else { "small" })
+}
+
+/// W2's sum: the prices of items 1 to 100.
+const W2_SUM: f64 = 1.5 * 5050.0;
+
+/// The input of the n-th W1 execution: offsets cycle through 0 to 9, so both branches run.
+fn w1_input(n: u64) -> Value {
+    json!({"offset": n % 10})
+}
+
 fn w1(base: &str) -> Value {
     let mut steps = Vec::new();
     let mut previous: Option<String> = None;
     for i in 1..=10 {
         let get = format!("get{i}");
         let keep = format!("keep{i}");
-        let mut g =
-            json!({"id": get, "http": {"method": "GET", "url": format!("{base}/item/{i}")}});
+        let mut g = json!({"id": get, "http": {"method": "GET",
+            "url": format!("{base}/item/${{input.offset + {i}}}")}});
         if let Some(p) = &previous {
             g["dependsOn"] = json!([p]);
         }
@@ -217,7 +270,7 @@ fn w1(base: &str) -> Value {
         .map(|i| format!("steps.keep{i}.output.price"))
         .collect();
     steps.push(json!({"id": "check", "dependsOn": ["keep10"], "conditional": {"branches": [
-        {"condition": format!("{} > 100.0", total.join(" + ")),
+        {"condition": format!("{} > {W1_THRESHOLD:.1}", total.join(" + ")),
          "steps": [{"id": "big", "transform": {"assignments": [{"target": "big", "expression": "true"}]}}]}],
         "otherwise": [{"id": "small", "transform": {"assignments": [{"target": "big", "expression": "false"}]}}]}}));
     json!({"name": "bench-w1", "status": "WORKFLOW_STATUS_ACTIVE", "steps": steps})
@@ -266,13 +319,13 @@ impl Lags {
     }
 }
 
-/// Runs one execution through ExecuteWorkflow; returns its latency and how long after their
-/// commit and their own time the client received its events.
+/// Runs one execution through ExecuteWorkflow; returns its latency, how long after their commit
+/// and their own time the client received its events, and the outputs of its steps by path.
 async fn execute(
     client: &mut OrchestratorServiceClient<Channel>,
     workflow_id: &str,
     input: &Value,
-) -> anyhow::Result<(Duration, Lags)> {
+) -> anyhow::Result<(Duration, Lags, HashMap<String, Value>)> {
     use opb::execute_workflow_response::Payload;
     let started = Instant::now();
     let mut stream = client
@@ -284,6 +337,7 @@ async fn execute(
         .await?
         .into_inner();
     let mut lags = Lags::default();
+    let mut outputs = HashMap::new();
     let mut ok = false;
     while let Some(m) = stream.message().await? {
         if let Some(Payload::Event(e)) = m.payload {
@@ -297,12 +351,69 @@ async fn execute(
             if e.r#type == EventType::ExecutionCompleted as i32 {
                 ok = true;
             }
+            if e.r#type == EventType::StepSucceeded as i32
+                && let Some(output) = &e.output
+            {
+                outputs.insert(e.step_path.clone(), meshflow_kit::convert::to_json(output));
+            }
         }
     }
     if !ok {
         bail!("an execution did not complete");
     }
-    Ok((started.elapsed(), lags))
+    Ok((started.elapsed(), lags, outputs))
+}
+
+/// Checks a W1 execution's answer: each doubled price, the total, and the branch taken.
+fn check_w1(offset: i64, outputs: &HashMap<String, Value>) -> anyhow::Result<()> {
+    let (total, branch) = w1_expected(offset);
+    let mut sum = 0.0;
+    for i in 1..=10 {
+        let price = outputs
+            .get(&format!("keep{i}"))
+            .and_then(|o| o["price"].as_f64())
+            .with_context(|| format!("W1 offset {offset}: keep{i} has no price"))?;
+        let expected = (offset + i) as f64 * 3.0;
+        if (price - expected).abs() > 1e-9 {
+            bail!("W1 offset {offset}: keep{i} answered {price}, not {expected}");
+        }
+        sum += price;
+    }
+    if (sum - total).abs() > 1e-9 {
+        bail!("W1 offset {offset}: the total is {sum}, not {total}");
+    }
+    // A branch's steps run under the condition's path; the branch not taken is skipped.
+    let taken = outputs
+        .get(&format!("check/{branch}"))
+        .and_then(|o| o["big"].as_bool());
+    if taken != Some(branch == "big") {
+        bail!("W1 offset {offset}: the {branch} branch did not run");
+    }
+    Ok(())
+}
+
+/// Checks a W2 execution's answer: the sum of 100 prices.
+fn check_w2(outputs: &HashMap<String, Value>) -> anyhow::Result<()> {
+    let sum = outputs
+        .get("sum")
+        .and_then(Value::as_f64)
+        .context("W2: sum has no number")?;
+    if (sum - W2_SUM).abs() > 1e-6 {
+        bail!("W2: the sum is {sum}, not {W2_SUM}");
+    }
+    Ok(())
+}
+
+/// Runs one W1 execution with the n-th input and checks its answer.
+async fn execute_w1(
+    client: &mut OrchestratorServiceClient<Channel>,
+    workflow_id: &str,
+    n: u64,
+) -> anyhow::Result<(Duration, Lags)> {
+    let input = w1_input(n);
+    let (latency, lags, outputs) = execute(client, workflow_id, &input).await?;
+    check_w1(input["offset"].as_i64().unwrap_or_default(), &outputs)?;
+    Ok((latency, lags))
 }
 
 /// How long the benchmark's client waits before each request of
@@ -418,15 +529,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     // W1 alone.
     let mut client = OrchestratorServiceClient::new(channel.clone());
-    let empty = json!({});
-    for _ in 0..10 {
-        execute(&mut client, &w1_id, &empty).await?;
+    for n in 0..10 {
+        execute_w1(&mut client, &w1_id, n).await?;
     }
     let mut latencies = Vec::new();
     let mut lags = Lags::default();
     let ticks = CpuTicks::read();
-    for _ in 0..args.samples {
-        let (latency, l) = execute(&mut client, &w1_id, &empty).await?;
+    for n in 0..args.samples as u64 {
+        let (latency, l) = execute_w1(&mut client, &w1_id, n).await?;
         latencies.push(latency.as_secs_f64() * 1000.0);
         lags.extend(l);
     }
@@ -465,9 +575,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let id = w1_id.clone();
         let done = done.clone();
         tasks.push(tokio::spawn(async move {
-            let empty = json!({});
+            let mut n = 0;
             while Instant::now() < deadline {
-                execute(&mut client, &id, &empty).await?;
+                execute_w1(&mut client, &id, n).await?;
+                n += 1;
                 done.fetch_add(1, Ordering::Relaxed);
             }
             anyhow::Ok(())
@@ -479,19 +590,27 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let elapsed = started.elapsed().as_secs_f64();
     let executions = done.load(Ordering::Relaxed) as f64;
     println!("w1_sustained_executions_per_s: {:.1}", executions / elapsed);
+    // Every step of W1 (10 HTTP, 10 transforms, the condition and its branch), and its HTTP
+    // steps alone.
     println!(
         "w1_sustained_steps_per_s: {:.0}",
         executions * 22.0 / elapsed
+    );
+    println!(
+        "w1_sustained_http_steps_per_s: {:.0}",
+        executions * 10.0 / elapsed
     );
     print_steal("w1_sustained_cpu_steal_percent", ticks);
 
     // W2.
     let items: Vec<i64> = (1..=100).collect();
     let input = json!({"items": items});
-    execute(&mut client, &w2_id, &input).await?;
+    check_w2(&execute(&mut client, &w2_id, &input).await?.2)?;
     let mut w2 = Vec::new();
     for _ in 0..args.w2_samples {
-        w2.push(execute(&mut client, &w2_id, &input).await?.0.as_secs_f64() * 1000.0);
+        let (latency, _, outputs) = execute(&mut client, &w2_id, &input).await?;
+        check_w2(&outputs)?;
+        w2.push(latency.as_secs_f64() * 1000.0);
     }
     let w2 = sorted(w2);
     println!("w2_latency_p50_ms: {:.2}", percentile(&w2, 0.5));
@@ -499,6 +618,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     // Executions parked in WAIT.
     if args.parked > 0 {
         let parked_id = create(&channel, parked()).await?;
+        if let Some(s) = &server {
+            s.reset_peak();
+        }
         let started = Instant::now();
         let mut ids = Vec::with_capacity(args.parked);
         for chunk in 0..args.parked.div_ceil(64) {
@@ -560,8 +682,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        if let Some(rss) = server.as_ref().and_then(Server::rss_mib) {
-            println!("parked_{}_rss_mib: {rss:.1}", args.parked);
+        // Parked executions leave memory `--park-after` after they start waiting: the figure is
+        // read once the memory has settled, and the peak while they were started and parked
+        // is printed beside it.
+        if let Some(s) = &server {
+            if let Some(rss) = s.settled_rss_mib().await {
+                println!("parked_{}_rss_mib: {rss:.1}", args.parked);
+            }
+            if let Some(peak) = s.peak_rss_mib() {
+                println!("parked_{}_peak_rss_mib: {peak:.1}", args.parked);
+            }
         }
     }
     if let Some(s) = server {
@@ -579,6 +709,44 @@ mod tests {
 cpu0 1097458 1122 103917 948643 13640 0 15410 20759 0 0
 intr 1 2 3
 ";
+
+    fn w1_outputs(offset: i64, branch: &str, big: bool) -> HashMap<String, Value> {
+        let mut outputs: HashMap<String, Value> = (1..=10)
+            .map(|i| {
+                (
+                    format!("keep{i}"),
+                    json!({"price": (offset + i) as f64 * 3.0}),
+                )
+            })
+            .collect();
+        outputs.insert(format!("check/{branch}"), json!({"big": big}));
+        outputs
+    }
+
+    #[test]
+    fn w1_answers_are_checked_and_both_branches_are_expected() {
+        assert_eq!(w1_expected(0), (165.0, "small"));
+        assert_eq!(w1_expected(5), (315.0, "big"));
+        assert!(check_w1(0, &w1_outputs(0, "small", false)).is_ok());
+        assert!(check_w1(7, &w1_outputs(7, "big", true)).is_ok());
+        assert!(
+            check_w1(7, &w1_outputs(7, "small", false)).is_err(),
+            "wrong branch"
+        );
+        let mut wrong = w1_outputs(2, "small", false);
+        wrong.insert("keep3".into(), json!({"price": 1.0}));
+        assert!(check_w1(2, &wrong).is_err(), "wrong price");
+        let branches: std::collections::BTreeSet<&str> = (0..10)
+            .map(|n| w1_expected(w1_input(n)["offset"].as_i64().unwrap_or(0)).1)
+            .collect();
+        assert_eq!(
+            branches.len(),
+            2,
+            "ten consecutive executions take both branches"
+        );
+        assert!(check_w2(&HashMap::from([("sum".to_string(), json!(7575.0))])).is_ok());
+        assert!(check_w2(&HashMap::from([("sum".to_string(), json!(7574.0))])).is_err());
+    }
 
     #[test]
     fn cpu_ticks_are_read_from_the_machine_wide_line() {
