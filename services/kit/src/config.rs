@@ -137,6 +137,34 @@ pub struct Limits {
     )]
     pub max_expression_bytes: usize,
 
+    /// Deepest nesting of brackets in one CEL expression.
+    #[arg(
+        long = "max-expression-nesting",
+        env = "MESHFLOW_MAX_EXPRESSION_NESTING",
+        default_value_t = 32
+    )]
+    pub max_expression_nesting: usize,
+
+    /// Comprehension iterations (`all`, `exists`, `map`, `filter`, …) of one evaluation.
+    #[arg(
+        long = "max-expression-iterations",
+        env = "MESHFLOW_MAX_EXPRESSION_ITERATIONS",
+        default_value_t = 100_000
+    )]
+    pub max_expression_iterations: u64,
+
+    /// Bytes of a string one evaluation builds or returns.
+    #[arg(long = "max-expression-string-bytes", env = "MESHFLOW_MAX_EXPRESSION_STRING_BYTES", default_value_t = 1024 * 1024)]
+    pub max_expression_string_bytes: usize,
+
+    /// Items of a list one evaluation builds or returns.
+    #[arg(
+        long = "max-expression-list-items",
+        env = "MESHFLOW_MAX_EXPRESSION_LIST_ITEMS",
+        default_value_t = 100_000
+    )]
+    pub max_expression_list_items: usize,
+
     /// Longest execution: no workflow timeout, step timeout or wait may exceed it.
     #[arg(long = "max-execution-duration", env = "MESHFLOW_MAX_EXECUTION_DURATION", default_value = "30d", value_parser = parse_duration)]
     pub max_execution_duration: Duration,
@@ -187,6 +215,10 @@ impl Default for Limits {
             max_nesting_depth: 8,
             max_definition_bytes: 1024 * 1024,
             max_expression_bytes: 4096,
+            max_expression_nesting: 32,
+            max_expression_iterations: 100_000,
+            max_expression_string_bytes: 1024 * 1024,
+            max_expression_list_items: 100_000,
             max_execution_duration: Duration::from_secs(30 * 24 * 3600),
             max_for_each_items: 10_000,
             max_step_output_bytes: 1024 * 1024,

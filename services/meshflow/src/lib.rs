@@ -122,6 +122,13 @@ pub async fn prepare(
     config: &ServerConfig,
     services: &[ServiceName],
 ) -> anyhow::Result<(TcpListener, Mounts)> {
+    let limits = &config.limits;
+    meshflow_workflow::expr::cost::set_limits(meshflow_workflow::expr::cost::Limits {
+        max_nesting: limits.max_expression_nesting,
+        max_iterations: limits.max_expression_iterations,
+        max_string_bytes: limits.max_expression_string_bytes,
+        max_list_items: limits.max_expression_list_items,
+    });
     let listener = TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;

@@ -66,7 +66,7 @@ impl StepError {
 
 impl From<meshflow_workflow::expr::EvalError> for StepError {
     fn from(e: meshflow_workflow::expr::EvalError) -> Self {
-        Self::fatal("expression", eval::redact_text(&e.to_string()))
+        Self::fatal(e.code(), eval::redact_text(&e.to_string()))
     }
 }
 
@@ -338,7 +338,7 @@ pub fn transform(
         )
     })
     .map_err(|f| StepError {
-        code: "expression",
+        code: f.error.code(),
         message: eval::redact_text(&format!(
             "assignments[{}] ({}): {}",
             f.index, f.target, f.error

@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use cel::common::ast::{EntryExpr, Expr, IdedExpr, LiteralValue};
 use cel::{Context, Env, Program};
 
+pub mod cost;
 mod numbers;
 
 /// The CEL environment: the standard library, the strings, lists and math extensions, and
@@ -18,7 +19,12 @@ mod numbers;
 pub fn env() -> Arc<Env> {
     static ENV: OnceLock<Arc<Env>> = OnceLock::new();
     ENV.get_or_init(|| {
-        let mut env = Env::stdlib();
+        // The standard library with metered comprehensions; failing to declare them is a build
+        // defect, caught by every test that evaluates.
+        let mut env = cost::env().unwrap_or_else(|err| {
+            tracing::error!(error = ?err, "cel cost bounds unavailable");
+            Env::stdlib()
+        });
         // The extensions are part of the crate; failing to add them is a build defect.
         for ext in [
             cel::extensions::strings,
@@ -53,13 +59,34 @@ pub struct Compiled {
 }
 
 /// Parses a CEL expression and collects its references.
+///
+/// CEL's parser recurses once per level of nesting, and then so does evaluation: parsing runs on
+/// a thread of its own with a stack no expression within `--max-expression-bytes` can exhaust,
+/// and an expression nested deeper than `--max-expression-nesting` is refused
+/// (`expression_too_costly`), so evaluating it stays within any thread's stack.
 pub fn compile(source: &str) -> Result<Compiled, String> {
     if source.trim().is_empty() {
         return Err("is empty".to_string());
     }
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .name("cel-parse".into())
+            .stack_size(PARSE_STACK_BYTES)
+            .spawn_scoped(scope, || compile_here(source))
+            .map_err(|e| format!("cannot parse now: {e}"))?
+            .join()
+            .map_err(|_| "cannot be parsed".to_string())?
+    })
+}
+
+/// The stack of the parsing thread: reserved, not used, unless an expression nests deeply.
+const PARSE_STACK_BYTES: usize = 256 << 20;
+
+fn compile_here(source: &str) -> Result<Compiled, String> {
     let program = env()
         .compile(source)
         .map_err(|e| one_line(&e.to_string()))?;
+    cost::check_depth(program.expression())?;
     let mut refs = Refs::default();
     refs.walk(program.expression(), &mut Vec::new());
     Ok(Compiled {
@@ -216,6 +243,20 @@ pub enum EvalError {
     /// The result has no JSON form (e.g. a function value).
     #[error("result is not JSON: {0}")]
     NotJson(String),
+    /// The evaluation went past one of its bounds ([`cost`]).
+    #[error("the expression is too costly: it would take {0}")]
+    TooCostly(cost::Exceeded),
+}
+
+impl EvalError {
+    /// The error code of a step this failed: `expression_too_costly` past a bound, else
+    /// `expression`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::TooCostly(_) => "expression_too_costly",
+            _ => "expression",
+        }
+    }
 }
 
 /// Evaluates a compiled program against variables given as JSON.
@@ -227,9 +268,10 @@ pub fn eval(
     for (name, value) in vars {
         ctx.add_variable_from_value(*name, to_cel(value));
     }
-    let out = program
-        .execute(&ctx)
+    let out = cost::metered(|| program.execute(&ctx))
+        .map_err(EvalError::TooCostly)?
         .map_err(|e| EvalError::Runtime(e.to_string()))?;
+    cost::check_result(&out).map_err(EvalError::TooCostly)?;
     out.json().map_err(|e| EvalError::NotJson(e.to_string()))
 }
 

@@ -615,6 +615,16 @@ async fn run_time_limits_are_enforced() {
         Some("response_too_large".to_string())
     );
 
+    // An expression whose work would be unbounded fails its step at once.
+    let costly = server
+        .active_workflow(json!({"name": "costly", "steps": [
+            {"id": "t", "transform": {"assignments": [{"target": "n",
+             "expression": "lists.range(100000).map(i, lists.range(100000).size())"}]}}]}))
+        .await;
+    let (execution, _) = server.execute(&costly, json!({})).await;
+    let error = execution.error.expect("error");
+    assert_eq!(error.code, "expression_too_costly", "{error:?}");
+
     // A body that never ends and names no length: reading stops past the limit.
     let endless = server
         .active_workflow(json!({"name": "endless", "steps": [

@@ -12,7 +12,7 @@
 //! Comparison and equality need nothing: CEL already compares numbers across types.
 
 use cel::common::ast::{CallExpr, Expr, IdedExpr, operators};
-use cel::common::types::{CelDouble, CelInt, CelUInt, DYN_TYPE};
+use cel::common::types::{CelDouble, CelInt, CelList, CelString, CelUInt, DYN_TYPE};
 use cel::common::value::{CowVal, Val};
 use cel::parser::{Macro, MacroExprHelper};
 use cel::{DeclarationError, Env, ExecutionError, ParseError};
@@ -95,12 +95,27 @@ impl Op {
         }
     }
 
-    /// CEL's own operator, for what is not a pair of numbers.
+    /// CEL's own operator, for what is not a pair of numbers; a string or list `+` builds is
+    /// checked against the expression's bounds ([`super::cost`]) first.
     fn cel<'b, 'v>(
         self,
         l: &CowVal<'b, 'v>,
         r: &CowVal<'b, 'v>,
     ) -> Result<Box<dyn Val + 'v>, ExecutionError> {
+        if let Op::Add = self {
+            if let (Some(a), Some(b)) =
+                (l.downcast_ref::<CelString>(), r.downcast_ref::<CelString>())
+            {
+                let bytes = a.inner().len() + b.inner().len();
+                super::cost::check_string(bytes)?;
+                super::cost::charge(super::cost::string_units(bytes))?;
+            }
+            if let (Some(a), Some(b)) = (l.downcast_ref::<CelList>(), r.downcast_ref::<CelList>()) {
+                let items = a.inner().len() + b.inner().len();
+                super::cost::check_list(items)?;
+                super::cost::charge(items)?;
+            }
+        }
         let (l, r): (&dyn Val, &dyn Val) = (l.as_ref(), r.as_ref());
         let unsupported = || {
             ExecutionError::UnsupportedBinaryOperator(

@@ -317,6 +317,17 @@ fn limits_are_enforced() {
     );
     assert!(f.contains(&"workflow.steps[1].for_each.steps[0]"), "{v:?}");
 
+    let deep = format!("{}1{}", "int(".repeat(40), ")".repeat(40));
+    let doc = json!({"name": "deep", "steps": [
+        {"id": "a", "transform": {"assignments": [{"target": "x", "expression": deep}]}}]});
+    let v = check_with(doc, &Limits::default());
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert_eq!(
+        v[0].0,
+        "workflow.steps[0].transform.assignments[0].expression"
+    );
+    assert!(v[0].1.contains("expression_too_costly"), "{v:?}");
+
     let tiny = Limits {
         max_definition_bytes: 10,
         ..Limits::default()
