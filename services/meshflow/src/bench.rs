@@ -203,18 +203,21 @@ impl Server {
         let _ = std::fs::write(format!("/proc/{}/clear_refs", self.child.id()), "5");
     }
 
-    /// The resident memory once it has stopped moving: four readings 250 ms apart within
-    /// 0.5 MiB of each other, or the last reading after a minute.
+    /// The resident memory once it has stopped moving: readings 250 ms apart within 0.5 MiB of
+    /// each other for 3 s, longer than the default `--park-after` (2 s) that executions wait in
+    /// memory before they leave it; or the last reading after a minute.
     async fn settled_rss_mib(&self) -> Option<f64> {
+        const WINDOW: usize = 12;
         let mut readings: Vec<f64> = Vec::new();
         for _ in 0..240 {
             readings.push(self.rss_mib()?);
-            if let [.., a, b, c, d] = readings[..] {
-                let (lo, hi) = [a, b, c, d]
+            if readings.len() >= WINDOW {
+                let last = &readings[readings.len() - WINDOW..];
+                let (lo, hi) = last
                     .iter()
                     .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(*x), hi.max(*x)));
                 if hi - lo < 0.5 {
-                    return Some(d);
+                    return last.last().copied();
                 }
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
