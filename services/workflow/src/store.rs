@@ -15,6 +15,7 @@ use sea_orm::{
 use crate::error::Error;
 
 pub mod entity;
+pub mod head;
 
 use entity::{rule, template, template_tag, version, workflow, workflow_tag};
 

@@ -11,34 +11,13 @@ pub(super) enum InsertOutcome {
     Stale,
 }
 
-/// The workflow's status and current version, read by the inserting transaction.
-pub(super) const HEAD_SQLITE: &str =
-    "SELECT status, current_version FROM workflows WHERE id = ?1 AND delete_time IS NULL";
-
-pub(super) const HEAD_POSTGRES: &str =
-    "SELECT status, current_version FROM workflows WHERE id = $1 AND delete_time IS NULL";
-
-/// A workflow's `(status, current_version)`, if it exists, read through `c`.
+/// A workflow's `(status, current_version)`, if it exists, read through `c` (the inserting
+/// transaction) with the workflow crate's statement.
 pub(super) async fn read_head<C: ConnectionTrait>(
     c: &C,
     workflow_id: &str,
 ) -> Result<Option<(String, i64)>, StoreError> {
-    let backend = c.get_database_backend();
-    let sql = if backend == DbBackend::Postgres {
-        HEAD_POSTGRES
-    } else {
-        HEAD_SQLITE
-    };
-    Ok(c.query_one_raw(Statement::from_sql_and_values(
-        backend,
-        sql,
-        [workflow_id.into()],
-    ))
-    .await?
-    .map(|r| -> Result<(String, i64), sea_orm::DbErr> {
-        Ok((r.try_get_by_index(0)?, r.try_get_by_index(1)?))
-    })
-    .transpose()?)
+    Ok(meshflow_workflow::store::head::read(c, workflow_id).await?)
 }
 
 /// Whether a workflow row read as `(status, current_version)` still matches `head`.

@@ -19,7 +19,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 
 use super::entity::execution;
 use super::{
-    Commit, CommitOutcome, Counts, HEAD_SQLITE, Head, InsertOutcome, MetricsDelta, StoreError,
+    Commit, CommitOutcome, Counts, Head, InsertOutcome, MetricsDelta, StoreError,
     json_text as json, time_text as time,
 };
 
@@ -133,7 +133,7 @@ impl Reader {
 
 /// A workflow's `(status, current_version)`, if it exists, read through `c`.
 fn head_in(c: &Connection, workflow_id: &str) -> rusqlite::Result<Option<(String, i64)>> {
-    c.prepare_cached(HEAD_SQLITE)?
+    c.prepare_cached(meshflow_workflow::store::head::SQLITE)?
         .query_row([workflow_id], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
 }
