@@ -35,7 +35,6 @@ mod composite;
 mod scheduler;
 mod wait;
 
-use crate::engine::Shared;
 use crate::eval::{self, Scope};
 use crate::retry::Policy;
 use crate::steps::{self, CallContext, StepError};
@@ -43,6 +42,29 @@ use crate::writer::{Durable, Failure, Tracker};
 
 /// Signal name that requests cancellation (not a valid user signal name).
 pub const CANCEL_SIGNAL: &str = "$cancel";
+
+/// What the drivers of one engine share; the engine makes it, the drivers only use it, so
+/// dependencies point one way: engine → driver → writer → hub.
+pub struct Shared {
+    /// Execution records.
+    pub store: meshflow_execution::store::Store,
+    /// Workflow definitions and transformation rules.
+    pub rules: meshflow_workflow::store::Store,
+    /// Registered webhooks.
+    pub webhooks: meshflow_webhook::Store,
+    /// The group-commit writer.
+    pub writer: crate::writer::Writer,
+    /// Leaf step environment.
+    pub env: steps::Env,
+    /// This replica's id.
+    pub owner: String,
+    /// Park threshold.
+    pub park_after: Duration,
+    /// FOR_EACH item limit.
+    pub max_for_each_items: usize,
+    /// Wakes the poller.
+    pub kick: Notify,
+}
 
 /// Why a driver stopped before the definition finished.
 #[derive(Debug, Clone)]

@@ -10,16 +10,16 @@ use meshflow_execution::store::entity::execution;
 use meshflow_execution::store::{Head, Inserted, NewExecution, Store as ExecStore};
 use meshflow_kit::convert::{struct_to_json, to_json};
 use meshflow_kit::{Violation, Violations, request};
-use meshflow_proto::execution::v1::{self as epb, EventType};
+use meshflow_proto::execution::v1 as epb;
 use meshflow_proto::orchestrator::v1 as opb;
 use meshflow_proto::workflow::v1 as wpb;
 use serde_json::Value;
 use tokio::sync::{Notify, mpsc};
 
-use crate::driver::{CANCEL_SIGNAL, Halt, Run};
+use crate::driver::{CANCEL_SIGNAL, Halt, Run, Shared};
 use crate::error::Error;
 use crate::eval::Programs;
-use crate::hub::Hub;
+use crate::hub::{Hub, is_terminal_event};
 use crate::steps::{self, Env};
 use crate::writer::Writer;
 use meshflow_kit::ssrf;
@@ -51,28 +51,6 @@ pub struct Config {
     pub limits: meshflow_kit::Limits,
 }
 
-/// What drivers share.
-pub struct Shared {
-    /// Execution records.
-    pub store: ExecStore,
-    /// Workflow definitions and transformation rules.
-    pub rules: meshflow_workflow::store::Store,
-    /// Registered webhooks.
-    pub webhooks: meshflow_webhook::Store,
-    /// The group-commit writer.
-    pub writer: Writer,
-    /// Leaf step environment.
-    pub env: Env,
-    /// This replica's id.
-    pub owner: String,
-    /// Park threshold.
-    pub park_after: Duration,
-    /// FOR_EACH item limit.
-    pub max_for_each_items: usize,
-    /// Wakes the poller.
-    pub kick: Notify,
-}
-
 /// The orchestration engine of one replica.
 pub struct Engine {
     /// The runtime of the engine's thread (see [`crate::thread`]): every task of the engine runs
@@ -93,16 +71,6 @@ const WATCH_PAGE: u64 = 500;
 fn active(status: &str) -> bool {
     epb::ExecutionStatus::from_str_name(status)
         .is_some_and(|s| !meshflow_execution::state::is_terminal(s))
-}
-
-pub(crate) fn is_terminal_event(e: &epb::ExecutionEvent) -> bool {
-    matches!(
-        EventType::try_from(e.r#type),
-        Ok(EventType::ExecutionCompleted
-            | EventType::ExecutionFailed
-            | EventType::ExecutionCancelled
-            | EventType::ExecutionTimedOut)
-    )
 }
 
 impl Engine {

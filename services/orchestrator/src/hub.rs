@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
-use meshflow_proto::execution::v1::ExecutionEvent;
+use meshflow_proto::execution::v1::{EventType, ExecutionEvent};
 use meshflow_proto::pbjson_types::Timestamp;
 use tokio::sync::mpsc;
 
@@ -58,7 +58,7 @@ impl Hub {
         let Some(last) = events.last() else {
             return;
         };
-        let finished = crate::engine::is_terminal_event(last);
+        let finished = is_terminal_event(last);
         let mut channels = self.channels.lock().unwrap_or_else(PoisonError::into_inner);
         let Some(watchers) = channels.get_mut(execution_id) else {
             return;
@@ -93,10 +93,20 @@ impl Hub {
     }
 }
 
+/// Whether an event ends its execution's stream.
+pub(crate) fn is_terminal_event(e: &ExecutionEvent) -> bool {
+    matches!(
+        EventType::try_from(e.r#type),
+        Ok(EventType::ExecutionCompleted
+            | EventType::ExecutionFailed
+            | EventType::ExecutionCancelled
+            | EventType::ExecutionTimedOut)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use meshflow_proto::execution::v1 as epb;
 
     fn event(sequence: i64) -> ExecutionEvent {
         ExecutionEvent {
@@ -161,7 +171,7 @@ mod tests {
         let mut b = hub.subscribe("x");
         let terminal = ExecutionEvent {
             sequence: 2,
-            r#type: epb::EventType::ExecutionCompleted as i32,
+            r#type: EventType::ExecutionCompleted as i32,
             ..Default::default()
         };
         hub.publish("x", vec![event(1)], at(1));
