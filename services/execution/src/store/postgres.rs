@@ -250,7 +250,11 @@ pub(super) async fn commit(
                         Ok(rows) => return Ok(rows),
                         Err(err) if attempt < ATTEMPTS && retryable(&err) => {
                             // The statement is its own transaction: nothing of it was written.
+                            // The transaction it deadlocked with is waiting for the rows it held:
+                            // give way for a moment, or running again at once may take them
+                            // back first and deadlock with it again.
                             tracing::warn!(error = %err, attempt, "group commit retried");
+                            tokio::time::sleep(RETRY_PAUSE * attempt).await;
                             attempt += 1;
                         }
                         Err(err) => return Err(db(err)),
@@ -279,6 +283,9 @@ pub(super) async fn commit(
 /// serialization conflict (with a transaction outside meshflow's own ordering, such as a
 /// cascading delete), before the commit fails.
 const ATTEMPTS: u32 = 3;
+
+/// The pause before running a cancelled batch statement again, times the attempt.
+const RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A deadlock victim (`40P01`) or a serialization failure (`40001`): running it again may succeed.
 fn retryable(err: &sqlx::Error) -> bool {
