@@ -148,8 +148,8 @@ async fn the_binary_serves_and_stops_on_sigterm() {
 
     // Wait off the runtime thread, so this test's client connection can still answer the server's GOAWAY.
     let exit = server.signal_and_wait("TERM").await;
-    assert!(exit.success(), "exit status {exit:?}");
     let log = server.log();
+    assert!(exit.success(), "exit status {exit:?}; log: {log}");
     assert!(log.contains("received sigterm"), "{log}");
     assert!(log.contains("\"stopped\""), "{log}");
 }
