@@ -197,16 +197,20 @@ impl Service {
         Self { store, outbound }
     }
 
-    /// Sends one attempt of a recorded event to its webhook now and keeps it.
+    /// The endpoint of a webhook, as a delivery needs it.
+    async fn endpoint(&self, webhook_id: &str) -> Result<crate::Endpoint, Error> {
+        self.store
+            .endpoint(webhook_id)
+            .await?
+            .ok_or_else(|| Error::NotFound(webhook_id.to_string()))
+    }
+
+    /// Sends one attempt of a recorded event to its endpoint now and keeps it.
     async fn attempt(
         &self,
         event: &crate::entity::event::Model,
+        endpoint: &crate::Endpoint,
     ) -> Result<pb::DeliveryAttempt, Error> {
-        let endpoint = self
-            .store
-            .endpoint(&event.webhook_id)
-            .await?
-            .ok_or_else(|| Error::NotFound(event.webhook_id.clone()))?;
         let now = chrono::Utc::now();
         let body = delivery::envelope(&event.event_type, &event.payload, now);
         let message = delivery::Message {
@@ -235,7 +239,7 @@ impl Service {
     /// webhook's status or event types) and answers with the attempt.
     pub async fn test(&self, req: pb::TestWebhookRequest) -> Result<pb::DeliveryAttempt, Error> {
         check_webhook_id("webhook_id", &req.webhook_id)?;
-        self.store.get(&req.webhook_id).await?;
+        let endpoint = self.endpoint(&req.webhook_id).await?;
         let event = self
             .store
             .record_event(
@@ -245,7 +249,7 @@ impl Service {
                 chrono::Utc::now(),
             )
             .await?;
-        self.attempt(&event).await
+        self.attempt(&event, &endpoint).await
     }
 
     /// RedeliverWebhookEvent: one more attempt of an event now, with its same `webhook-id`.
@@ -259,7 +263,8 @@ impl Service {
             .event_row(&req.webhook_event_id)
             .await?
             .ok_or_else(|| Error::EventNotFound(req.webhook_event_id.clone()))?;
-        self.attempt(&event).await?;
+        let endpoint = self.endpoint(&event.webhook_id).await?;
+        self.attempt(&event, &endpoint).await?;
         self.store.event(&event.id).await
     }
 

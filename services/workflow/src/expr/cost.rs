@@ -41,23 +41,23 @@ pub struct Limits {
     pub max_list_items: usize,
 }
 
+impl Limits {
+    /// The bounds when none are configured (the server's flags have the same defaults).
+    pub const DEFAULT: Limits = Limits {
+        max_nesting: 32,
+        max_iterations: 100_000,
+        max_string_bytes: 1024 * 1024,
+        max_list_items: 100_000,
+    };
+}
+
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_nesting: 32,
-            max_iterations: 100_000,
-            max_string_bytes: 1024 * 1024,
-            max_list_items: 100_000,
-        }
+        Self::DEFAULT
     }
 }
 
-static LIMITS: RwLock<Limits> = RwLock::new(Limits {
-    max_nesting: 32,
-    max_iterations: 100_000,
-    max_string_bytes: 1024 * 1024,
-    max_list_items: 100_000,
-});
+static LIMITS: RwLock<Limits> = RwLock::new(Limits::DEFAULT);
 
 /// Sets the bounds of every evaluation in this process (from the server's configuration).
 pub fn set_limits(limits: Limits) {
@@ -588,14 +588,14 @@ pub fn env() -> Result<Env, DeclarationError> {
             fold.expand(h, t, a)
         }))?;
     }
-    let functions: [(&str, cel::common::functions::Function); 4] = [
-        ("@iterate", iterate),
-        ("@range", range),
-        ("@replace", replace),
-        ("@join", join),
+    let functions: [(&str, cel::common::functions::Function, &[usize]); 4] = [
+        ("@iterate", iterate, &[1]),
+        ("@range", range, &[1]),
+        ("@replace", replace, &[3, 4]),
+        ("@join", join, &[1, 2]),
     ];
-    for (name, f) in functions {
-        for arity in 1..=4 {
+    for (name, f, arities) in functions {
+        for &arity in arities {
             env.add_overload(
                 name,
                 &format!("{name}_{arity}"),
