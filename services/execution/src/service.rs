@@ -6,7 +6,7 @@ use meshflow_proto::execution::v1 as pb;
 
 use crate::convert;
 use crate::error::Error;
-use crate::store::{ExecutionFilter, Store, quantile_ms};
+use crate::store::{ExecutionFilter, Store, quantile};
 
 /// ExecutionService over the execution store; `workflows` tells which workflows exist (or
 /// existed).
@@ -16,11 +16,14 @@ pub struct Service {
     workflows: meshflow_workflow::store::Store,
 }
 
-fn stats(histogram: &serde_json::Value) -> pb::DurationStats {
-    let h: Vec<i64> = serde_json::from_value(histogram.clone()).unwrap_or_default();
-    let d = |q| {
-        quantile_ms(&h, q)
-            .map(|ms| meshflow_kit::convert::duration(std::time::Duration::from_millis(ms as u64)))
+/// Exact percentiles of durations in milliseconds (nearest rank: each one an observed duration).
+fn stats(mut durations: Vec<i64>) -> pb::DurationStats {
+    let mut d = |q| {
+        quantile(&mut durations, q).map(|ms| {
+            meshflow_kit::convert::duration(std::time::Duration::from_millis(
+                u64::try_from(ms).unwrap_or(0),
+            ))
+        })
     };
     pb::DurationStats {
         p50: d(0.5),
@@ -140,6 +143,7 @@ impl Service {
         {
             return Err(Error::WorkflowNotFound(req.workflow_id));
         }
+        let mut durations = self.store.durations(&req.workflow_id).await?;
         let mut metrics = pb::WorkflowMetrics {
             workflow_id: req.workflow_id.clone(),
             ..Default::default()
@@ -158,16 +162,17 @@ impl Service {
                 } else {
                     0.0
                 };
-                metrics.duration = Some(stats(&r.duration_histogram));
+                metrics.duration = Some(stats(std::mem::take(&mut durations.executions)));
                 metrics.update_time = Some(meshflow_kit::convert::timestamp(r.update_time));
             } else {
+                let step_durations = durations.steps.remove(&r.step_id).unwrap_or_default();
                 metrics.steps.push(pb::StepMetrics {
                     step_id: r.step_id,
                     attempts: r.attempts,
                     succeeded: r.completed,
                     failed: r.failed,
                     skipped: r.skipped,
-                    duration: Some(stats(&r.duration_histogram)),
+                    duration: Some(stats(step_durations)),
                 });
             }
         }

@@ -1,5 +1,7 @@
 //! Metrics rows: counts by status per workflow and step, and duration histograms.
 
+use sea_orm::QueryTrait;
+
 use super::*;
 
 /// Histogram bucket upper bounds in milliseconds (log scale; the last bucket is open).
@@ -25,26 +27,24 @@ pub(super) fn histogram_of(durations: &[i64]) -> Vec<i64> {
     histogram
 }
 
-/// The `q` quantile (0..1) of a histogram, as the upper bound of its bucket, in milliseconds.
-pub fn quantile_ms(histogram: &[i64], q: f64) -> Option<i64> {
-    let total: i64 = histogram.iter().sum();
-    if total == 0 {
+/// The durations a workflow's metrics count, in milliseconds ([`Store::durations`]).
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Durations {
+    /// Each ended execution's.
+    pub executions: Vec<i64>,
+    /// Each step's, by step id.
+    pub steps: std::collections::HashMap<String, Vec<i64>>,
+}
+
+/// The exact `q` quantile (0..1) of `values` by nearest rank: a value that was observed, so never
+/// outside their minimum and maximum. `None` when there are none.
+pub fn quantile(values: &mut [i64], q: f64) -> Option<i64> {
+    if values.is_empty() {
         return None;
     }
-    let rank = ((total as f64) * q).ceil().max(1.0) as i64;
-    let mut seen = 0;
-    for (i, n) in histogram.iter().enumerate() {
-        seen += n;
-        if seen >= rank {
-            return Some(
-                BUCKETS_MS
-                    .get(i)
-                    .copied()
-                    .unwrap_or(*BUCKETS_MS.last().unwrap_or(&0) * 2),
-            );
-        }
-    }
-    None
+    values.sort_unstable();
+    let rank = ((values.len() as f64) * q).ceil().max(1.0) as usize;
+    values.get(rank.min(values.len()) - 1).copied()
 }
 
 /// The values of one metrics row (zero for a new row).
@@ -180,5 +180,55 @@ impl Store {
             .order_by_asc(metrics::Column::StepId)
             .all(&self.db)
             .await?)
+    }
+
+    /// Every duration the metrics of a workflow count, in milliseconds, from its retained
+    /// history: each ended execution's, and each step's (by step id) as its last attempt took —
+    /// succeeded, or failed with no retry to come — as the metrics rows count them.
+    pub async fn durations(&self, workflow_id: &str) -> Result<Durations, StoreError> {
+        use meshflow_proto::execution::v1::StepStatus;
+        let executions: Vec<(DateTime<Utc>, DateTime<Utc>)> = execution::Entity::find()
+            .select_only()
+            .column(execution::Column::StartTime)
+            .column(execution::Column::EndTime)
+            .filter(execution::Column::WorkflowId.eq(workflow_id))
+            .filter(execution::Column::StartTime.is_not_null())
+            .filter(execution::Column::EndTime.is_not_null())
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let of_workflow = execution::Entity::find()
+            .select_only()
+            .column(execution::Column::Id)
+            .filter(execution::Column::WorkflowId.eq(workflow_id))
+            .into_query();
+        let ended = sea_orm::Condition::any()
+            .add(step::Column::Status.eq(StepStatus::Succeeded.as_str_name()))
+            .add(
+                step::Column::Status
+                    .eq(StepStatus::Failed.as_str_name())
+                    .and(step::Column::NextAttemptAt.is_null()),
+            );
+        let steps: Vec<(String, i64)> = step::Entity::find()
+            .select_only()
+            .column(step::Column::StepId)
+            .column(step::Column::DurationMs)
+            .filter(step::Column::ExecutionId.in_subquery(of_workflow))
+            .filter(step::Column::DurationMs.is_not_null())
+            .filter(ended)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let mut by_step: std::collections::HashMap<String, Vec<i64>> = Default::default();
+        for (step_id, ms) in steps {
+            by_step.entry(step_id).or_default().push(ms);
+        }
+        Ok(Durations {
+            executions: executions
+                .into_iter()
+                .map(|(start, end)| (end - start).num_milliseconds())
+                .collect(),
+            steps: by_step,
+        })
     }
 }

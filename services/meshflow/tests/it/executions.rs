@@ -778,3 +778,63 @@ async fn deleting_a_workflow_keeps_its_history_and_waits_for_its_executions() {
     let err = delete(false).await.expect_err("already deleted");
     support::assert_reason(&err, Code::NotFound, "WORKFLOW_NOT_FOUND");
 }
+
+#[tokio::test]
+async fn metric_percentiles_are_observed_durations() {
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let id = server
+        .active_workflow(json!({"name": "timed", "steps": [
+            {"id": "f", "functionCall": {"function": "uuid"}},
+            // A few tens of milliseconds, between the edges of any histogram bucket.
+            {"id": "g", "dependsOn": ["f"], "wait": {"duration": "0.03s"}}]}))
+        .await;
+    for _ in 0..5 {
+        server.execute(&id, json!({})).await;
+    }
+    let listed = server
+        .executions()
+        .list_executions(epb::ListExecutionsRequest {
+            workflow_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .into_inner()
+        .executions;
+    let ms = |t: &Option<meshflow_proto::pbjson_types::Timestamp>| {
+        t.as_ref()
+            .and_then(meshflow_kit::convert::from_timestamp)
+            .expect("time")
+    };
+    let mut observed: Vec<i64> = listed
+        .iter()
+        .map(|e| (ms(&e.end_time) - ms(&e.start_time)).num_milliseconds())
+        .collect();
+    observed.sort_unstable();
+    let metrics = server.metrics(&id).await;
+    let stats = metrics.duration.expect("duration");
+    let millis = |d: Option<meshflow_proto::pbjson_types::Duration>| {
+        let d = d.expect("percentile");
+        d.seconds * 1000 + i64::from(d.nanos) / 1_000_000
+    };
+    let (p50, p95, p99) = (millis(stats.p50), millis(stats.p95), millis(stats.p99));
+    assert!(observed.contains(&p50), "p50 {p50} of {observed:?}");
+    assert_eq!(
+        p99,
+        *observed.last().expect("runs"),
+        "p99 of five runs is the slowest"
+    );
+    assert_eq!(p95, p99);
+    assert!(p50 <= p95);
+    let step = metrics
+        .steps
+        .iter()
+        .find(|s| s.step_id == "g")
+        .expect("step g");
+    let step_p99 = millis(step.duration.and_then(|d| d.p99));
+    assert!(
+        step_p99 <= *observed.last().expect("runs"),
+        "a step is no longer than its run"
+    );
+}
