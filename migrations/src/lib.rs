@@ -18,6 +18,7 @@ mod m20261127_000008_event_payloads_as_json;
 mod m20261127_000009_index_workflow_metrics_rows;
 mod m20261127_000010_key_step_attempts_by_place;
 mod m20261205_000011_keep_deleted_workflows;
+mod m20261205_000012_drop_duration_histograms;
 
 /// Applies and reverts every migration in order.
 pub struct Migrator;
@@ -37,6 +38,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000009_index_workflow_metrics_rows::Migration),
             Box::new(m20261127_000010_key_step_attempts_by_place::Migration),
             Box::new(m20261205_000011_keep_deleted_workflows::Migration),
+            Box::new(m20261205_000012_drop_duration_histograms::Migration),
         ]
     }
 }

@@ -33,7 +33,7 @@ pub use admission::active_statement;
 use admission::*;
 use commit::*;
 use metric_rows::*;
-pub use metric_rows::{BUCKETS_MS, Durations, quantile};
+pub use metric_rows::{Durations, quantile};
 
 use entity::{event, execution, metrics, signal, step};
 
@@ -203,12 +203,10 @@ pub struct MetricsDelta {
     pub skipped: i64,
     /// Step attempts.
     pub attempts: i64,
-    /// A duration to record, in milliseconds.
-    pub duration_ms: Option<i64>,
 }
 
 impl MetricsDelta {
-    /// Adds `d`'s counts to these (not its duration: the caller keeps those).
+    /// Adds `d`'s counts to these.
     fn add(&mut self, d: &MetricsDelta) {
         self.total += d.total;
         self.active += d.active;
@@ -611,7 +609,6 @@ mod tests {
         assert_eq!(runs.iter().max(), Some(&166));
         assert_eq!(quantile(&mut runs, 0.95), Some(154));
         assert_eq!(quantile(&mut runs, 0.99), Some(166));
-        assert_eq!(bucket_of(100_000_000), BUCKETS_MS.len());
     }
 
     #[test]
@@ -623,22 +620,13 @@ mod tests {
             attempts: 3,
             ..Default::default()
         };
-        let first = next_metrics(None, "w", &delta, &[3, 700], now);
+        let first = next_metrics(None, "w", &delta, now);
         assert_eq!(
             (first.workflow_id.as_str(), first.step_id.as_str()),
             ("w", "get")
         );
         assert_eq!((first.total, first.completed, first.attempts), (0, 2, 3));
-        let histogram: Vec<i64> =
-            serde_json::from_value(first.duration_histogram.clone()).expect("histogram");
-        assert_eq!(histogram.len(), BUCKETS_MS.len() + 1);
-        assert_eq!((histogram[bucket_of(3)], histogram[bucket_of(700)]), (1, 1));
-
-        let second = next_metrics(Some(first), "w", &delta, &[3], now);
+        let second = next_metrics(Some(first), "w", &delta, now);
         assert_eq!((second.completed, second.attempts), (4, 6));
-        let histogram: Vec<i64> =
-            serde_json::from_value(second.duration_histogram).expect("histogram");
-        assert_eq!((histogram[bucket_of(3)], histogram[bucket_of(700)]), (2, 1));
-        assert_eq!(histogram.iter().sum::<i64>(), 3);
     }
 }

@@ -745,7 +745,6 @@ impl Run {
         } else {
             None
         };
-        let started = self.lock().start_time;
         let now = Utc::now();
         let def = self.def.clone();
         self.commit(move |run, st, change| {
@@ -808,7 +807,6 @@ impl Run {
             change.consume_signal = cancel_signal;
             let mut delta = MetricsDelta {
                 active: -1,
-                duration_ms: started.map(|s| (now - s).num_milliseconds()),
                 ..Default::default()
             };
             match status {

@@ -271,13 +271,13 @@ pub(super) fn event_model(
 /// Adds a delta into a list merged per (workflow, step id), collecting durations; returns the
 /// place of the row it went into.
 pub(super) fn merge_into(
-    merged: &mut Vec<(String, MetricsDelta, Vec<i64>)>,
+    merged: &mut Vec<(String, MetricsDelta)>,
     workflow_id: &str,
     d: &MetricsDelta,
 ) -> usize {
     let found = merged
         .iter()
-        .position(|(w, m, _)| w == workflow_id && m.step_id == d.step_id);
+        .position(|(w, m)| w == workflow_id && m.step_id == d.step_id);
     let slot = found.unwrap_or_else(|| {
         merged.push((
             workflow_id.to_string(),
@@ -285,13 +285,10 @@ pub(super) fn merge_into(
                 step_id: d.step_id.clone(),
                 ..Default::default()
             },
-            Vec::new(),
         ));
         merged.len() - 1
     });
-    let (_, m, durations) = &mut merged[slot];
-    m.add(d);
-    durations.extend(d.duration_ms);
+    merged[slot].1.add(d);
     slot
 }
 
@@ -350,7 +347,7 @@ impl Store {
         let mut outcomes = vec![CommitOutcome::Done; batch.len()];
         let mut written: Vec<&Commit> = Vec::new();
         let mut signals: Vec<(String, String)> = Vec::new();
-        let mut metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
+        let mut metrics: Vec<(String, MetricsDelta)> = Vec::new();
         for (execution_id, members) in by_execution(batch) {
             let first = &batch[members[0]];
             if !fence(
@@ -420,8 +417,8 @@ impl Store {
                 .exec(&txn)
                 .await?;
         }
-        for (workflow_id, delta, durations) in &metrics {
-            upsert_metrics(&txn, workflow_id, delta, durations, now).await?;
+        for (workflow_id, delta) in &metrics {
+            upsert_metrics(&txn, workflow_id, delta, now).await?;
         }
         txn.commit().await?;
         Ok(outcomes)

@@ -143,8 +143,6 @@ pub mod metrics {
         pub timed_out: i64,
         pub skipped: i64,
         pub attempts: i64,
-        #[sea_orm(column_type = "JsonBinary")]
-        pub duration_histogram: Json,
         pub update_time: DateTimeUtc,
     }
 

@@ -1,31 +1,9 @@
-//! Metrics rows: counts by status per workflow and step, and duration histograms.
+//! Metrics rows: counts by status per workflow and step; and the durations they count, read from
+//! the history for exact percentiles.
 
 use sea_orm::QueryTrait;
 
 use super::*;
-
-/// Histogram bucket upper bounds in milliseconds (log scale; the last bucket is open).
-pub const BUCKETS_MS: &[i64] = &[
-    1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 2_000, 5_000, 10_000, 30_000, 60_000, 300_000,
-    1_800_000, 3_600_000, 86_400_000,
-];
-
-pub(super) fn bucket_of(ms: i64) -> usize {
-    BUCKETS_MS
-        .iter()
-        .position(|b| ms <= *b)
-        .unwrap_or(BUCKETS_MS.len())
-}
-
-/// The histogram of `durations` (milliseconds): a count per bucket of [`BUCKETS_MS`], and one for
-/// longer ones.
-pub(super) fn histogram_of(durations: &[i64]) -> Vec<i64> {
-    let mut histogram = vec![0; BUCKETS_MS.len() + 1];
-    for ms in durations {
-        histogram[bucket_of(*ms)] += 1;
-    }
-    histogram
-}
 
 /// The durations a workflow's metrics count, in milliseconds ([`Store::durations`]).
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -58,7 +36,6 @@ pub(super) struct Counts {
     pub(super) timed_out: i64,
     pub(super) skipped: i64,
     pub(super) attempts: i64,
-    pub(super) histogram: Vec<i64>,
 }
 
 impl Counts {
@@ -73,17 +50,11 @@ impl Counts {
             timed_out: m.timed_out,
             skipped: m.skipped,
             attempts: m.attempts,
-            histogram: serde_json::from_value(m.duration_histogram.clone()).unwrap_or_default(),
         }
     }
 
-    /// These values with merged increments added, and `durations` added to the histogram bucket
-    /// by bucket.
-    pub(super) fn plus(mut self, d: &MetricsDelta, durations: &[i64]) -> Self {
-        self.histogram.resize(BUCKETS_MS.len() + 1, 0);
-        for ms in durations {
-            self.histogram[bucket_of(*ms)] += 1;
-        }
+    /// These values with merged increments added.
+    pub(super) fn plus(mut self, d: &MetricsDelta) -> Self {
         self.total += d.total;
         self.active += d.active;
         self.completed += d.completed;
@@ -101,14 +72,9 @@ pub(super) fn next_metrics(
     current: Option<metrics::Model>,
     workflow_id: &str,
     d: &MetricsDelta,
-    durations: &[i64],
     now: DateTime<Utc>,
 ) -> metrics::Model {
-    let next = current
-        .as_ref()
-        .map(Counts::of)
-        .unwrap_or_default()
-        .plus(d, durations);
+    let next = current.as_ref().map(Counts::of).unwrap_or_default().plus(d);
     metrics::Model {
         workflow_id: workflow_id.to_string(),
         step_id: d.step_id.clone(),
@@ -120,7 +86,6 @@ pub(super) fn next_metrics(
         timed_out: next.timed_out,
         skipped: next.skipped,
         attempts: next.attempts,
-        duration_histogram: Value::from(next.histogram),
         update_time: now,
     }
 }
@@ -129,13 +94,12 @@ pub(super) async fn upsert_metrics<C: ConnectionTrait>(
     txn: &C,
     workflow_id: &str,
     d: &MetricsDelta,
-    durations: &[i64],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let current = metrics::Entity::find_by_id((workflow_id.to_string(), d.step_id.clone()))
         .unique(txn)
         .await?;
-    let m = next_metrics(current, workflow_id, d, durations, now);
+    let m = next_metrics(current, workflow_id, d, now);
     let model = metrics::ActiveModel {
         workflow_id: Set(m.workflow_id),
         step_id: Set(m.step_id),
@@ -147,7 +111,6 @@ pub(super) async fn upsert_metrics<C: ConnectionTrait>(
         timed_out: Set(m.timed_out),
         skipped: Set(m.skipped),
         attempts: Set(m.attempts),
-        duration_histogram: Set(m.duration_histogram),
         update_time: Set(m.update_time),
     };
     metrics::Entity::insert(model)
@@ -162,7 +125,6 @@ pub(super) async fn upsert_metrics<C: ConnectionTrait>(
                     metrics::Column::TimedOut,
                     metrics::Column::Skipped,
                     metrics::Column::Attempts,
-                    metrics::Column::DurationHistogram,
                     metrics::Column::UpdateTime,
                 ])
                 .to_owned(),

@@ -3,8 +3,7 @@
 //! A batch is one statement: the fenced update of every execution's row, the attempt upserts and the
 //! event inserts are data-modifying CTEs over `UNNEST`ed arrays, and the attempts and events of an
 //! execution whose fence failed are filtered out by the update's `RETURNING`. Metric increments of
-//! the fenced executions are added to their rows (a histogram bucket by bucket), so no row is read
-//! first. One statement is one transaction, and its text never changes with the batch's size, so it
+//! the fenced executions are added to their rows, so no row is read first. One statement is one transaction, and its text never changes with the batch's size, so it
 //! is prepared once per connection.
 //!
 //! The statement comes in two texts, which differ only in how they sum the metric increments. When
@@ -12,8 +11,8 @@
 //! executions of different workflows), the writer sums each row's increments itself and passes one
 //! row each ([`COMMIT_KEYED`]). Otherwise the statement sums them per workflow and step
 //! ([`COMMIT`]): increments must count only if their execution's fence held, and that is known only
-//! inside the statement. Setting up [`COMMIT`]'s 28 aggregates costs PostgreSQL about 0.1 ms at
-//! every run, about a seventh of the time it spends on a small batch's statement.
+//! inside the statement. Setting up aggregates costs PostgreSQL at every run (its 28, when the rows
+//! still held duration histograms, took about 0.1 ms, a seventh of a small batch's statement).
 //!
 //! The writer has a connection of its own, with the pool's settings (generic plans: the statement's
 //! plan does not depend on the batch, and a custom plan at every bind cost as much as running it).
@@ -28,8 +27,6 @@ use serde_json::Value;
 use super::{Commit, CommitOutcome, StoreError, json_text as json, time_text as time};
 
 /// The batch statement, summing the metric increments per workflow and step ([`SUMMED_DELTAS`]).
-/// Its histogram expressions are spelled out bucket by bucket (plain expressions plan and run far
-/// faster than a subquery per bucket).
 ///
 /// Its result is the id of every execution whose fence held, then a row with the events' time.
 /// The writes run in the order the final `UNION ALL` reads them (an append runs its branches in
@@ -39,12 +36,8 @@ use super::{Commit, CommitOutcome, StoreError, json_text as json, time_text as t
 /// be; stamped before the statement was sent, it was a whole statement early (about 1 ms). The
 /// order only decides how late the stamp is: PostgreSQL runs every data-modifying CTE to completion
 /// whether or not anything reads it, and `stamp` is computed once.
-static COMMIT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let counts: Vec<String> = (0..super::BUCKETS_MS.len() + 1)
-        .map(|i| format!("COUNT(*) FILTER (WHERE d.bucket = {i})"))
-        .collect();
-    commit_statement(&SUMMED_DELTAS.replace("{counts}", &counts.join(", ")))
-});
+static COMMIT: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| commit_statement(SUMMED_DELTAS));
 
 /// [`COMMIT`] for a batch whose metric increments come one row per metric row, summed by the
 /// writer: each is added as it is, if its execution's fence held.
@@ -54,42 +47,31 @@ static COMMIT_KEYED: std::sync::LazyLock<String> =
 /// The batch statement with `deltas`, the metric increments of the fenced executions, one row per
 /// workflow and step.
 fn commit_statement(deltas: &str) -> String {
-    let sums: Vec<String> = (0..super::BUCKETS_MS.len() + 1)
-        .map(|i| {
-            format!(
-                "COALESCE((m.duration_histogram ->> {i})::bigint, 0) \
-                 + (excluded.duration_histogram ->> {i})::bigint"
-            )
-        })
-        .collect();
-    COMMIT_TEMPLATE
-        .replace("{deltas}", deltas)
-        .replace("{sums}", &sums.join(", "))
+    COMMIT_TEMPLATE.replace("{deltas}", deltas)
 }
 
-/// Increments, one row each (`$48` the bucket of its duration, if any), summed per workflow and step.
+/// Increments, one row each, summed per workflow and step.
 const SUMMED_DELTAS: &str =
     "    SELECT d.workflow_id, d.step_id, SUM(d.total) AS total, SUM(d.active) AS active,
         SUM(d.completed) AS completed, SUM(d.failed) AS failed, SUM(d.cancelled) AS cancelled,
-        SUM(d.timed_out) AS timed_out, SUM(d.skipped) AS skipped, SUM(d.attempts) AS attempts,
-        jsonb_build_array({counts}) AS histogram
+        SUM(d.timed_out) AS timed_out, SUM(d.skipped) AS skipped, SUM(d.attempts) AS attempts
     FROM UNNEST($37::text[], $38::text[], $39::text[], $40::bigint[], $41::bigint[],
                 $42::bigint[], $43::bigint[], $44::bigint[], $45::bigint[], $46::bigint[],
-                $47::bigint[], $48::int[])
+                $47::bigint[])
         AS d(execution_id, workflow_id, step_id, total, active, completed, failed, cancelled,
-             timed_out, skipped, attempts, bucket)
+             timed_out, skipped, attempts)
     WHERE d.execution_id IN (SELECT id FROM fenced)
     GROUP BY d.workflow_id, d.step_id";
 
-/// Increments summed already, one row per workflow and step (`$48` the histogram's, a JSON array).
+/// Increments summed already, one row per workflow and step.
 const KEYED_DELTAS: &str =
     "    SELECT d.workflow_id, d.step_id, d.total, d.active, d.completed, d.failed, d.cancelled,
-        d.timed_out, d.skipped, d.attempts, d.histogram::jsonb AS histogram
+        d.timed_out, d.skipped, d.attempts
     FROM UNNEST($37::text[], $38::text[], $39::text[], $40::bigint[], $41::bigint[],
                 $42::bigint[], $43::bigint[], $44::bigint[], $45::bigint[], $46::bigint[],
-                $47::bigint[], $48::text[])
+                $47::bigint[])
         AS d(execution_id, workflow_id, step_id, total, active, completed, failed, cancelled,
-             timed_out, skipped, attempts, histogram)
+             timed_out, skipped, attempts)
     WHERE d.execution_id IN (SELECT id FROM fenced)";
 
 const COMMIT_TEMPLATE: &str = "WITH fenced AS (
@@ -138,16 +120,15 @@ const COMMIT_TEMPLATE: &str = "WITH fenced AS (
 {deltas}
 ), metrics AS (
     INSERT INTO orchestration_metrics AS m (workflow_id, step_id, total, active, completed, failed,
-        cancelled, timed_out, skipped, attempts, duration_histogram, update_time)
+        cancelled, timed_out, skipped, attempts, update_time)
     SELECT a.workflow_id, a.step_id, a.total, a.active, a.completed, a.failed, a.cancelled,
-        a.timed_out, a.skipped, a.attempts, a.histogram, $1::timestamptz
+        a.timed_out, a.skipped, a.attempts, $1::timestamptz
     FROM deltas AS a
     ON CONFLICT (workflow_id, step_id) DO UPDATE SET
         total = m.total + excluded.total, active = m.active + excluded.active,
         completed = m.completed + excluded.completed, failed = m.failed + excluded.failed,
         cancelled = m.cancelled + excluded.cancelled, timed_out = m.timed_out + excluded.timed_out,
         skipped = m.skipped + excluded.skipped, attempts = m.attempts + excluded.attempts,
-        duration_histogram = jsonb_build_array({sums}),
         update_time = excluded.update_time
     RETURNING 1
 ), stamp AS MATERIALIZED (
@@ -387,7 +368,7 @@ fn batch_statement<'q>(
             g_execution.push(c.execution_id.clone());
         }
     }
-    let deltas = Deltas::of(batch)?;
+    let deltas = Deltas::of(batch);
     let query = sqlx::query(deltas.statement())
         .bind(now_text)
         .bind(id)
@@ -428,26 +409,22 @@ fn batch_statement<'q>(
     Ok(deltas.bind(query))
 }
 
-/// The metric increments of a batch, as the statement takes them (`$37` to `$48`).
+/// The metric increments of a batch, as the statement takes them (`$37` to `$47`).
 struct Deltas {
     execution: Vec<String>,
     workflow: Vec<String>,
     step: Vec<String>,
     /// Total, active, completed, failed, cancelled, timed out, skipped, attempts.
     counts: [Vec<i64>; 8],
-    durations: Durations,
-}
-
-/// A duration's bucket per increment ([`COMMIT`]), or a histogram per metric row ([`COMMIT_KEYED`]).
-enum Durations {
-    Buckets(Vec<Option<i32>>),
-    Histograms(Vec<String>),
+    /// Whether the rows are summed per metric row already ([`COMMIT_KEYED`]) or one per increment
+    /// ([`COMMIT`]).
+    keyed: bool,
 }
 
 impl Deltas {
     /// One row per metric row and execution, summed here, if no metric row has increments from two
     /// executions; else one row per increment, for the statement to sum.
-    fn of(batch: &[Commit]) -> Result<Self, StoreError> {
+    fn of(batch: &[Commit]) -> Self {
         let mut merged = Vec::new();
         // The execution whose increments each merged row holds.
         let mut from: Vec<&str> = Vec::new();
@@ -457,45 +434,36 @@ impl Deltas {
                 match from.get(row) {
                     None => from.push(&c.execution_id),
                     Some(execution_id) if *execution_id != c.execution_id => {
-                        return Ok(Self::unsummed(batch));
+                        return Self::unsummed(batch);
                     }
                     Some(_) => {}
                 }
             }
         }
-        let mut histograms = Vec::with_capacity(merged.len());
-        for (_, _, durations) in &merged {
-            histograms.push(json(&Value::from(super::histogram_of(durations)))?);
-        }
-        let mut deltas = Self::empty(Durations::Histograms(histograms));
-        for ((workflow_id, d, _), execution_id) in merged.iter().zip(from) {
+        let mut deltas = Self::empty(true);
+        for ((workflow_id, d), execution_id) in merged.iter().zip(from) {
             deltas.push(execution_id, workflow_id, d);
-        }
-        Ok(deltas)
-    }
-
-    fn unsummed(batch: &[Commit]) -> Self {
-        let increments = batch
-            .iter()
-            .flat_map(|c| c.metrics.iter().map(move |d| (c, d)));
-        let buckets = increments
-            .clone()
-            .map(|(_, d)| d.duration_ms.map(|ms| super::bucket_of(ms) as i32))
-            .collect();
-        let mut deltas = Self::empty(Durations::Buckets(buckets));
-        for (c, d) in increments {
-            deltas.push(&c.execution_id, &c.workflow_id, d);
         }
         deltas
     }
 
-    fn empty(durations: Durations) -> Self {
+    fn unsummed(batch: &[Commit]) -> Self {
+        let mut deltas = Self::empty(false);
+        for c in batch {
+            for d in &c.metrics {
+                deltas.push(&c.execution_id, &c.workflow_id, d);
+            }
+        }
+        deltas
+    }
+
+    fn empty(keyed: bool) -> Self {
         Self {
             execution: Vec::new(),
             workflow: Vec::new(),
             step: Vec::new(),
             counts: Default::default(),
-            durations,
+            keyed,
         }
     }
 
@@ -520,9 +488,10 @@ impl Deltas {
 
     /// The statement that takes these rows.
     fn statement(&self) -> &'static str {
-        match self.durations {
-            Durations::Buckets(_) => COMMIT.as_str(),
-            Durations::Histograms(_) => COMMIT_KEYED.as_str(),
+        if self.keyed {
+            COMMIT_KEYED.as_str()
+        } else {
+            COMMIT.as_str()
         }
     }
 
@@ -534,9 +503,6 @@ impl Deltas {
         for column in self.counts {
             query = query.bind(column);
         }
-        match self.durations {
-            Durations::Buckets(b) => query.bind(b),
-            Durations::Histograms(h) => query.bind(h),
-        }
+        query
     }
 }

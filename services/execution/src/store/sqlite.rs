@@ -220,18 +220,16 @@ fn events_insert(n: usize) -> String {
 const CONSUME: &str = "UPDATE execution_signals SET consumed_by = ?1 WHERE id = ?2";
 
 const METRICS_READ: &str = "SELECT total, active, completed, failed, cancelled, timed_out,
-    skipped, attempts, duration_histogram FROM orchestration_metrics
-    WHERE workflow_id = ?1 AND step_id = ?2";
+    skipped, attempts FROM orchestration_metrics WHERE workflow_id = ?1 AND step_id = ?2";
 
-/// Sets a metrics row's values; the histogram stays when `?11` is NULL.
+/// Sets a metrics row's values.
 const METRICS_SET: &str = "UPDATE orchestration_metrics SET total = ?3, active = ?4,
     completed = ?5, failed = ?6, cancelled = ?7, timed_out = ?8, skipped = ?9, attempts = ?10,
-    duration_histogram = COALESCE(?11, duration_histogram), update_time = ?12
-    WHERE workflow_id = ?1 AND step_id = ?2";
+    update_time = ?11 WHERE workflow_id = ?1 AND step_id = ?2";
 
 const METRICS_INSERT: &str = "INSERT INTO orchestration_metrics (workflow_id, step_id, total,
-    active, completed, failed, cancelled, timed_out, skipped, attempts, duration_histogram,
-    update_time) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+    active, completed, failed, cancelled, timed_out, skipped, attempts, update_time)
+    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
 /// Inserts a new execution unless its workflow no longer matches `head`, `max_active`
 /// executions are active or not yet started, or an execution with that id or request id exists.
@@ -354,7 +352,7 @@ fn write(
     let now = Utc::now();
     let now_text = time(now);
     let mut outcomes = vec![CommitOutcome::Done; batch.len()];
-    let mut metrics: Vec<(String, MetricsDelta, Vec<i64>)> = Vec::new();
+    let mut metrics: Vec<(String, MetricsDelta)> = Vec::new();
     for (execution_id, members) in super::by_execution(batch) {
         let patch = super::merged_patch(members.iter().map(|&k| &batch[k]));
         let fence = if patch.indexed() {
@@ -425,9 +423,9 @@ fn write(
             known.version = version;
             known.rows.clear();
         }
-        for (workflow_id, delta, durations) in metrics {
+        for (workflow_id, delta) in metrics {
             let key = (workflow_id, delta.step_id.clone());
-            let counts = add_metrics(tx, known.rows.get(&key), &key, &delta, &durations, now)?;
+            let counts = add_metrics(tx, known.rows.get(&key), &key, &delta, now)?;
             written.push((key, counts));
         }
     }
@@ -460,7 +458,6 @@ fn add_metrics(
     known: Option<&Counts>,
     key: &(String, String),
     d: &MetricsDelta,
-    durations: &[i64],
     now: DateTime<Utc>,
 ) -> Result<Counts, StoreError> {
     let (workflow_id, step_id) = key;
@@ -469,9 +466,9 @@ fn add_metrics(
         None => read_metrics(tx, workflow_id, step_id)?,
     };
     let exists = current.is_some();
-    let next = current.unwrap_or_default().plus(d, durations);
+    let next = current.unwrap_or_default().plus(d);
     let now = time(now);
-    let write = |sql: &str, histogram: Option<String>| -> Result<usize, StoreError> {
+    let write = |sql: &str| -> Result<usize, StoreError> {
         Ok(tx.prepare_cached(sql)?.execute(params![
             workflow_id,
             step_id,
@@ -483,21 +480,14 @@ fn add_metrics(
             next.timed_out,
             next.skipped,
             next.attempts,
-            histogram,
             now,
         ])?)
     };
-    let histogram =
-        || serde_json::to_string(&next.histogram).map_err(|e| StoreError::Corrupt(e.to_string()));
-    // Without durations the stored histogram stays. A row known to the writer is gone only if
-    // another connection deleted it (its workflow's) unseen: then it is created again.
-    let set = exists
-        && write(
-            METRICS_SET,
-            (!durations.is_empty()).then(histogram).transpose()?,
-        )? == 1;
+    // A row known to the writer is gone only if another connection deleted it unseen: then it is
+    // created again.
+    let set = exists && write(METRICS_SET)? == 1;
     if !set {
-        write(METRICS_INSERT, Some(histogram()?))?;
+        write(METRICS_INSERT)?;
     }
     Ok(next)
 }
@@ -508,29 +498,19 @@ fn read_metrics(
     workflow_id: &str,
     step_id: &str,
 ) -> Result<Option<Counts>, StoreError> {
-    let row = tx
+    Ok(tx
         .prepare_cached(METRICS_READ)?
         .query_row([workflow_id, step_id], |r| {
-            Ok((
-                Counts {
-                    total: r.get(0)?,
-                    active: r.get(1)?,
-                    completed: r.get(2)?,
-                    failed: r.get(3)?,
-                    cancelled: r.get(4)?,
-                    timed_out: r.get(5)?,
-                    skipped: r.get(6)?,
-                    attempts: r.get(7)?,
-                    histogram: Vec::new(),
-                },
-                r.get::<_, String>(8)?,
-            ))
+            Ok(Counts {
+                total: r.get(0)?,
+                active: r.get(1)?,
+                completed: r.get(2)?,
+                failed: r.get(3)?,
+                cancelled: r.get(4)?,
+                timed_out: r.get(5)?,
+                skipped: r.get(6)?,
+                attempts: r.get(7)?,
+            })
         })
-        .optional()?;
-    row.map(|(mut counts, text)| {
-        counts.histogram = serde_json::from_str(&text)
-            .map_err(|e| StoreError::Corrupt(format!("duration histogram: {e}")))?;
-        Ok(counts)
-    })
-    .transpose()
+        .optional()?)
 }

@@ -110,7 +110,6 @@ fn commit(execution_id: &str, workflow_id: &str, owner: &str) -> Commit {
             step_id: "fetch".into(),
             attempts: 1,
             completed: 1,
-            duration_ms: Some(3),
             ..Default::default()
         }],
     }
@@ -129,16 +128,6 @@ async fn metrics_row(
         .into_iter()
         .find(|m| m.step_id == step_id)
         .unwrap_or_else(|| panic!("no metrics row for {step_id}"))
-}
-
-/// The durations a stored histogram counts.
-fn counted(m: &meshflow_execution::store::entity::metrics::Model) -> i64 {
-    m.duration_histogram
-        .as_array()
-        .expect("histogram")
-        .iter()
-        .filter_map(|n| n.as_i64())
-        .sum()
 }
 
 /// The insert of an execution checks, in its own transaction, that the workflow is still what the
@@ -281,16 +270,8 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
     // Only the fenced commit's increments count, written with it.
     let fetch = metrics_row(&store, &workflow.workflow_id, "fetch").await;
     assert_eq!((fetch.attempts, fetch.completed), (1, 1));
-    let bucket = |ms: i64| {
-        meshflow_execution::store::BUCKETS_MS
-            .iter()
-            .position(|b| ms <= *b)
-            .expect("bucket")
-    };
-    let three_ms = bucket(3);
-    assert_eq!(fetch.duration_histogram[three_ms], json!(1));
 
-    // Increments add up, histograms bucket by bucket.
+    // Increments add up.
     let mut again = commit(&ours, &workflow.workflow_id, "replica-b");
     again.events[0].sequence = 2;
     again.steps[0].attempt = 2;
@@ -298,25 +279,17 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
     assert_eq!(outcomes, [CommitOutcome::Done]);
     let fetch = metrics_row(&store, &workflow.workflow_id, "fetch").await;
     assert_eq!((fetch.attempts, fetch.completed), (2, 2));
-    let histogram = fetch.duration_histogram.as_array().expect("histogram");
-    assert_eq!(
-        histogram.len(),
-        meshflow_execution::store::BUCKETS_MS.len() + 1
-    );
-    assert_eq!(histogram[three_ms], json!(2));
-    assert_eq!(counted(&fetch), 2);
 
-    // Durations of one step in several buckets in one commit, for a new row and an existing one.
+    // Several increments of one step in one commit, for a new row and an existing one.
     for (sequence, expected) in [(3, 1), (4, 2)] {
         let mut spread = commit(&ours, &workflow.workflow_id, "replica-b");
         spread.events[0].sequence = sequence;
         spread.steps.clear();
         spread.metrics = [3, 700, 4, 90_000]
             .into_iter()
-            .map(|ms| MetricsDelta {
+            .map(|_| MetricsDelta {
                 step_id: "spread".into(),
                 completed: 1,
-                duration_ms: Some(ms),
                 ..Default::default()
             })
             .collect();
@@ -324,15 +297,6 @@ async fn a_commit_without_the_lease_writes_nothing_and_metrics_add_up_exactly() 
         assert_eq!(outcomes, [CommitOutcome::Done]);
         let spread = metrics_row(&store, &workflow.workflow_id, "spread").await;
         assert_eq!(spread.completed, 4 * expected);
-        let histogram = spread.duration_histogram.as_array().expect("histogram");
-        assert_eq!(
-            histogram.len(),
-            meshflow_execution::store::BUCKETS_MS.len() + 1
-        );
-        assert_eq!(histogram[bucket(3)], json!(2 * expected));
-        assert_eq!(histogram[bucket(700)], json!(expected));
-        assert_eq!(histogram[bucket(90_000)], json!(expected));
-        assert_eq!(counted(&spread), 4 * expected);
     }
 }
 
@@ -346,27 +310,21 @@ async fn a_batch_counts_each_increment_once_and_only_those_whose_lease_held() {
     let first = execution(&store, w, "me").await;
     let second = execution(&store, w, "me").await;
     let elsewhere = execution(&store, w, "other").await;
-    let with = |execution_id: &str, sequence: i64, step_id: &str, durations: &[i64]| {
+    // `increments`: one per item.
+    let with = |execution_id: &str, sequence: i64, step_id: &str, increments: &[i64]| {
         let mut c = commit(execution_id, w, "me");
         c.events[0].sequence = sequence;
         c.steps.clear();
-        c.metrics = durations
+        c.metrics = increments
             .iter()
-            .map(|&ms| MetricsDelta {
+            .map(|_| MetricsDelta {
                 step_id: step_id.into(),
                 attempts: 1,
                 completed: 1,
-                duration_ms: Some(ms),
                 ..Default::default()
             })
             .collect();
         c
-    };
-    let bucket = |ms: i64| {
-        meshflow_execution::store::BUCKETS_MS
-            .iter()
-            .position(|b| ms <= *b)
-            .expect("bucket")
     };
 
     // Each row from one execution; the one whose lease another replica holds counts nothing.
@@ -388,9 +346,6 @@ async fn a_batch_counts_each_increment_once_and_only_those_whose_lease_held() {
     );
     let alone = metrics_row(&store, w, "alone").await;
     assert_eq!((alone.attempts, alone.completed), (3, 3));
-    assert_eq!(alone.duration_histogram[bucket(3)], json!(2));
-    assert_eq!(alone.duration_histogram[bucket(700)], json!(1));
-    assert_eq!(counted(&alone), 3);
     assert!(
         store
             .metrics(w)
@@ -420,10 +375,6 @@ async fn a_batch_counts_each_increment_once_and_only_those_whose_lease_held() {
     );
     let alone = metrics_row(&store, w, "alone").await;
     assert_eq!((alone.attempts, alone.completed), (6, 6));
-    assert_eq!(alone.duration_histogram[bucket(3)], json!(4));
-    assert_eq!(alone.duration_histogram[bucket(700)], json!(1));
-    assert_eq!(alone.duration_histogram[bucket(90_000)], json!(1));
-    assert_eq!(counted(&alone), 6);
 }
 
 /// Metric rows changed by another connection (another replica or process, a deleted workflow)
@@ -436,17 +387,17 @@ async fn a_commit_adds_to_metrics_another_connection_changed() {
     let ours = execution(&store, &workflow.workflow_id, "replica-a").await;
     // What another connection does before each commit, and the row after it.
     let steps = [
-        (None, (1, 1, 1)),
+        (None, (1, 1)),
         (
             Some(
                 "UPDATE orchestration_metrics SET completed = completed + 100, \
                  attempts = attempts + 100 WHERE step_id = 'fetch'",
             ),
-            (102, 102, 2),
+            (102, 102),
         ),
         (
             Some("DELETE FROM orchestration_metrics WHERE step_id = 'fetch'"),
-            (1, 1, 1),
+            (1, 1),
         ),
     ];
     for (sequence, (elsewhere, expected)) in (1..).zip(steps) {
@@ -462,7 +413,7 @@ async fn a_commit_adds_to_metrics_another_connection_changed() {
         );
         let fetch = metrics_row(&store, &workflow.workflow_id, "fetch").await;
         assert_eq!(
-            (fetch.completed, fetch.attempts, counted(&fetch)),
+            (fetch.completed, fetch.attempts),
             expected,
             "after {elsewhere:?}"
         );

@@ -265,7 +265,6 @@ impl Run {
             r.end_time = Some(ended);
             r.input = Some(redacted(input)).filter(|v| !v.is_null());
             r.logs = Value::Array(logs.iter().map(|(level, msg)| json!({"time": ended.to_rfc3339(), "level": level, "message": msg})).collect());
-            let duration_ms = (ended - started).num_milliseconds();
             match result {
                 Ok(output) => {
                     let output = redacted(output);
@@ -310,7 +309,6 @@ impl Run {
                             step_id: step.id.clone(),
                             attempts: i64::from(external),
                             completed: 1,
-                            duration_ms: Some(duration_ms),
                             ..Default::default()
                         });
                         events
@@ -355,7 +353,6 @@ impl Run {
                                 step_id: step.id.clone(),
                                 attempts: i64::from(external),
                                 failed: i64::from(next.is_none()),
-                                duration_ms: next.is_none().then_some(duration_ms),
                                 ..Default::default()
                             });
                         }

@@ -125,7 +125,6 @@ impl Run {
                         change.metrics.push(MetricsDelta {
                             step_id: step.id.clone(),
                             completed: 1,
-                            duration_ms: Some((now - started).num_milliseconds()),
                             ..Default::default()
                         });
                         vec![got, done]
