@@ -19,6 +19,14 @@ pub enum Error {
     /// The etag sent does not match: someone else changed the webhook.
     #[error("webhook {0} changed since it was read")]
     StaleEtag(String),
+    /// Events wait to be delivered to the webhook, and the delete did not say to discard them.
+    #[error("webhook {id} has {} events waiting to be delivered", events.len())]
+    HasUndeliveredEvents {
+        /// Webhook id.
+        id: String,
+        /// The events, oldest first.
+        events: Vec<String>,
+    },
     /// No webhook event has this id.
     #[error("webhook event {0} not found")]
     EventNotFound(String),
@@ -50,6 +58,23 @@ impl From<Error> for Status {
             Error::NotFound(id) => status::not_found("WEBHOOK_NOT_FOUND", "webhook", &id),
             Error::NameTaken(name) => status::name_taken("webhook", &name),
             Error::StaleEtag(id) => status::stale_etag("webhook", &id),
+            Error::HasUndeliveredEvents { id, events } => {
+                let named: Vec<&str> = events.iter().take(5).map(String::as_str).collect();
+                status::failed_precondition(
+                    "WEBHOOK_HAS_UNDELIVERED_EVENTS",
+                    format!(
+                        "webhook {id} has {} events waiting to be delivered ({}{}); deliver them, or \
+                         delete with discard_undelivered",
+                        events.len(),
+                        named.join(", "),
+                        if events.len() > named.len() {
+                            " and more"
+                        } else {
+                            ""
+                        },
+                    ),
+                )
+            }
             Error::EventNotFound(id) => {
                 status::not_found("WEBHOOK_EVENT_NOT_FOUND", "webhook event", &id)
             }

@@ -426,8 +426,19 @@ impl Service {
     }
 
     /// DeleteWebhook.
+    /// DeleteWebhook: refused while events wait to be delivered to the webhook, unless the
+    /// request says to discard them.
     pub async fn delete(&self, req: pb::DeleteWebhookRequest) -> Result<(), Error> {
         check_webhook_id("webhook_id", &req.webhook_id)?;
+        if !req.discard_undelivered {
+            let undelivered = self.store.undelivered(&req.webhook_id).await?;
+            if !undelivered.is_empty() {
+                return Err(Error::HasUndeliveredEvents {
+                    id: req.webhook_id,
+                    events: undelivered,
+                });
+            }
+        }
         self.store.delete(&req.webhook_id).await
     }
 }

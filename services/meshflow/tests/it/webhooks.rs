@@ -205,6 +205,7 @@ async fn webhooks_are_created_read_listed_updated_and_deleted() {
     client
         .delete_webhook(pb::DeleteWebhookRequest {
             webhook_id: created.webhook_id.clone(),
+            ..Default::default()
         })
         .await
         .expect("deleted");
@@ -218,6 +219,7 @@ async fn webhooks_are_created_read_listed_updated_and_deleted() {
         client
             .delete_webhook(pb::DeleteWebhookRequest {
                 webhook_id: created.webhook_id.clone(),
+                ..Default::default()
             })
             .await
             .expect_err("gone"),
@@ -638,4 +640,62 @@ async fn a_test_delivery_to_a_refused_address_never_leaves() {
         events_of(&server, &hook.webhook_id).await[0].status,
         pb::DeliveryStatus::Failed as i32
     );
+}
+
+#[tokio::test]
+async fn a_webhook_with_events_waiting_to_be_delivered_is_deleted_only_when_told_to_drop_them() {
+    let target = Target::start().await.expect("target");
+    let server =
+        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let hook = create(
+        &server,
+        json!({"name": "busy", "url": format!("{}/echo", target.base), "eventTypes": ["*"]}),
+    )
+    .await;
+    // A delivered event is history: it does not hold the webhook back.
+    server
+        .webhooks()
+        .test_webhook(pb::TestWebhookRequest {
+            webhook_id: hook.webhook_id.clone(),
+        })
+        .await
+        .expect("test");
+    // An event recorded and not yet sent: what a crash between the two leaves.
+    let store = meshflow_webhook::Store::new(server.database(1).await);
+    let waiting = store
+        .record_event(
+            &hook.webhook_id,
+            "execution.completed",
+            &json!({"executionId": "e-1"}),
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("event");
+    let delete = |discard_undelivered: bool| {
+        let mut client = server.webhooks();
+        let webhook_id = hook.webhook_id.clone();
+        async move {
+            client
+                .delete_webhook(pb::DeleteWebhookRequest {
+                    webhook_id,
+                    discard_undelivered,
+                })
+                .await
+        }
+    };
+    let err = delete(false).await.expect_err("refused");
+    assert_reason(
+        &err,
+        Code::FailedPrecondition,
+        "WEBHOOK_HAS_UNDELIVERED_EVENTS",
+    );
+    assert!(err.message().contains(&waiting.id), "{}", err.message());
+    assert_eq!(
+        events_of(&server, &hook.webhook_id).await.len(),
+        2,
+        "nothing deleted"
+    );
+
+    delete(true).await.expect("deleted, dropping the event");
+    assert!(events_of(&server, &hook.webhook_id).await.is_empty());
 }

@@ -138,6 +138,21 @@ impl Store {
         Ok(attempt_from_row(row))
     }
 
+    /// The ids of a webhook's events that wait to be delivered (PENDING or RETRYING), oldest first.
+    pub async fn undelivered(&self, webhook_id: &str) -> Result<Vec<String>, Error> {
+        let waiting =
+            [pb::DeliveryStatus::Pending, pb::DeliveryStatus::Retrying].map(|s| s.as_str_name());
+        Ok(event::Entity::find()
+            .select_only()
+            .column(event::Column::Id)
+            .filter(event::Column::WebhookId.eq(webhook_id))
+            .filter(event::Column::Status.is_in(waiting))
+            .order_by_asc(event::Column::Id)
+            .into_tuple()
+            .all(&self.db)
+            .await?)
+    }
+
     /// An event's row, if any.
     pub async fn event_row(&self, id: &str) -> Result<Option<event::Model>, Error> {
         Ok(event::Entity::find_by_id(id.to_string())
