@@ -7,6 +7,7 @@
 //! - [`error`]: the one way a service error becomes a `tonic::Status` with `google.rpc` details;
 //! - [`convert`], [`page`], [`id`], [`name`], [`request`]: small shared helpers for the gRPC adapters.
 
+pub mod clock;
 pub mod config;
 pub mod convert;
 pub mod db;

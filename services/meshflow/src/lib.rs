@@ -50,8 +50,11 @@ fn allowed_blocks(config: &ServerConfig) -> anyhow::Result<Vec<meshflow_kit::ssr
         .collect()
 }
 
-/// The engine settings from the server configuration.
-pub fn engine_config(config: &ServerConfig) -> anyhow::Result<meshflow_orchestrator::Config> {
+/// The engine settings from the server configuration, scheduling by `clock`.
+pub fn engine_config(
+    config: &ServerConfig,
+    clock: Arc<dyn meshflow_kit::clock::Clock>,
+) -> anyhow::Result<meshflow_orchestrator::Config> {
     let allow = allowed_blocks(config)?;
     Ok(meshflow_orchestrator::Config {
         owner: config
@@ -64,6 +67,7 @@ pub fn engine_config(config: &ServerConfig) -> anyhow::Result<meshflow_orchestra
         park_after: config.park_after,
         allow,
         limits: config.limits.clone(),
+        clock,
     })
 }
 
@@ -122,6 +126,15 @@ pub async fn prepare(
     config: &ServerConfig,
     services: &[ServiceName],
 ) -> anyhow::Result<(TcpListener, Mounts)> {
+    prepare_with_clock(config, services, meshflow_kit::clock::system()).await
+}
+
+/// [`prepare`], with the engine scheduling by `clock` (tests drive a manual one).
+pub async fn prepare_with_clock(
+    config: &ServerConfig,
+    services: &[ServiceName],
+    clock: Arc<dyn meshflow_kit::clock::Clock>,
+) -> anyhow::Result<(TcpListener, Mounts)> {
     let limits = &config.limits;
     meshflow_workflow::expr::cost::set_limits(meshflow_workflow::expr::cost::Limits {
         max_nesting: limits.max_expression_nesting,
@@ -173,8 +186,10 @@ pub async fn prepare(
                 config,
             ),
             ServiceName::Orchestrator => {
-                let engine =
-                    meshflow_orchestrator::Engine::start(db.clone(), engine_config(config)?)?;
+                let engine = meshflow_orchestrator::Engine::start(
+                    db.clone(),
+                    engine_config(config, clock.clone())?,
+                )?;
                 meshflow_orchestrator::mount(&mut mounts, engine, config)
             }
             ServiceName::Webhook => {
@@ -223,7 +238,16 @@ impl Drop for Running {
 
 /// Starts a server in the background (for tests and the benchmark).
 pub async fn start(config: ServerConfig, services: &[ServiceName]) -> anyhow::Result<Running> {
-    let (listener, mounts) = prepare(&config, services).await?;
+    start_with_clock(config, services, meshflow_kit::clock::system()).await
+}
+
+/// [`start`], with the engine scheduling by `clock`.
+pub async fn start_with_clock(
+    config: ServerConfig,
+    services: &[ServiceName],
+    clock: Arc<dyn meshflow_kit::clock::Clock>,
+) -> anyhow::Result<Running> {
+    let (listener, mounts) = prepare_with_clock(&config, services, clock).await?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {

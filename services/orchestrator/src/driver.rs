@@ -371,6 +371,16 @@ impl Run {
         self.signalled.notify_waiters();
     }
 
+    /// The time, from the engine's clock.
+    fn now(&self) -> DateTime<Utc> {
+        self.shared.env.clock.now()
+    }
+
+    /// Waits until the engine's clock reads `at`.
+    fn on_clock(&self, at: DateTime<Utc>) -> futures::future::BoxFuture<'static, ()> {
+        self.shared.env.clock.sleep_until(at)
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -603,12 +613,12 @@ impl Run {
             let reason = sig.payload.as_str().unwrap_or_default().to_string();
             return Err(Halt::Cancelled(reason));
         }
-        if self.deadline.is_some_and(|d| d <= Utc::now()) {
+        if self.deadline.is_some_and(|d| d <= self.now()) {
             return Err(Halt::TimedOut);
         }
         let starting = self.lock().status;
         if starting != ExecutionStatus::Running {
-            let now = Utc::now();
+            let now = self.now();
             self.queue(|run, st, change| {
                 st.status = ExecutionStatus::Running;
                 change.patch.status = Some(ExecutionStatus::Running);
@@ -631,12 +641,10 @@ impl Run {
             self.clone()
                 .run_block(Arc::from(def.steps.as_slice()), String::new(), root.clone());
         let mut cancel = self.cancel.subscribe();
-        let deadline = self.deadline;
+        let deadline = self.deadline.map(|d| self.on_clock(d));
         let timeout = async move {
             match deadline {
-                Some(d) => {
-                    tokio::time::sleep((d - Utc::now()).to_std().unwrap_or(Duration::ZERO)).await
-                }
+                Some(reached) => reached.await,
                 None => std::future::pending().await,
             }
         };
@@ -661,7 +669,7 @@ impl Run {
                 let forever = st.waits.values().any(Option::is_none);
                 let far = match earliest {
                     Some(t) => {
-                        (t - Utc::now()).to_std().unwrap_or(Duration::ZERO) > self.shared.park_after
+                        (t - self.now()).to_std().unwrap_or(Duration::ZERO) > self.shared.park_after
                     }
                     None => forever,
                 };
@@ -720,7 +728,7 @@ impl Run {
             .await
             .unwrap_or(true)
         {
-            let _ = self.shared.store.wake(&self.id, Utc::now()).await;
+            let _ = self.shared.store.wake(&self.id, self.now()).await;
             self.shared.kick.notify_one();
         }
         Ok(())
@@ -745,7 +753,7 @@ impl Run {
         } else {
             None
         };
-        let now = Utc::now();
+        let now = self.now();
         let def = self.def.clone();
         self.commit(move |run, st, change| {
             let mut events = Vec::new();

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use chrono::Utc;
 use meshflow_execution::store::entity::execution;
 use meshflow_execution::store::{Head, Inserted, NewExecution, Store as ExecStore};
 use meshflow_kit::convert::{struct_to_json, to_json};
@@ -49,6 +48,8 @@ pub struct Config {
     pub allow: Vec<ssrf::Cidr>,
     /// Definition and execution limits.
     pub limits: meshflow_kit::Limits,
+    /// The time retries, waits, timeouts, leases and parking are scheduled by.
+    pub clock: Arc<dyn meshflow_kit::clock::Clock>,
 }
 
 /// The orchestration engine of one replica.
@@ -86,6 +87,7 @@ impl Engine {
             http: steps::http_client(policy.clone())?,
             ssrf: policy,
             max_output_bytes: config.limits.max_step_output_bytes,
+            clock: config.clock.clone(),
         };
         let shared = Arc::new(Shared {
             store: store.clone(),
@@ -141,7 +143,7 @@ impl Engine {
 
     async fn poll_once(self: &Arc<Self>) -> Result<(), Error> {
         loop {
-            let now = Utc::now();
+            let now = self.clock().now();
             let until = now
                 + chrono::Duration::from_std(self.config.lease_ttl)
                     .unwrap_or(chrono::Duration::seconds(15));
@@ -225,7 +227,7 @@ impl Engine {
         loop {
             let Some(e) = engine.upgrade() else { return };
             let ttl = e.config.lease_ttl;
-            let until = Utc::now()
+            let until = e.clock().now()
                 + chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::seconds(15));
             let ids: Vec<String> = e
                 .running
@@ -254,6 +256,11 @@ impl Engine {
         let v = Arc::new(self.shared.rules.version(workflow_id, version).await?);
         self.versions.insert(v.clone());
         Ok(v)
+    }
+
+    /// The clock everything the engine schedules reads.
+    fn clock(&self) -> &dyn meshflow_kit::clock::Clock {
+        &*self.shared.env.clock
     }
 
     /// Drives an execution in a task of its own. `fresh` is the driver of an execution just created
@@ -322,7 +329,7 @@ impl Engine {
                 let Some(row) = self.shared.store.execution(id).await? else {
                     return Ok(false);
                 };
-                let due = row.wake_at.is_some_and(|w| w <= Utc::now());
+                let due = row.wake_at.is_some_and(|w| w <= self.clock().now());
                 let ours = row.lease_owner.as_deref() == Some(self.config.owner.as_str());
                 Ok(active(&row.status)
                     && due
@@ -334,7 +341,7 @@ impl Engine {
 
     /// Takes the lease of a due execution for this replica.
     async fn reclaim(&self, id: &str) -> Result<bool, Error> {
-        let until = Utc::now()
+        let until = self.clock().now()
             + chrono::Duration::from_std(self.config.lease_ttl)
                 .unwrap_or(chrono::Duration::seconds(15));
         Ok(self
@@ -458,7 +465,7 @@ impl Engine {
             vars.extend(o);
         }
         let limits = &self.config.limits;
-        let now = Utc::now();
+        let now = self.clock().now();
         let timeout = def
             .timeout
             .as_ref()
@@ -560,7 +567,7 @@ impl Engine {
                 CANCEL_SIGNAL,
                 Value::String(reason.to_string()),
                 Some(CANCEL_SIGNAL),
-                Utc::now(),
+                self.clock().now(),
             )
             .await?;
         if let Some(run) = self
@@ -626,7 +633,7 @@ impl Engine {
                 &req.signal_name,
                 payload,
                 request_id.as_deref(),
-                Utc::now(),
+                self.clock().now(),
             )
             .await?;
         if let Some(run) = self

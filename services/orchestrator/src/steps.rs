@@ -80,6 +80,8 @@ pub struct Env {
     pub ssrf: Arc<ssrf::Policy>,
     /// Largest JSON output of a step.
     pub max_output_bytes: usize,
+    /// The time everything the engine schedules is read from.
+    pub clock: Arc<dyn meshflow_kit::clock::Clock>,
 }
 
 pub use meshflow_kit::ssrf::http_client;
@@ -212,7 +214,7 @@ pub async fn http(
         .headers()
         .get("retry-after")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| retry::parse_retry_after(v, chrono::Utc::now()));
+        .and_then(|v| retry::parse_retry_after(v, env.clock.now()));
     let bytes = match read_capped(response, env.max_output_bytes).await {
         Ok(Body::Complete(b)) => b,
         Ok(Body::TooLarge { read }) => {
@@ -373,9 +375,11 @@ pub fn function_call(
     let mut logs = Vec::new();
     let out = match f.function.as_str() {
         "uuid" => Value::String(meshflow_kit::id::new_id()),
-        "now" => {
-            Value::String(chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-        }
+        "now" => Value::String(
+            env.clock
+                .now()
+                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        ),
         "sum" => {
             let Value::Array(items) = arg("values") else {
                 return Err(StepError::fatal(
@@ -583,7 +587,7 @@ pub async fn webhook_call(
         Ok(x) => x,
         Err(e) => return (Value::Null, Err(e)),
     };
-    let now = chrono::Utc::now();
+    let now = env.clock.now();
     let body = delivery::envelope(&w.event_type, &payload, now);
     let recorded = recorded_request(
         "POST",
@@ -652,6 +656,7 @@ mod tests {
             http: http_client(policy.clone()).expect("client"),
             ssrf: policy,
             max_output_bytes: 1024,
+            clock: meshflow_kit::clock::system(),
         }
     }
 

@@ -22,8 +22,7 @@ fn output(e: &epb::Execution) -> serde_json::Value {
 #[tokio::test]
 async fn all_nine_step_types_run_to_completion() {
     let target = Target::start().await.expect("target");
-    let server =
-        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let (server, clock) = support::start_with_manual_clock().await;
     let id = server
         .active_workflow(json!({"name": "nine", "variables": {"base": target.base, "factor": 2},
           "inputSchema": {"type": "object", "required": ["n"]},
@@ -47,13 +46,23 @@ async fn all_nine_step_types_run_to_completion() {
                {"id": "tag", "dependsOn": ["get"], "transform": {"assignments": [{"target": "i", "expression": "index"}]}}]}},
             {"id": "total", "dependsOn": ["each"], "functionCall": {"function": "sum",
                "arguments": {"values": "${steps.each.output.map(o, o.get.body.price)}"}}},
-            {"id": "pause", "dependsOn": ["total"], "wait": {"duration": "0.05s"}},
+            {"id": "pause", "dependsOn": ["total"], "wait": {"duration": "5s"}},
             {"id": "notify", "dependsOn": ["pause"], "webhookCall": {"url": "${vars.base}/echo", "secret": "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
                "eventType": "order.priced", "payload": {"total": "${steps.total.output}"}}}
           ]}))
         .await;
 
-    let (execution, events) = server.execute(&id, json!({"n": 4})).await;
+    // The pause ends when the clock is advanced past it, not before.
+    let run = server.start_execution(&id, json!({"n": 4})).await;
+    server.watch_until_nth(&run, E::StepWaiting, 1).await;
+    clock.advance(std::time::Duration::from_secs(4));
+    assert_ne!(
+        status(&server.execution(&run).await),
+        ExecutionStatus::Completed
+    );
+    clock.advance(std::time::Duration::from_secs(1));
+    let events = server.watch(&run, 0).await;
+    let execution = server.execution(&run).await;
     assert_eq!(
         status(&execution),
         ExecutionStatus::Completed,
@@ -179,14 +188,25 @@ async fn all_nine_step_types_run_to_completion() {
 #[tokio::test]
 async fn retries_reuse_the_idempotency_key_and_honour_the_policy() {
     let target = Target::start().await.expect("target");
-    let server =
-        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let (server, clock) = support::start_with_manual_clock().await;
     let id = server
         .active_workflow(json!({"name": "flaky", "steps": [
             {"id": "call", "http": {"method": "POST", "url": format!("{}/flaky/2", target.base), "body": {"x": 1}},
-             "retryPolicy": {"strategy": "RETRY_STRATEGY_FIXED", "maxAttempts": 3, "initialDelay": "0.01s"}}]}))
+             "retryPolicy": {"strategy": "RETRY_STRATEGY_FIXED", "maxAttempts": 3, "initialDelay": "5s"}}]}))
         .await;
-    let (execution, events) = server.execute(&id, json!({})).await;
+    // Each retry is sent when the clock reaches its time: 5 s after the failure, not before.
+    let run = server.start_execution(&id, json!({})).await;
+    for retry in 1..=2 {
+        server
+            .watch_until_nth(&run, E::StepRetryScheduled, retry)
+            .await;
+        clock.advance(std::time::Duration::from_millis(4_900));
+        assert_eq!(target.log().len(), retry, "no retry before its time");
+        clock.advance(std::time::Duration::from_millis(100));
+        target.wait_for_requests(retry + 1).await;
+    }
+    let events = server.watch(&run, 0).await;
+    let execution = server.execution(&run).await;
     assert_eq!(
         status(&execution),
         ExecutionStatus::Completed,
@@ -542,20 +562,35 @@ async fn a_cancellation_whose_wake_up_was_erased_still_reaches_the_driver() {
 #[tokio::test]
 async fn workflow_and_step_timeouts() {
     let target = Target::start().await.expect("target");
-    let server =
-        support::start_services(support::engine_config(), meshflow::ServiceName::ALL).await;
+    let (server, clock) = support::start_with_manual_clock().await;
     let slow = server
-        .active_workflow(json!({"name": "slow", "timeout": "0.2s", "steps": [{"id": "nap", "wait": {"duration": "3600s"}}]}))
+        .active_workflow(json!({"name": "slow", "timeout": "10s", "steps": [{"id": "nap", "wait": {"duration": "3600s"}}]}))
         .await;
-    let (execution, events) = server.execute(&slow, json!({})).await;
-    assert_eq!(status(&execution), ExecutionStatus::TimedOut);
+    let run = server.start_execution(&slow, json!({})).await;
+    server.watch_until_nth(&run, E::StepWaiting, 1).await;
+    clock.advance(std::time::Duration::from_secs(9));
+    assert_ne!(
+        status(&server.execution(&run).await),
+        ExecutionStatus::TimedOut
+    );
+    clock.advance(std::time::Duration::from_secs(1));
+    let events = server.watch(&run, 0).await;
+    assert_eq!(
+        status(&server.execution(&run).await),
+        ExecutionStatus::TimedOut
+    );
     assert_eq!(types(&events).last(), Some(&E::ExecutionTimedOut));
 
+    // A step held by its downstream service times out by the clock, while its request waits.
     let held = server
         .active_workflow(json!({"name": "held", "steps": [
-            {"id": "call", "timeout": "0.1s", "http": {"method": "GET", "url": format!("{}/gate", target.base)}}]}))
+            {"id": "call", "timeout": "10s", "http": {"method": "GET", "url": format!("{}/gate", target.base)}}]}))
         .await;
-    let (execution, _) = server.execute(&held, json!({})).await;
+    let run = server.start_execution(&held, json!({})).await;
+    target.wait_for_requests(1).await;
+    clock.advance(std::time::Duration::from_secs(10));
+    server.watch(&run, 0).await;
+    let execution = server.execution(&run).await;
     assert_eq!(status(&execution), ExecutionStatus::Failed);
     assert_eq!(execution.error.map(|e| e.code), Some("timeout".to_string()));
     target.open_gate();

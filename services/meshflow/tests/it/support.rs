@@ -158,6 +158,23 @@ impl Server {
         events
     }
 
+    /// Watches until the `n`-th event of type `ty`; returns the events up to it.
+    pub async fn watch_until_nth(
+        &self,
+        id: &str,
+        ty: epb::EventType,
+        n: usize,
+    ) -> Vec<epb::ExecutionEvent> {
+        let seen = std::cell::Cell::new(0);
+        self.watch_until(id, |e| {
+            if e.r#type == ty as i32 {
+                seen.set(seen.get() + 1);
+            }
+            seen.get() == n
+        })
+        .await
+    }
+
     /// Watches until an event matches; returns the events up to it.
     pub async fn watch_until(
         &self,
@@ -225,12 +242,30 @@ pub fn engine_config() -> ServerConfig {
     config
 }
 
-pub async fn start_services(mut config: ServerConfig, services: &[ServiceName]) -> Server {
+pub async fn start_services(config: ServerConfig, services: &[ServiceName]) -> Server {
+    start_services_with_clock(config, services, meshflow_kit::clock::system()).await
+}
+
+/// Every service, the engine scheduling by a clock the test advances: retries, waits and timeouts
+/// happen when the test says, whatever the machine's load. Advance it by less than the lease
+/// (15 s), which the engine renews by the same clock.
+pub async fn start_with_manual_clock() -> (Server, std::sync::Arc<meshflow_kit::clock::ManualClock>)
+{
+    let clock = meshflow_kit::clock::ManualClock::starting_now();
+    let server = start_services_with_clock(engine_config(), ServiceName::ALL, clock.clone()).await;
+    (server, clock)
+}
+
+async fn start_services_with_clock(
+    mut config: ServerConfig,
+    services: &[ServiceName],
+    clock: std::sync::Arc<dyn meshflow_kit::clock::Clock>,
+) -> Server {
     config.database_url = meshflow_kit::testing::fresh_database_url()
         .await
         .expect("test database");
     let database_url = config.database_url.clone();
-    let running = meshflow::start(config, services)
+    let running = meshflow::start_with_clock(config, services, clock)
         .await
         .expect("server starts");
     let channel = Channel::from_shared(format!("http://{}", running.addr))

@@ -21,7 +21,7 @@ impl Run {
         err: StepError,
     ) -> Result<Outcome, Halt> {
         let error = err.to_json(path);
-        let now = Utc::now();
+        let now = self.now();
         let open = self.lock().open.get(path).cloned();
         // An HTTP or webhook attempt cut short here counts now: attempts count when they end.
         let cut_short = open
@@ -66,7 +66,7 @@ impl Run {
 
     /// Waits until `at`, registered as a wait so the execution can park.
     pub(super) async fn sleep_until(&self, path: &str, at: DateTime<Utc>) {
-        let delay = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let delay = (at - self.now()).to_std().unwrap_or(Duration::ZERO);
         if delay.is_zero() {
             return;
         }
@@ -76,7 +76,7 @@ impl Run {
             st.busy = st.busy.saturating_sub(1);
         }
         self.changed.notify_one();
-        tokio::time::sleep(delay).await;
+        self.on_clock(at).await;
         {
             let mut st = self.lock();
             st.waits.remove(path);
@@ -147,7 +147,7 @@ impl Run {
             if let Some(at) = resume_at.take() {
                 self.sleep_until(path, at).await;
             }
-            let started = Utc::now();
+            let started = self.now();
             if external {
                 let r = {
                     let mut r = row(&row_id, step, path, StepStatus::Running, attempt);
@@ -254,7 +254,7 @@ impl Run {
                     Ok(out)
                 }
             });
-            let ended = Utc::now();
+            let ended = self.now();
             if let Err(e) = &result {
                 span.record("otel.status_code", "ERROR");
                 span.record("error.code", e.code);

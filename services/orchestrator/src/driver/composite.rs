@@ -23,7 +23,7 @@ impl Run {
         };
         let id = meshflow_kit::id::new_id();
         let mut r = row(&id, step, path, StepStatus::Running, 1);
-        r.start_time = Some(Utc::now());
+        r.start_time = Some(self.now());
         r.input = Some(decision.clone());
         self.queue(|run, st, change| {
             change.steps.push(r);
@@ -52,7 +52,7 @@ impl Run {
         decision: Value,
         output: Value,
     ) -> Result<Outcome, Halt> {
-        let now = Utc::now();
+        let now = self.now();
         let open_start = self.lock().open.get(path).and_then(|r| r.start_time);
         let started = open_start
             .or_else(|| self.memo(path).and_then(|m| m.start_time))
@@ -71,7 +71,7 @@ impl Run {
         input: Option<Value>,
         output: Value,
     ) -> Result<Outcome, Halt> {
-        let now = Utc::now();
+        let now = self.now();
         let mut r = row(row_id, step, path, StepStatus::Succeeded, 1);
         r.start_time = Some(started);
         r.end_time = Some(now);

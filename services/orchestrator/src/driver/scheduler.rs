@@ -89,9 +89,18 @@ impl Run {
             None => work.await,
             Some(limit) => {
                 let began = self.lock().first_start.get(&path).copied();
-                match tokio::time::timeout(remaining(limit, began, Utc::now()), work).await {
+                let now = self.now();
+                let deadline = now
+                    + chrono::Duration::from_std(remaining(limit, began, now))
+                        .unwrap_or(chrono::Duration::MAX);
+                let expired = self.on_clock(deadline);
+                let finished = tokio::select! {
+                    r = work => Ok(r),
+                    () = expired => Err(()),
+                };
+                match finished {
                     Ok(r) => r,
-                    Err(_) => {
+                    Err(()) => {
                         let err = StepError::fatal(
                             "timeout",
                             format!("step did not finish within {}ms", limit.as_millis()),

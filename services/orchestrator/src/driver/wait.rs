@@ -18,7 +18,7 @@ impl Run {
         let (row_id, until) = match memo {
             Some(m) => (m.id, m.next_attempt_at),
             None => {
-                let now = Utc::now();
+                let now = self.now();
                 let until = match &w.kind {
                     Some(Kind::Duration(d)) => meshflow_kit::convert::from_duration(d).map(|d| {
                         now + chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
@@ -94,7 +94,7 @@ impl Run {
                     None
                 };
                 if let Some(sig) = pending {
-                    let now = Utc::now();
+                    let now = self.now();
                     let mut r = row(&row_id, step, path, StepStatus::Succeeded, 1);
                     r.start_time = Some(started);
                     r.end_time = Some(now);
@@ -131,7 +131,7 @@ impl Run {
                     })?;
                     return Ok(Outcome::Succeeded(sig.payload));
                 }
-                if until.is_some_and(|u| u <= Utc::now()) {
+                if until.is_some_and(|u| u <= self.now()) {
                     let err =
                         StepError::fatal("timeout", format!("no `{name}` signal arrived in time"));
                     return self.record_failure(step, path, err).await;
@@ -144,10 +144,7 @@ impl Run {
                 self.changed.notify_one();
                 let deadline = async {
                     match until {
-                        Some(u) => {
-                            tokio::time::sleep((u - Utc::now()).to_std().unwrap_or(Duration::ZERO))
-                                .await
-                        }
+                        Some(u) => self.on_clock(u).await,
                         None => std::future::pending().await,
                     }
                 };
@@ -166,7 +163,8 @@ impl Run {
                 if let Some(at) = until {
                     self.sleep_until(path, at).await;
                 }
-                let output = json!({"waited_until": until.unwrap_or_else(Utc::now).to_rfc3339()});
+                let output =
+                    json!({"waited_until": until.unwrap_or_else(|| self.now()).to_rfc3339()});
                 self.succeeded(step, path, &row_id, started, None, output)
             }
         }
