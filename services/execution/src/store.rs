@@ -273,15 +273,26 @@ pub struct Store {
     db: DatabaseConnection,
     sqlite: std::sync::Arc<tokio::sync::OnceCell<Option<Sqlite>>>,
     postgres: std::sync::Arc<std::sync::OnceLock<postgres::Writer>>,
+    /// The time commits stamp on their events and leases are judged by.
+    clock: std::sync::Arc<dyn meshflow_kit::clock::Clock>,
 }
 
 impl Store {
-    /// A store over a migrated database.
+    /// A store over a migrated database, on the system's clock.
     pub fn new(db: DatabaseConnection) -> Self {
+        Self::with_clock(db, meshflow_kit::clock::system())
+    }
+
+    /// A store over a migrated database, reading the time from `clock`.
+    pub fn with_clock(
+        db: DatabaseConnection,
+        clock: std::sync::Arc<dyn meshflow_kit::clock::Clock>,
+    ) -> Self {
         Self {
             db,
             sqlite: Default::default(),
             postgres: Default::default(),
+            clock,
         }
     }
 

@@ -17,6 +17,13 @@ pub trait Clock: Send + Sync + std::fmt::Debug + 'static {
 
     /// A future that completes once the clock reads `at` or later.
     fn sleep_until(&self, at: DateTime<Utc>) -> BoxFuture<'static, ()>;
+
+    /// Whether this is the system's time, which a database server may read for itself (PostgreSQL
+    /// stamps a group commit's events at the last moment before it commits). A driven clock's
+    /// times are written as it reads them.
+    fn is_system(&self) -> bool {
+        false
+    }
 }
 
 /// The system's clock: `Utc::now()` and Tokio's timers.
@@ -32,11 +39,26 @@ impl Clock for SystemClock {
         let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
         Box::pin(tokio::time::sleep(wait))
     }
+
+    fn is_system(&self) -> bool {
+        true
+    }
 }
 
 /// The system clock, shared.
 pub fn system() -> Arc<dyn Clock> {
     Arc::new(SystemClock)
+}
+
+/// The clock a server process runs by: the system's. In test builds (the `testing` feature, never
+/// in the server binary) a test may drive a child process's clock instead: see
+/// [`crate::testing::driven_clock`].
+pub fn for_process() -> anyhow::Result<Arc<dyn Clock>> {
+    #[cfg(feature = "testing")]
+    if let Some(clock) = crate::testing::driven_clock()? {
+        return Ok(clock);
+    }
+    Ok(system())
 }
 
 /// A clock that moves only when told to: sleepers wake when it is advanced past their time.

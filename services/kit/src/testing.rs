@@ -109,9 +109,57 @@ async fn drop_orphans(db: &DatabaseConnection) {
     }
 }
 
+/// Starts a child `meshflow serve` on a clock its test drives: the time to start at, RFC 3339.
+pub const CLOCK_ENV: &str = "MESHFLOW_TEST_CLOCK";
+
+/// The clock of a process whose test drives it, when [`CLOCK_ENV`] is set: it starts at that time
+/// and moves only by the lines its test writes to the process's standard input, each
+/// `advance DURATION` (`1s`, `250ms`). Processes started one after another on one database (a
+/// restart after `kill -9`) each start where the test says, so time spans the restart exactly.
+pub fn driven_clock() -> anyhow::Result<Option<std::sync::Arc<dyn crate::clock::Clock>>> {
+    let Ok(start) = std::env::var(CLOCK_ENV) else {
+        return Ok(None);
+    };
+    let start = chrono::DateTime::parse_from_rfc3339(&start)
+        .map_err(|e| anyhow::anyhow!("{CLOCK_ENV}: {e}"))?
+        .with_timezone(&chrono::Utc);
+    let clock = crate::clock::ManualClock::new(start);
+    let driven = clock.clone();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { return };
+            match advance_by(&line) {
+                Some(by) => driven.advance(by),
+                None => tracing::error!(line, "not a clock command"),
+            }
+        }
+    });
+    Ok(Some(clock))
+}
+
+/// The duration of an `advance DURATION` line.
+fn advance_by(line: &str) -> Option<std::time::Duration> {
+    let by = line.trim().strip_prefix("advance ")?;
+    crate::config::parse_duration(by.trim()).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn clock_commands_name_a_duration() {
+        assert_eq!(
+            advance_by("advance 1500ms\n"),
+            Some(std::time::Duration::from_millis(1500))
+        );
+        assert_eq!(
+            advance_by("advance 2s"),
+            Some(std::time::Duration::from_secs(2))
+        );
+        assert_eq!(advance_by("rewind 2s"), None);
+        assert_eq!(advance_by("advance soon"), None);
+    }
 
     #[test]
     fn database_names_carry_their_process() {

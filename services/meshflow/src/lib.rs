@@ -74,12 +74,15 @@ pub fn engine_config(
 /// A workflow's executions for WorkflowService's deletes, through the execution crate's store. A
 /// cancellation is stored as the engine's cancel signal, which whichever server drives the
 /// execution acts on, as it does for CancelExecution through another server.
-struct WorkflowExecutions(meshflow_execution::store::Store);
+struct WorkflowExecutions {
+    store: meshflow_execution::store::Store,
+    clock: Arc<dyn meshflow_kit::clock::Clock>,
+}
 
 #[tonic::async_trait]
 impl meshflow_workflow::Executions for WorkflowExecutions {
     async fn active(&self, workflow_id: &str) -> Result<Vec<String>, String> {
-        self.0
+        self.store
             .active_of(workflow_id)
             .await
             .map_err(|e| e.to_string())
@@ -88,13 +91,13 @@ impl meshflow_workflow::Executions for WorkflowExecutions {
     async fn cancel(&self, execution_ids: &[String], reason: &str) -> Result<(), String> {
         use meshflow_orchestrator::driver::CANCEL_SIGNAL;
         for id in execution_ids {
-            self.0
+            self.store
                 .add_signal(
                     id,
                     CANCEL_SIGNAL,
                     serde_json::Value::String(reason.to_string()),
                     Some(CANCEL_SIGNAL),
-                    chrono::Utc::now(),
+                    self.clock.now(),
                 )
                 .await
                 .map_err(|e| e.to_string())?;
@@ -174,14 +177,15 @@ pub async fn prepare_with_clock(
             ServiceName::Workflow => meshflow_workflow::mount(
                 &mut mounts,
                 meshflow_workflow::store::Store::new(db.clone()),
-                Arc::new(WorkflowExecutions(meshflow_execution::store::Store::new(
-                    db.clone(),
-                ))),
+                Arc::new(WorkflowExecutions {
+                    store: meshflow_execution::store::Store::with_clock(db.clone(), clock.clone()),
+                    clock: clock.clone(),
+                }),
                 config,
             ),
             ServiceName::Execution => meshflow_execution::mount(
                 &mut mounts,
-                meshflow_execution::store::Store::new(db.clone()),
+                meshflow_execution::store::Store::with_clock(db.clone(), clock.clone()),
                 meshflow_workflow::store::Store::new(db.clone()),
                 config,
             ),

@@ -101,7 +101,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { services, config } => {
             let _telemetry = meshflow_kit::telemetry::init(config.log_format, &config.log)?;
-            let (listener, mounts) = meshflow::prepare(&config, &services).await?;
+            let clock = meshflow_kit::clock::for_process()?;
+            let (listener, mounts) =
+                meshflow::prepare_with_clock(&config, &services, clock).await?;
             meshflow_kit::server::serve(
                 listener,
                 mounts,

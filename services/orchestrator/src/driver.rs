@@ -242,6 +242,9 @@ pub struct Run {
     pub cancel: watch::Sender<Option<String>>,
     /// Set once the definition stopped running (the driver is concluding): it takes no more wake-ups.
     pub done: std::sync::atomic::AtomicBool,
+    /// Set when a poll claimed the execution after [`Self::done`]: the engine looks at it again
+    /// once this driver has left.
+    pub recheck: std::sync::atomic::AtomicBool,
     /// Built before its execution was inserted: no cancellation can have been stored without
     /// reaching it through [`Self::cancel`].
     fresh: bool,
@@ -358,6 +361,7 @@ impl Run {
             signal_announced: std::sync::atomic::AtomicBool::new(false),
             cancel: watch::channel(None).0,
             done: std::sync::atomic::AtomicBool::new(false),
+            recheck: std::sync::atomic::AtomicBool::new(false),
             fresh,
             durable: Arc::new(watch::channel(Durable::default()).0),
         })

@@ -79,7 +79,7 @@ impl Engine {
     /// inside the server's runtime: the engine stops when that runtime does.
     pub fn start(db: sea_orm::DatabaseConnection, config: Config) -> anyhow::Result<Arc<Self>> {
         let runtime = crate::thread::start()?;
-        let store = ExecStore::new(db.clone());
+        let store = ExecStore::with_clock(db.clone(), config.clock.clone());
         let hub = Arc::new(Hub::default());
         let policy = Arc::new(ssrf::Policy::new(config.allow.clone()));
         let env = Env {
@@ -159,6 +159,13 @@ impl Engine {
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner)
                     .get(&id)
+                    .inspect(|run| {
+                        // Marked under the lock its driver leaves `running` under: either the
+                        // driver sees the mark, or a later claim finds it gone and drives anew.
+                        if run.done.load(std::sync::atomic::Ordering::SeqCst) {
+                            run.recheck.store(true, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    })
                     .cloned();
                 match run {
                     // Concluding: the engine re-drives it after it ends if it is due.
@@ -310,10 +317,11 @@ impl Engine {
             }
         };
         let halt = run.clone().drive().await;
-        self.running
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(id);
+        let recheck = {
+            let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
+            running.remove(id);
+            run.recheck.load(std::sync::atomic::Ordering::SeqCst)
+        };
         match halt {
             Halt::LeaseLost => {
                 tracing::info!(execution_id = %id, "lease lost; another replica drives it");
@@ -323,9 +331,11 @@ impl Engine {
                 tracing::warn!(execution_id = %id, error = %e, "storage failed; the execution resumes when its lease expires");
                 Ok(false)
             }
-            _ if run.is_finished() => Ok(false),
+            _ if run.is_finished() || !recheck => Ok(false),
             _ => {
-                // Claimed for this replica, or woken, while the driver was concluding: drive again.
+                // Claimed for this replica, or woken, while the driver was concluding: drive again
+                // if it is due. (Only then: ten thousand executions parking at once must not each
+                // read their row back.)
                 let Some(row) = self.shared.store.execution(id).await? else {
                     return Ok(false);
                 };

@@ -57,9 +57,9 @@ pub(super) async fn fence<'a, C: ConnectionTrait>(
 
 /// The time a group commit stamps on its events: now, to the microsecond, the finest time every
 /// backend stores, so an event read back from history equals the one sent live.
-pub(super) fn commit_time() -> DateTime<Utc> {
+pub(super) fn commit_time(clock: &dyn meshflow_kit::clock::Clock) -> DateTime<Utc> {
     use chrono::SubsecRound;
-    Utc::now().trunc_subsecs(6)
+    clock.now().trunc_subsecs(6)
 }
 
 /// Sets the time of every event to `at` in the commits of `batch` that `outcomes` marks written.
@@ -336,11 +336,13 @@ impl Store {
     /// each backend allows.
     pub async fn commit(&self, batch: &mut [Commit]) -> Result<Vec<CommitOutcome>, StoreError> {
         if let Some(writer) = self.sqlite_writer().await? {
-            return on_writer(&writer, |w| sqlite::commit(w, batch)).await;
+            let clock = &*self.clock;
+            return on_writer(&writer, |w| sqlite::commit(w, batch, clock)).await;
         }
-        let now = commit_time();
+        let now = commit_time(&*self.clock);
         if self.db.get_database_backend() == DbBackend::Postgres {
-            return postgres::commit(self.postgres_writer(), batch, now).await;
+            let system = self.clock.is_system();
+            return postgres::commit(self.postgres_writer(), batch, now, system).await;
         }
         stamp(batch.iter_mut(), now);
         let txn = self.db.begin().await?;

@@ -224,7 +224,7 @@ impl Store {
                 Condition::any()
                     .add(execution::Column::LeaseOwner.is_null())
                     .add(execution::Column::LeaseOwner.eq(owner))
-                    .add(execution::Column::LeaseExpiresAt.lt(Utc::now())),
+                    .add(execution::Column::LeaseExpiresAt.lt(self.clock.now())),
             )
             .exec(&self.db)
             .await?;

@@ -35,7 +35,8 @@ use super::{Commit, CommitOutcome, StoreError, json_text as json, time_text as t
 /// come after it, as on SQLite, so an event's time is its commit's as nearly as a stored time can
 /// be; stamped before the statement was sent, it was a whole statement early (about 1 ms). The
 /// order only decides how late the stamp is: PostgreSQL runs every data-modifying CTE to completion
-/// whether or not anything reads it, and `stamp` is computed once.
+/// whether or not anything reads it, and `stamp` is computed once. On a driven clock (`$48` false,
+/// in tests) the events take the clock's reading, `$1`, instead.
 static COMMIT: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| commit_statement(SUMMED_DELTAS));
 
@@ -132,7 +133,7 @@ const COMMIT_TEMPLATE: &str = "WITH fenced AS (
         update_time = excluded.update_time
     RETURNING 1
 ), stamp AS MATERIALIZED (
-    SELECT clock_timestamp() AS t
+    SELECT CASE WHEN $48::bool THEN clock_timestamp() ELSE $1::timestamptz END AS t
 ), events AS (
     INSERT INTO execution_events (execution_id, sequence, time, event_type, step_path, payload)
     SELECT x.execution_id, x.sequence, stamp.t, x.event_type, x.step_path, x.payload::json
@@ -214,6 +215,7 @@ pub(super) async fn commit(
     writer: &Writer,
     batch: &mut [Commit],
     now: DateTime<Utc>,
+    system_clock: bool,
 ) -> Result<Vec<CommitOutcome>, StoreError> {
     // Every execution's rows: the statement leaves out those whose fence failed.
     let events = super::event_rows(batch, |_| true)?;
@@ -224,7 +226,7 @@ pub(super) async fn commit(
             .with(async |conn| {
                 let mut attempt = 1;
                 loop {
-                    match batch_statement(batch, &groups, &events, now)?
+                    match batch_statement(batch, &groups, &events, now, system_clock)?
                         .fetch_all(&mut *conn)
                         .await
                     {
@@ -300,6 +302,7 @@ fn batch_statement<'q>(
     groups: &[(&str, Vec<usize>)],
     events: &[super::EventRow],
     now: DateTime<Utc>,
+    system_clock: bool,
 ) -> Result<Query<'q>, StoreError> {
     // The fenced row update of each execution.
     let n = groups.len();
@@ -406,7 +409,7 @@ fn batch_statement<'q>(
         .bind(g_id)
         .bind(g_consumer)
         .bind(g_execution);
-    Ok(deltas.bind(query))
+    Ok(deltas.bind(query).bind(system_clock))
 }
 
 /// The metric increments of a batch, as the statement takes them (`$37` to `$47`).

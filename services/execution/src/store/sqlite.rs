@@ -293,9 +293,10 @@ fn insert_in(
 pub(super) fn commit(
     writer: &mut Writer,
     batch: &mut [Commit],
+    clock: &dyn meshflow_kit::clock::Clock,
 ) -> Result<Vec<CommitOutcome>, StoreError> {
     let Writer { conn, metrics } = writer;
-    match immediate(conn, |tx| write(tx, metrics, batch)) {
+    match immediate(conn, |tx| write(tx, metrics, batch, clock)) {
         Ok((outcomes, written)) => {
             // Known only once committed.
             if metrics.rows.len() + written.len() > METRICS_KEPT {
@@ -348,8 +349,9 @@ fn write(
     tx: &Connection,
     known: &mut Metrics,
     batch: &mut [Commit],
+    clock: &dyn meshflow_kit::clock::Clock,
 ) -> Result<(Vec<CommitOutcome>, Written), StoreError> {
-    let now = Utc::now();
+    let now = clock.now();
     let now_text = time(now);
     let mut outcomes = vec![CommitOutcome::Done; batch.len()];
     let mut metrics: Vec<(String, MetricsDelta)> = Vec::new();
@@ -431,7 +433,7 @@ fn write(
     }
     // A stored event leaves the time out, so the rows are made before the stamp is taken.
     let rows = super::event_rows(batch, |k| outcomes[k] == CommitOutcome::Done)?;
-    let at = super::commit_time();
+    let at = super::commit_time(clock);
     let at_text = time(at);
     super::stamp_written(batch, &outcomes, at);
     for chunk in rows.chunks(EVENTS_PER_INSERT) {

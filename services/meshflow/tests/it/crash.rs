@@ -93,6 +93,16 @@ async fn attempts(channel: &Channel, id: &str) -> Vec<epb::StepExecution> {
         .step_executions
 }
 
+/// Where a test's driven clocks start: now, to the microsecond.
+fn clock_start() -> chrono::DateTime<chrono::Utc> {
+    use chrono::SubsecRound;
+    chrono::Utc::now().trunc_subsecs(6)
+}
+
+fn ms(n: i64) -> chrono::Duration {
+    chrono::Duration::milliseconds(n)
+}
+
 fn at(t: &Option<meshflow_proto::pbjson_types::Timestamp>) -> chrono::DateTime<chrono::Utc> {
     t.as_ref()
         .and_then(meshflow_kit::convert::from_timestamp)
@@ -103,7 +113,11 @@ fn at(t: &Option<meshflow_proto::pbjson_types::Timestamp>) -> chrono::DateTime<c
 async fn a_killed_server_resumes_every_execution_without_repeating_succeeded_steps() {
     let target = Target::start().await.expect("target");
     let url = shared_database_url().await;
-    let mut first = Proc::spawn(&url, FLAGS);
+    // Both servers run on a driven clock: the first stands still at `t0`; the second starts a
+    // millisecond before the retries and waits are due (and past the first one's leases), and the
+    // test moves it that last millisecond.
+    let t0 = clock_start();
+    let mut first = Proc::spawn_on_clock(&url, FLAGS, t0);
     let channel = first.channel().await;
     let base = &target.base;
 
@@ -158,8 +172,9 @@ async fn a_killed_server_resumes_every_execution_without_repeating_succeeded_ste
     let before_restart = target.counts();
     target.open_gate();
 
-    let second = Proc::spawn(&url, FLAGS);
+    let mut second = Proc::spawn_on_clock(&url, FLAGS, t0 + ms(1999));
     let channel = second.channel().await;
+    second.advance(std::time::Duration::from_millis(1));
     for (kind, list) in &ids {
         for id in list {
             let events = finish(&channel, id).await;
@@ -215,17 +230,20 @@ async fn a_killed_server_resumes_every_execution_without_repeating_succeeded_ste
                         steps.iter().filter(|s| s.step_path == "flaky").collect();
                     assert_eq!(flaky.len(), 2);
                     let due = at(&flaky[0].next_attempt_time);
-                    assert!(
-                        at(&flaky[1].start_time) >= due,
+                    assert_eq!(due, at(&flaky[0].end_time) + ms(2000));
+                    assert_eq!(
+                        at(&flaky[1].start_time),
+                        due,
                         "the retry schedule held through the restart"
                     );
                 }
                 _ => {
                     let nap = steps.iter().find(|s| s.step_path == "nap").expect("nap");
-                    let waited = at(&nap.end_time) - at(&nap.start_time);
-                    assert!(
-                        waited >= chrono::Duration::seconds(2),
-                        "the wait kept its deadline: {waited}"
+                    assert_eq!(at(&nap.start_time), t0);
+                    assert_eq!(
+                        at(&nap.end_time),
+                        t0 + ms(2000),
+                        "the wait kept its deadline"
                     );
                 }
             }
@@ -263,8 +281,9 @@ async fn postgres_only_a_surviving_replica_takes_over_a_killed_ones_executions()
     meshflow_kit::testing::require_postgres();
     let target = Target::start().await.expect("target");
     let url = shared_database_url().await;
-    let mut doomed = Proc::spawn(&url, FLAGS);
-    let survivor = Proc::spawn(&url, FLAGS);
+    let t0 = clock_start();
+    let mut doomed = Proc::spawn_on_clock(&url, FLAGS, t0);
+    let mut survivor = Proc::spawn_on_clock(&url, FLAGS, t0);
     let doomed_channel = doomed.channel().await;
     let base = &target.base;
     let workflow = active_workflow(&doomed_channel, json!({"name": "shared", "steps": [
@@ -280,7 +299,9 @@ async fn postgres_only_a_surviving_replica_takes_over_a_killed_ones_executions()
     doomed.signal_and_wait("KILL").await;
     target.open_gate();
 
+    // The killed replica's leases (1 s, renewed at `t0`) expire on the survivor's clock.
     let channel = survivor.channel().await;
+    survivor.advance(std::time::Duration::from_secs(2));
     for id in &ids {
         let events = finish(&channel, id).await;
         assert_eq!(
@@ -344,7 +365,8 @@ async fn secrets_are_sent_but_never_stored_or_streamed() {
 async fn a_step_timeout_keeps_its_deadline_through_a_restart() {
     let target = Target::start().await.expect("target");
     let url = shared_database_url().await;
-    let mut first = Proc::spawn(&url, FLAGS);
+    let t0 = clock_start();
+    let mut first = Proc::spawn_on_clock(&url, FLAGS, t0);
     let channel = first.channel().await;
     let base = &target.base;
     // `held` never gets an answer (the gate stays shut); `tick` marks a second into it.
@@ -357,6 +379,8 @@ async fn a_step_timeout_keeps_its_deadline_through_a_restart() {
     )
     .await;
     let id = start(&channel, &workflow).await;
+    target.wait_for_requests(1).await;
+    first.advance(std::time::Duration::from_secs(1));
     wait_for(&channel, &id, |e| {
         e.step_path == "tick" && e.r#type == E::StepSucceeded as i32
     })
@@ -364,12 +388,18 @@ async fn a_step_timeout_keeps_its_deadline_through_a_restart() {
     drop(channel);
     first.signal_and_wait("KILL").await;
 
-    let second = Proc::spawn(&url, FLAGS);
+    // 2.5 s into the step, the second server resumes it (the first one's 1 s lease, last renewed
+    // at t0 + 1 s, has expired on its clock) and sends its request again: half a second is left
+    // of the step's timeout, counted from its first start. A timer started again on resuming
+    // would end at t0 + 5.5 s.
+    let mut second = Proc::spawn_on_clock(&url, FLAGS, t0 + ms(2500));
     let channel = second.channel().await;
-    // The second server serves from here on; it resumes the execution once the first one's lease
-    // has expired (within a second of the kill, so of now).
-    let serving = chrono::Utc::now();
-    let events = finish(&channel, &id).await;
+    target.wait_for_requests(2).await;
+    second.advance(std::time::Duration::from_millis(499));
+    second.advance(std::time::Duration::from_millis(1));
+    let events = tokio::time::timeout(std::time::Duration::from_secs(60), finish(&channel, &id))
+        .await
+        .expect("the step timed out 3 s after its first start");
     crate::support::assert_consecutive(&events, 1);
     assert_eq!(
         events.last().map(|e| e.r#type),
@@ -386,28 +416,17 @@ async fn a_step_timeout_keeps_its_deadline_through_a_restart() {
         failed.error.as_ref().map(|e| e.code.as_str()),
         Some("timeout")
     );
-    // Counted from the first start, before the kill: the step times out 3 s after it, or as soon
-    // as it resumes if that is later (however long the restart took). A timer started again on
-    // resuming would end 3 s after the second server began serving, or later.
-    // Events carry the times of their commits, and the start of an HTTP step commits while its
-    // request is in flight, so the span between them may fall short of the timeout by that much.
-    let took = at(&failed.time) - at(&held(E::StepStarted).time);
-    assert!(
-        took >= chrono::Duration::milliseconds(2950),
-        "the step timed out {took} after it first started"
+    assert_eq!(at(&held(E::StepStarted).time), t0);
+    assert_eq!(
+        at(&failed.time),
+        t0 + ms(3000),
+        "the step timed out 3 s after it first started, not before"
     );
-    assert!(
-        at(&failed.time) < serving + chrono::Duration::seconds(3),
-        "the step timed out {} after the second server began serving",
-        at(&failed.time) - serving
+    assert_eq!(
+        target.counts().get(&format!("{id}/held")),
+        Some(&2),
+        "sent once before the kill and once after it"
     );
-    // Sent once before the kill; again after it only if the deadline had not passed yet.
-    let sent = target
-        .counts()
-        .get(&format!("{id}/held"))
-        .copied()
-        .unwrap_or(0);
-    assert!((1..=2).contains(&sent), "sent {sent} times");
 }
 
 /// A server restarted on its own work (the same SQLite file, or the same `--replica-id` on

@@ -1,7 +1,7 @@
 //! The `meshflow` binary as a process: it serves on the address it logs, and SIGTERM stops it cleanly.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 
 use tonic_health::pb::HealthCheckRequest;
@@ -15,6 +15,8 @@ pub struct Proc {
     pub addr: String,
     log: Arc<Mutex<String>>,
     drain: Option<std::thread::JoinHandle<()>>,
+    /// Where clock commands go, for a process on a driven clock.
+    clock: Option<ChildStdin>,
 }
 
 impl Proc {
@@ -25,7 +27,43 @@ impl Proc {
 
     /// Like [`Proc::spawn`], with extra environment variables.
     pub fn spawn_env(database_url: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_meshflow"))
+        Self::spawn_with(database_url, extra, env, None)
+    }
+
+    /// Like [`Proc::spawn`], on a clock that reads `start` and moves only by [`Proc::advance`]
+    /// (`meshflow_kit::testing::driven_clock`).
+    pub fn spawn_on_clock(
+        database_url: &str,
+        extra: &[&str],
+        start: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        Self::spawn_with(database_url, extra, &[], Some(start))
+    }
+
+    /// Moves the clock of a process started by [`Proc::spawn_on_clock`] forward.
+    pub fn advance(&mut self, by: std::time::Duration) {
+        let stdin = self.clock.as_mut().expect("a process on a driven clock");
+        assert_eq!(by.subsec_nanos() % 1_000_000, 0, "whole milliseconds");
+        writeln!(stdin, "advance {}ms", by.as_millis()).expect("clock command");
+        stdin.flush().expect("clock command");
+    }
+
+    fn spawn_with(
+        database_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        clock: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_meshflow"));
+        if let Some(start) = clock {
+            command
+                .env(
+                    meshflow_kit::testing::CLOCK_ENV,
+                    start.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+                )
+                .stdin(Stdio::piped());
+        }
+        let mut child = command
             .envs(env.iter().copied())
             .args([
                 "serve",
@@ -42,6 +80,7 @@ impl Proc {
             .stdout(Stdio::null())
             .spawn()
             .expect("spawn meshflow");
+        let clock = child.stdin.take();
         let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
         let log = Arc::new(Mutex::new(String::new()));
         let mut line = String::new();
@@ -74,6 +113,7 @@ impl Proc {
             addr,
             log,
             drain: Some(drain),
+            clock,
         }
     }
 
