@@ -19,6 +19,7 @@ mod m20261127_000009_index_workflow_metrics_rows;
 mod m20261127_000010_key_step_attempts_by_place;
 mod m20261205_000011_keep_deleted_workflows;
 mod m20261205_000012_drop_duration_histograms;
+mod m20261205_000013_circuit_breaker_transitions;
 
 /// Applies and reverts every migration in order.
 pub struct Migrator;
@@ -39,6 +40,7 @@ impl MigratorTrait for Migrator {
             Box::new(m20261127_000010_key_step_attempts_by_place::Migration),
             Box::new(m20261205_000011_keep_deleted_workflows::Migration),
             Box::new(m20261205_000012_drop_duration_histograms::Migration),
+            Box::new(m20261205_000013_circuit_breaker_transitions::Migration),
         ]
     }
 }

@@ -266,6 +266,23 @@ impl Reason {
             Reason::Disabled => "disabled",
         }
     }
+
+    /// The reason named `name`.
+    pub fn parse(name: &str) -> Option<Self> {
+        [
+            Reason::FailureRateExceeded,
+            Reason::SlowCallRateExceeded,
+            Reason::WaitInOpenElapsed,
+            Reason::ProbesSucceeded,
+            Reason::ProbesFailed,
+            Reason::HalfOpenTimedOut,
+            Reason::Reset,
+            Reason::ForcedOpen,
+            Reason::Disabled,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == name)
+    }
 }
 
 /// A change of state.
@@ -391,11 +408,13 @@ impl Rates {
 }
 
 impl Breaker {
-    /// A new breaker, CLOSED with an empty window.
+    /// A new breaker, CLOSED with an empty window. Its first generation is the time, in
+    /// microseconds: a breaker deleted and made again never reuses a generation the old one gave
+    /// permits in.
     pub fn new(config: &Config, now: DateTime<Utc>) -> Self {
         Self {
             state: State::Closed,
-            generation: 1,
+            generation: now.timestamp_micros(),
             state_enter_time: now,
             open_until: None,
             consecutive_opens: 0,
