@@ -25,6 +25,8 @@ pub enum ServiceName {
     Orchestrator,
     /// WebhookService (subscriptions).
     Webhook,
+    /// CircuitBreakerService (the shared breakers).
+    Circuitbreaker,
 }
 
 impl ServiceName {
@@ -34,6 +36,7 @@ impl ServiceName {
         ServiceName::Execution,
         ServiceName::Orchestrator,
         ServiceName::Webhook,
+        ServiceName::Circuitbreaker,
     ];
 }
 
@@ -206,6 +209,17 @@ pub async fn prepare_with_clock(
                     &mut mounts,
                     meshflow_webhook::Store::new(db.clone()),
                     outbound,
+                    config,
+                )
+            }
+            ServiceName::Circuitbreaker => {
+                let store = meshflow_circuitbreaker::Store::new(db.clone(), clock.clone());
+                let hub = meshflow_circuitbreaker::Hub::start(store.clone(), config.poll_interval)
+                    .await
+                    .context("reading circuit breaker transitions")?;
+                meshflow_circuitbreaker::mount(
+                    &mut mounts,
+                    meshflow_circuitbreaker::Service::new(store, hub),
                     config,
                 )
             }

@@ -2,6 +2,7 @@
 //! `MESHFLOW_TEST_POSTGRES_URL` is set, on a fresh PostgreSQL database per test.
 
 mod bad_input;
+mod breakers;
 mod chassis;
 mod crash;
 mod executions;
