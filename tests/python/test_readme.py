@@ -17,6 +17,8 @@ from test_workflow_client import Reflected, stream
 
 README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
 STREAMING = {"ExecuteWorkflow", "WatchExecution"}
+# Streams that do not end: the test reads their first message.
+ENDLESS = {"WatchCircuitBreakers"}
 
 
 def commands():
@@ -85,6 +87,15 @@ def test_the_readme_walkthrough_runs_as_written(readme_server, demo_items):
             body = body.replace("127.0.0.1:8090", demo_items)
             service, method = args[-1].rsplit("/", 1)
             request = json.loads(body)
+            if method in ENDLESS:
+                messages = stream(api, service, method, request)
+                first = next(messages)
+                messages.close()
+                if method == "WatchCircuitBreakers":
+                    breaker = first["circuitBreaker"]
+                    assert breaker["state"] == "CIRCUIT_BREAKER_STATE_FORCED_OPEN", first
+                    assert breaker["config"]["minimumCalls"] == 20, first
+                continue
             if method in STREAMING:
                 answers = list(stream(api, service, method, request))
                 events = [a["event"] for a in answers if "event" in a]
@@ -100,6 +111,11 @@ def test_the_readme_walkthrough_runs_as_written(readme_server, demo_items):
                     "workflow.steps[0].depends_on", "workflow.steps[1].http.url"], answer
             if method == "TestTransformationRule":
                 assert answer["output"] == {"total": 120}, answer
+            if method == "ListCircuitBreakers":
+                assert [b["serviceId"] for b in answer["circuitBreakers"]] == [
+                    "payments.example.com:443"], answer
+            if method == "ResetCircuitBreaker":
+                assert answer["circuitBreaker"]["state"] == "CIRCUIT_BREAKER_STATE_CLOSED", answer
         # The price check ran: item 3 costs 4.5, doubled 9.
         assert seen["price"] == 9
 

@@ -57,6 +57,7 @@ def test_reflection_lists_the_built_services_and_health(api):
         "meshflow.workflow.v1.WorkflowTemplateService",
         "meshflow.workflow.v1.TransformationRuleService",
         "meshflow.webhook.v1.WebhookService",
+        "meshflow.circuitbreaker.v1.CircuitBreakerService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
