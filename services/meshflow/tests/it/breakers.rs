@@ -312,3 +312,44 @@ async fn watchers_get_the_current_states_then_every_transition() {
         "with the breaker after it"
     );
 }
+
+#[tokio::test]
+async fn a_transition_made_on_one_server_reaches_watchers_on_another() {
+    let first = start().await;
+    let mut config = support::config();
+    config.database_url = first.database_url.clone();
+    config.poll_interval = std::time::Duration::from_millis(20);
+    let second = support::start_services_on(
+        config,
+        &[meshflow::ServiceName::Circuitbreaker],
+        meshflow_kit::clock::system(),
+    )
+    .await;
+    let mut stream = client(&second)
+        .watch_circuit_breakers(pb::WatchCircuitBreakersRequest {
+            service_ids: vec![],
+            service_id_prefix: "shared".into(),
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    force_open(&mut client(&first), "shared-api").await;
+    let message = stream.message().await.expect("stream").expect("message");
+    let t = message
+        .transition
+        .expect("the transition, read from the shared history");
+    assert_eq!(
+        (
+            t.service_id.as_str(),
+            t.from_state,
+            t.to_state,
+            t.reason.as_str()
+        ),
+        (
+            "shared-api",
+            S::Closed as i32,
+            S::ForcedOpen as i32,
+            "forced_open"
+        )
+    );
+}

@@ -264,6 +264,15 @@ async fn start_services_with_clock(
     config.database_url = meshflow_kit::testing::fresh_database_url()
         .await
         .expect("test database");
+    start_services_on(config, services, clock).await
+}
+
+/// A second server on the database of another (`config.database_url`): a replica.
+pub async fn start_services_on(
+    config: ServerConfig,
+    services: &[ServiceName],
+    clock: std::sync::Arc<dyn meshflow_kit::clock::Clock>,
+) -> Server {
     let database_url = config.database_url.clone();
     let running = meshflow::start_with_clock(config, services, clock)
         .await
