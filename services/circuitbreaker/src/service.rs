@@ -84,12 +84,9 @@ impl Service {
                 None
             }
         };
-        let (Some(size), Some(after)) = (size, after) else {
+        let (Some(size), Some(after), true) = (size, after, v.is_empty()) else {
             return Err(Error::Invalid(v.into_vec()));
         };
-        if !v.is_empty() {
-            return Err(Error::Invalid(v.into_vec()));
-        }
         let filter = Filter {
             state,
             prefix: req.service_id_prefix,
@@ -153,7 +150,7 @@ impl Service {
         let etag = req.etag.clone();
         let (result, stored, transitions) = self
             .store
-            .change(&req.service_id, &Config::default(), |b, config, now, _| {
+            .change(&req.service_id, &Config::default(), |b, config, _, _| {
                 if !etag.is_empty() && etag != convert::etag(config) {
                     return Err(Error::StaleEtag(req.service_id.clone()));
                 }
@@ -163,7 +160,6 @@ impl Service {
                     b.window = crate::window::Window::new(next.window);
                 }
                 *config = next;
-                let _ = now;
                 Ok(())
             })
             .await?;
@@ -184,12 +180,8 @@ impl Service {
         req: pb::ResetCircuitBreakerRequest,
     ) -> Result<pb::CircuitBreaker, Error> {
         self.existing(&req.service_id).await?;
-        self.operate(&req.service_id, |b, c, now, ts| {
-            if let Ok(Some(t)) = b.transition(c, State::Closed, Reason::Reset, now) {
-                ts.push(t);
-            }
-        })
-        .await
+        self.move_to(&req.service_id, State::Closed, Reason::Reset)
+            .await
     }
 
     /// ForceOpenCircuitBreaker: refuses every call until reset, or for `duration`.
@@ -228,10 +220,19 @@ impl Service {
         req: pb::DisableCircuitBreakerRequest,
     ) -> Result<pb::CircuitBreaker, Error> {
         check_service_id("service_id", &req.service_id).map_err(|v| vec![v])?;
-        self.operate(&req.service_id, |b, c, now, ts| {
-            if let Ok(Some(t)) = b.transition(c, State::Disabled, Reason::Disabled, now) {
-                ts.push(t);
-            }
+        self.move_to(&req.service_id, State::Disabled, Reason::Disabled)
+            .await
+    }
+
+    /// An operator's transition (legal from every state).
+    async fn move_to(
+        &self,
+        service_id: &str,
+        to: State,
+        reason: Reason,
+    ) -> Result<pb::CircuitBreaker, Error> {
+        self.operate(service_id, |b, c, now, ts| {
+            ts.extend(b.transition(c, to, reason, now).ok().flatten());
         })
         .await
     }
